@@ -112,7 +112,7 @@ def _brute(dense, sparse, mask, x, cfg: DSnoTConfig, nm=None):
             lo = j // m * m
             wanda = (weight[i] * norm).abs()
             cand = torch.full_like(wanda, float("inf"))
-            cand[lo:lo + m] = torch.where(prunable[lo:lo + m], wanda[lo:lo + m], float("inf"))
+            cand[lo : lo + m] = torch.where(prunable[lo : lo + m], wanda[lo : lo + m], float("inf"))
             k = int(cand.argmin())
             after = e - float(dense[i, j] * mean[j]) + float(weight[i, k] * mean[k])
             if not cfg.without_same_sign and after * s < 0:
@@ -179,8 +179,9 @@ def test_counts_values_and_same_sign(nm):
     stats = _stats(x)
     e0 = expected_error(w, sparse, stats.mean)
     errors = []
-    new_w, new_mask = dsnot_refine(w, sparse, mask, stats, CFG, nm,
-                                   trace=lambda c, e, wt, m: errors.append(e.clone()))
+    new_w, new_mask = dsnot_refine(
+        w, sparse, mask, stats, CFG, nm, trace=lambda c, e, wt, m: errors.append(e.clone())
+    )
     assert torch.equal(new_mask.sum(1), mask.sum(1))
     if nm:
         kept = new_mask.view(40, -1, 4).sum(-1)
@@ -281,10 +282,14 @@ def test_bad_input_messages():
     bad[0, 0] = float("nan")
     with pytest.raises(SparsecraftError, match="NaN"):
         dsnot_refine(bad, bad * mask, mask, _stats(x), CFG)
-    for kwargs, word in [({"max_cycles": -1}, "max_cycles"), ({"max_cycles": 2.5}, "max_cycles"),
-                         ({"update_threshold": -0.1}, "update_threshold"),
-                         ({"pow_of_var_regrowing": float("nan")}, "pow_of_var_regrowing"),
-                         ({"skip_layer": "("}, "skip_layer"), ({"skip_layer": 3}, "skip_layer")]:
+    for kwargs, word in [
+        ({"max_cycles": -1}, "max_cycles"),
+        ({"max_cycles": 2.5}, "max_cycles"),
+        ({"update_threshold": -0.1}, "update_threshold"),
+        ({"pow_of_var_regrowing": float("nan")}, "pow_of_var_regrowing"),
+        ({"skip_layer": "("}, "skip_layer"),
+        ({"skip_layer": 3}, "skip_layer"),
+    ]:
         with pytest.raises(SparsecraftError, match=word):
             DSnoTConfig(**kwargs)
 

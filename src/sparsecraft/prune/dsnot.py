@@ -110,7 +110,12 @@ class DSnoTConfig:
                 f"DSnoT update_threshold={thr!r}: expected a finite number >= 0 (default 0.1)"
             )
         gamma = self.pow_of_var_regrowing
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma) or gamma < 0:
+        if (
+            isinstance(gamma, bool)
+            or not isinstance(gamma, int | float)
+            or not math.isfinite(gamma)
+            or gamma < 0
+        ):
             raise SparsecraftError(
                 f"DSnoT pow_of_var_regrowing={gamma!r}: expected a finite number >= 0 (default 1.0)"
             )
@@ -155,7 +160,9 @@ def _check_inputs(
     dense: Tensor, sparse: Tensor, mask: Tensor, stats: DSnoTStats, nm: tuple[int, int] | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     if dense.dim() != 2:
-        raise SparsecraftError(f"dsnot_refine: dense weight must be 2-D (out, in), got shape {tuple(dense.shape)}")
+        raise SparsecraftError(
+            f"dsnot_refine: dense weight must be 2-D (out, in), got shape {tuple(dense.shape)}"
+        )
     if sparse.shape != dense.shape or mask.shape != dense.shape:
         raise SparsecraftError(
             f"dsnot_refine: dense {tuple(dense.shape)}, sparse {tuple(sparse.shape)} and mask "
@@ -204,8 +211,12 @@ def _growth_score(dense: Tensor, mean: Tensor, var: Tensor, gamma: float) -> Ten
     # weights in a safe range; the floor handles zero-variance channels.
     rel = (var / ref).clamp_min(_VAR_FLOOR)
     weight = torch.exp(-gamma * torch.log(rel)).clamp_max(_MAX_VAR_WEIGHT)
-    return torch.nan_to_num(contrib * weight, nan=0.0, posinf=torch.finfo(torch.float32).max,
-                            neginf=-torch.finfo(torch.float32).max)
+    return torch.nan_to_num(
+        contrib * weight,
+        nan=0.0,
+        posinf=torch.finfo(torch.float32).max,
+        neginf=-torch.finfo(torch.float32).max,
+    )
 
 
 _NEG_INF = float("-inf")
@@ -256,11 +267,24 @@ def dsnot_refine(
     del contrib_kept, neg_wanda, pruned
 
     if nm is None:
-        _refine_unstructured(dense, weight, mask, mean, error, grow_pos, grow_neg,
-                             prune_for_pos, prune_for_neg, config, trace)
+        _refine_unstructured(
+            dense, weight, mask, mean, error, grow_pos, grow_neg, prune_for_pos, prune_for_neg, config, trace
+        )
     else:
-        _refine_nm(dense, weight, mask, mean, error, grow_pos, grow_neg,
-                   prune_for_pos, prune_for_neg, nm[1], config, trace)
+        _refine_nm(
+            dense,
+            weight,
+            mask,
+            mean,
+            error,
+            grow_pos,
+            grow_neg,
+            prune_for_pos,
+            prune_for_neg,
+            nm[1],
+            config,
+            trace,
+        )
     return weight, mask
 
 
@@ -308,9 +332,17 @@ def _swap_step(
 
 
 def _refine_unstructured(
-    dense: Tensor, weight: Tensor, mask: Tensor, mean: Tensor, error: Tensor,
-    grow_pos: Tensor, grow_neg: Tensor, prune_for_pos: Tensor, prune_for_neg: Tensor,
-    config: DSnoTConfig, trace: TraceFn | None,
+    dense: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    mean: Tensor,
+    error: Tensor,
+    grow_pos: Tensor,
+    grow_neg: Tensor,
+    prune_for_pos: Tensor,
+    prune_for_neg: Tensor,
+    config: DSnoTConfig,
+    trace: TraceFn | None,
 ) -> None:
     # Each row makes at most max_cycles swaps and a weight changes state at most once, so the
     # max_cycles best candidates of each of the four kinds, ranked once, are all a row can use.
@@ -328,8 +360,9 @@ def _refine_unstructured(
         gc, pc = g_ptr.clamp_max(k - 1).unsqueeze(1), p_ptr.clamp_max(k - 1).unsqueeze(1)
         grow_idx = torch.where(positive, gp.gather(1, gc).squeeze(1), gn.gather(1, gc).squeeze(1))
         prune_idx = torch.where(positive, pp.gather(1, pc).squeeze(1), pn.gather(1, pc).squeeze(1))
-        went = _swap_step(dense, weight, mask, mean, error, active, have, grow_idx, prune_idx,
-                          positive, config)
+        went = _swap_step(
+            dense, weight, mask, mean, error, active, have, grow_idx, prune_idx, positive, config
+        )
         step = went.long()
         ptr[0] += step * positive
         ptr[1] += step * ~positive
@@ -342,9 +375,18 @@ def _refine_unstructured(
 
 
 def _refine_nm(
-    dense: Tensor, weight: Tensor, mask: Tensor, mean: Tensor, error: Tensor,
-    grow_pos: Tensor, grow_neg: Tensor, prune_for_pos: Tensor, prune_for_neg: Tensor,
-    m: int, config: DSnoTConfig, trace: TraceFn | None,
+    dense: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    mean: Tensor,
+    error: Tensor,
+    grow_pos: Tensor,
+    grow_neg: Tensor,
+    prune_for_pos: Tensor,
+    prune_for_neg: Tensor,
+    m: int,
+    config: DSnoTConfig,
+    trace: TraceFn | None,
 ) -> None:
     out, n_in = dense.shape
     groups = n_in // m
@@ -373,12 +415,14 @@ def _refine_nm(
         grp = torch.where(positive, ip, in_)
         cols = grp.unsqueeze(1) * m + offs  # (out, m) columns of the chosen group
         gkey = torch.where(positive.unsqueeze(1), grow_pos.gather(1, cols), grow_neg.gather(1, cols))
-        pkey = torch.where(positive.unsqueeze(1), prune_for_pos.gather(1, cols),
-                           prune_for_neg.gather(1, cols))
+        pkey = torch.where(
+            positive.unsqueeze(1), prune_for_pos.gather(1, cols), prune_for_neg.gather(1, cols)
+        )
         grow_idx = cols.gather(1, gkey.argmax(dim=1, keepdim=True)).squeeze(1)
         prune_idx = cols.gather(1, pkey.argmax(dim=1, keepdim=True)).squeeze(1)
-        went = _swap_step(dense, weight, mask, mean, error, active, have, grow_idx, prune_idx,
-                          positive, config)
+        went = _swap_step(
+            dense, weight, mask, mean, error, active, have, grow_idx, prune_idx, positive, config
+        )
         if bool(went.any()):
             r, gi, pi = rows[went], grow_idx[went], prune_idx[went]
             # each weight changes state once: the grown one stops being a growth candidate, the
