@@ -1,0 +1,54 @@
+"""Validation of stored per-tensor metadata and fields (shared by the formats)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SparsecraftError
+from .qinfo import QuantInfo, num_groups
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def require(
+    t: dict[str, torch.Tensor], key: str, where: str, dtype: torch.dtype, shape: tuple[int, ...] | None
+) -> torch.Tensor:
+    if key not in t:
+        raise SparsecraftError(f"{where}: stored field '{key}' is missing (corrupt or incomplete file)")
+    x = t[key]
+    if x.dtype != dtype:
+        raise SparsecraftError(f"{where}: field '{key}' has dtype {x.dtype}, expected {dtype}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise SparsecraftError(f"{where}: field '{key}' has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    return x
+
+
+def parse_meta(
+    t: dict[str, torch.Tensor], meta: dict, where: str
+) -> tuple[tuple[int, int], torch.dtype, QuantInfo | None]:
+    try:
+        shape = tuple(int(s) for s in meta["shape"])
+        dtype = DTYPES[meta["dtype"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise SparsecraftError(f"{where}: bad metadata {meta!r} ({e})") from None
+    if len(shape) != 2 or min(shape) <= 0:
+        raise SparsecraftError(f"{where}: bad shape {shape} in metadata")
+    q = meta.get("quant")
+    if q is None:
+        return shape, dtype, None
+    try:
+        bits, gs, sym = int(q["num_bits"]), int(q["group_size"]), bool(q["symmetric"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SparsecraftError(f"{where}: bad quantization metadata {q!r} ({e})") from None
+    if gs <= 0:
+        raise SparsecraftError(f"{where}: group_size must be positive, got {gs}")
+    ng = num_groups(shape[1], gs)
+    scales = require(t, "scales", where, torch.float16, (shape[0], ng))
+    zeros = None if sym else require(t, "zeros", where, torch.uint8, (shape[0], ng))
+    quant = QuantInfo(bits, gs, sym, scales, zeros)
+    quant.validate(shape, where)
+    return shape, dtype, quant
