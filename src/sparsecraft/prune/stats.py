@@ -1,0 +1,141 @@
+"""Input statistics of one linear layer, accumulated in float32 over the calibration tokens.
+
+Every method reads what it needs from one :class:`LayerStats`:
+
+* Wanda: ``sqnorm`` (= Σ x_j², the squared column norm ‖X_j‖²);
+* DSnoT: ``mean`` and ``var`` (population variance);
+* SparseGPT / GPTQ: ``hessian`` (= Σ x xᵀ, the raw sum; ``scaled_hessian()`` gives the
+  2/count · XᵀX of the papers).
+
+Layers that receive the very same input tensor (q/k/v, gate/up) share one object: the engine
+detects that from the tensors its hooks see and accumulates once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..errors import SparsecraftError
+
+
+@dataclass
+class LayerStats:
+    """Running sums over the rows (tokens) of a layer's input, all float32."""
+
+    in_features: int
+    with_hessian: bool = False
+    device: torch.device | str = "cpu"
+    count: int = 0
+    sum: Tensor = field(init=False)
+    sumsq: Tensor = field(init=False)
+    _hessian: Tensor | None = field(init=False, default=None, repr=False)
+    # Lower precision for the Σ x xᵀ product (None: float32). Only used for the bf16 fast mode,
+    # where the inputs are already bf16 values so every product is exact in float32.
+    hessian_matmul_dtype: torch.dtype | None = None
+    # A few evenly spread input rows kept to measure the reconstruction error when no Hessian
+    # is collected (see ``sample_rows``).
+    sample_rows: int = 0
+    _samples: list[Tensor] = field(init=False, default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sum = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
+        self.sumsq = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
+        if self.with_hessian:
+            self._hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32,
+                                        device=self.device)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, sample_every: int = 0) -> None:
+        """Add the rows of ``x`` (..., in_features) to the sums."""
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input width {x.shape[-1]} != in_features {self.in_features}")
+        low = x
+        x = x.to(device=self.sum.device, dtype=torch.float32)
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.sumsq += (x * x).sum(0)
+        if self._hessian is not None:
+            if self.hessian_matmul_dtype is not None and low.dtype == self.hessian_matmul_dtype:
+                # bf16 inputs: products are exact; the block's partial sum is rounded once.
+                self._hessian += (low.t() @ low).to(device=self._hessian.device, dtype=torch.float32)
+            else:
+                self._hessian.addmm_(x.t(), x)
+        if sample_every > 0 and self.sample_rows > 0:
+            taken = sum(s.shape[0] for s in self._samples)
+            if taken < self.sample_rows:
+                rows = x[::sample_every][: self.sample_rows - taken]
+                self._samples.append(rows.clone())
+
+    def check_finite(self, name: str) -> None:
+        if not (torch.isfinite(self.sum).all() and torch.isfinite(self.sumsq).all()):
+            raise SparsecraftError(
+                f"{name}: the calibration activations contain NaN or Inf; check the model's weights "
+                "and dtype (fp16 overflows are common: try --dtype float32 or bfloat16)"
+            )
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance E[x²] − E[x]², clamped at 0 against rounding."""
+        n = max(self.count, 1)
+        return (self.sumsq / n - self.mean**2).clamp_min(0.0)
+
+    @property
+    def sqnorm(self) -> Tensor:
+        """‖X_j‖² per input column (Wanda's squared activation norm)."""
+        return self.sumsq
+
+    @property
+    def hessian(self) -> Tensor | None:
+        """Σ x xᵀ over all tokens (in, in), or None when it was not requested."""
+        return self._hessian
+
+    def scaled_hessian(self) -> Tensor:
+        """2/count · XᵀX, the Hessian of the layer-wise squared error (SparseGPT, GPTQ)."""
+        if self._hessian is None:
+            raise ValueError("this LayerStats was collected without a Hessian")
+        return self._hessian * (2.0 / max(self.count, 1))
+
+    @property
+    def samples(self) -> Tensor | None:
+        """The kept input rows (k, in) in float32, or None."""
+        return torch.cat(self._samples) if self._samples else None
+
+    def release(self) -> None:
+        """Free the large buffers once the layer is solved."""
+        self._hessian = None
+        self._samples = []
+
+
+@torch.no_grad()
+def relative_error(dense: Tensor, new: Tensor, stats: LayerStats) -> tuple[float, str]:
+    """‖WX − ŴX‖ / ‖WX‖ over the calibration inputs, and how it was measured.
+
+    With the Hessian H = Σ x xᵀ it is exact over all tokens: ‖ΔW X‖² = tr(ΔW H ΔWᵀ). Otherwise it
+    is measured on the sampled input rows.
+    """
+    dense = dense.float()
+    delta = dense - new.to(device=dense.device, dtype=torch.float32)
+    if stats.hessian is not None:
+        h = stats.hessian.to(dense.device)
+        num = ((delta @ h) * delta).sum().clamp_min(0.0)
+        den = ((dense @ h) * dense).sum()
+        how = "exact"
+    else:
+        xs = stats.samples
+        if xs is None:
+            return float("nan"), "none"
+        xs = xs.to(dense.device)
+        num = ((xs @ delta.t()) ** 2).sum()
+        den = ((xs @ dense.t()) ** 2).sum()
+        how = f"{xs.shape[0]} tokens"
+    if den <= 0:
+        return (0.0 if num <= 0 else float("inf")), how
+    return float(torch.sqrt(num / den)), how
