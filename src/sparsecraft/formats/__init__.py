@@ -3,39 +3,51 @@
 Every compressed tensor class has ``from_dense``, ``to_dense``, ``to_tensors`` (flat dict of
 tensors for safetensors), ``from_tensors(tensors, meta)`` (validating) and ``meta()``; see the
 module docstrings of :mod:`.bitmask`, :mod:`.nm`, :mod:`.dense` and :mod:`.qinfo` for the exact
-byte layout the kernels read.
+byte layout the kernels read. :mod:`.checkpoint` saves and loads whole models.
 """
 
 from .bitmask import BitmaskTensor
+from .checkpoint import (  # noqa: I001  (needs the names above)
+    CompressConfig,
+    CompressedLinear,
+    compress_model,
+    compress_weight,
+    decompress,
+    describe,
+    is_compressed_dir,
+    load_compressed,
+    load_tensors,
+    save_compressed,
+)
 from .dense import QuantizedDenseTensor
 from .nm import NMTensor
-from .qinfo import QuantInfo, code_range, num_groups
+from .qinfo import QuantInfo, QuantizedWeight, code_range, num_groups
+from .registry import FORMATS, CompressedTensor, tensor_from_stored
 
-FORMATS = {cls.FORMAT: cls for cls in (BitmaskTensor, NMTensor, QuantizedDenseTensor)}
-
-CompressedTensor = BitmaskTensor | NMTensor | QuantizedDenseTensor
-
-
-def tensor_from_stored(tensors: dict, meta: dict, where: str = "weight") -> CompressedTensor:
-    """Rebuild any compressed tensor from its stored fields and metadata (validated)."""
-    from ..errors import SparsecraftError
-
-    cls = FORMATS.get(meta.get("format")) if isinstance(meta, dict) else None
-    if cls is None:
-        raise SparsecraftError(
-            f"{where}: unknown compressed format in metadata {meta!r}; expected one of {sorted(FORMATS)}"
-        )
-    return cls.from_tensors(tensors, meta, where)
-
+load = load_compressed
+save = save_compressed
 
 __all__ = [
     "BitmaskTensor",
     "NMTensor",
     "QuantizedDenseTensor",
     "QuantInfo",
+    "QuantizedWeight",
     "FORMATS",
     "CompressedTensor",
+    "CompressConfig",
+    "CompressedLinear",
     "code_range",
     "num_groups",
     "tensor_from_stored",
+    "compress_model",
+    "compress_weight",
+    "decompress",
+    "describe",
+    "is_compressed_dir",
+    "load",
+    "load_compressed",
+    "load_tensors",
+    "save",
+    "save_compressed",
 ]

@@ -127,3 +127,18 @@ def codes_from_dense(w: torch.Tensor, q: QuantInfo, where: str = "weight") -> to
             "weight with sparsecraft.quant (rtn/gptq) and pass its scales, or store it unquantized"
         )
     return codes
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantizer's output for one (out, in) weight: codes everywhere (the zero point where the
+    mask is False, so every pruned weight dequantizes to exactly 0), parameters and the mask."""
+
+    codes: torch.Tensor  # (out, in) int8 (symmetric) / uint8 (asymmetric)
+    info: QuantInfo
+    mask: torch.Tensor  # (out, in) bool, True = kept
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (out, in); exactly zero outside the mask."""
+        v = dequantize_dense(self.codes, self.info)
+        return torch.where(self.mask, v, torch.zeros((), dtype=v.dtype))
