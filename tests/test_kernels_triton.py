@@ -17,88 +17,41 @@ from sparsecraft.kernels.triton.dispatch import KernelConfig, decompress, sparse
 formats = pytest.importorskip("sparsecraft.formats")
 
 
-def _quantize(w: torch.Tensor, keep: torch.Tensor, bits: int, g: int, sym: bool):
-    """Per-group RTN codes (dense (out,in) int32) and fp16 scales/zeros; dequantized fp32 weight."""
-    out_f, in_f = w.shape
-    ng = -(-in_f // g)
-    pad = ng * g - in_f
-    wp = torch.nn.functional.pad(w.float(), (0, pad)).view(out_f, ng, g)
-    if sym:
-        qmax = 127 if bits == 8 else 7
-        scales = (wp.abs().amax(-1) / qmax).clamp_min(1e-4).half()
-        zeros = torch.zeros(out_f, ng, dtype=torch.uint8)
-        lo, hi = (-127, 127) if bits == 8 else (-8, 7)
-    else:
-        lo, hi = 0, (1 << bits) - 1
-        mn, mx = wp.amin(-1), wp.amax(-1)
-        scales = ((mx - mn) / hi).clamp_min(1e-4).half()
-        zeros = torch.round(-mn / scales.float()).clamp(lo, hi).to(torch.uint8)
-    s_full = scales.float().repeat_interleave(g, 1)[:, :in_f]
-    z_full = zeros.float().repeat_interleave(g, 1)[:, :in_f]
-    codes = torch.round(w.float() / s_full + z_full).clamp(lo, hi).to(torch.int32)
-    codes = torch.where(keep, codes, z_full.to(torch.int32))  # pruned weights dequantize to exactly 0
-    deq = (codes - z_full) * s_full
-    return codes, scales, (None if sym else zeros), deq
-
-
 def _random_nm_keep(out_f, in_f, n, m, gen):
     scores = torch.rand(out_f, in_f // m, m, generator=gen)
-    idx = scores.topk(n, dim=-1).indices.sort(-1).values  # kept positions, ascending in each group
-    keep = torch.zeros(out_f, in_f // m, m, dtype=torch.bool).scatter_(-1, idx, True)
-    return keep.view(out_f, in_f), idx.view(out_f, -1)
+    idx = scores.topk(n, dim=-1).indices
+    return torch.zeros(out_f, in_f // m, m, dtype=torch.bool).scatter_(-1, idx, True).view(out_f, in_f)
 
 
 def _make(fmt, out_f, in_f, dtype, bits=0, g=32, sym=True, sparsity=0.6, n=2, m=4, seed=0):
-    """A random compressed weight as a TritonWeight plus its dense float64 reference."""
-    from sparsecraft.formats.packing import pack_bits, pack_int4, pack_subbyte
-
+    """A random compressed weight (a ``sparsecraft.formats`` object) and its float64 dense value."""
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=gen)
     if fmt == "bitmask":
         keep = torch.rand(out_f, in_f, generator=gen) >= sparsity
     else:
-        keep, idx = _random_nm_keep(out_f, in_f, n, m, gen)
+        keep = _random_nm_keep(out_f, in_f, n, m, gen)
     if bits:
-        codes, scales, zeros, ref = _quantize(w, keep, bits, g, sym)
-        qkw = dict(bits=bits, group_size=g, symmetric=sym, scales=scales, zeros=zeros)
-    else:
-        w = w.to(dtype)
-        ref = w.float() * keep
-        codes, qkw = None, {}
-    ref = ref.double() * keep
-    if fmt == "bitmask":
-        counts = keep.sum(1)
-        if bits == 4:  # each row's run of codes padded to an even count
-            counts = counts + counts % 2
-        row_offsets = torch.zeros(out_f + 1, dtype=torch.int64)
-        row_offsets[1:] = torch.cumsum(counts, 0)
-        rows = []
-        for i in range(out_f):
-            r = (codes[i] if bits else w[i])[keep[i]]
-            if bits == 4 and r.numel() % 2:
-                r = torch.cat([r, r.new_zeros(1)])
-            rows.append(r)
-        flat = torch.cat(rows)
-        if bits == 4:
-            values = pack_int4(flat.view(1, -1)).view(-1)
-        elif bits == 8:
-            values = flat.to(torch.int8 if sym else torch.uint8)
+        lo, hi = formats.code_range(bits, sym)
+        ng = formats.num_groups(in_f, g)
+        codes = torch.randint(lo, hi + 1, (out_f, in_f), generator=gen)
+        scales = (torch.rand(out_f, ng, generator=gen) * 0.1 + 0.01).half()
+        zeros = None if sym else torch.randint(lo, hi + 1, (out_f, ng), generator=gen).to(torch.uint8)
+        q = formats.QuantInfo(bits, g, sym, scales, zeros)
+        z = zeros.double() if zeros is not None else torch.zeros(out_f, ng, dtype=torch.float64)
+        cols = torch.arange(in_f) // g
+        ref = (codes.double() - z[:, cols]) * scales.double()[:, cols] * keep
+        if fmt == "bitmask":
+            obj = formats.BitmaskTensor.from_codes(codes, keep, q, dtype)
         else:
-            values = flat
-        tw = layout.from_bitmask(pack_bits(keep), values, row_offsets, (out_f, in_f), dtype, **qkw)
+            obj = formats.NMTensor.from_codes(codes, keep, q, dtype, n=n, m=m)
     else:
-        cols = (torch.arange(in_f // m).repeat_interleave(n) * m).view(1, -1) + idx
-        src = codes if bits else w
-        vals = torch.gather(src, 1, cols)
-        if bits == 4:
-            values = pack_int4(vals)
-        elif bits == 8:
-            values = vals.to(torch.int8 if sym else torch.uint8)
+        w = (torch.randn(out_f, in_f, generator=gen) * keep).to(dtype)
+        ref = w.double()
+        if fmt == "bitmask":
+            obj = formats.BitmaskTensor.from_dense(w, mask=keep)
         else:
-            values = vals
-        indices = pack_subbyte(idx.to(torch.uint8), 2 if m <= 4 else 4)
-        tw = layout.from_nm(values, indices, n, m, (out_f, in_f), dtype, **qkw)
-    return tw, ref
+            obj = formats.NMTensor.from_dense(w, n=n, m=m, mask=keep)
+    return obj, ref
 
 
 def _check(y: torch.Tensor, ref: torch.Tensor, tol: float):
@@ -130,16 +83,19 @@ def _id(c):
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_kernels_match_dense_reference(case):
     fmt, out_f, in_f, dtype, bits, g, sym, n, m = case
-    tw, ref_w = _make(fmt, out_f, in_f, dtype, bits, g, sym, n=n, m=m, seed=out_f + in_f)
+    obj, ref_w = _make(fmt, out_f, in_f, dtype, bits, g, sym, n=n, m=m, seed=out_f + in_f)
+    tw = layout.prepare(obj)
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-    # decompress reproduces the dense weight
+    # decompress reproduces the format's own dense weight (and the float64 reference)
     dense = decompress(tw, torch.float32)
-    assert torch.allclose(dense.double(), ref_w, atol=1e-2 * ref_w.abs().max().item())
+    assert torch.allclose(dense, obj.to_dense().float(), rtol=1e-2, atol=1e-6)
+    assert torch.allclose(dense.double(), ref_w, rtol=1e-6, atol=1e-6)
     gen = torch.Generator().manual_seed(1)
     bk = 256 if fmt == "bitmask" else 64
     for batch, cfg in [
         (1, KernelConfig(bn=8, bk=bk, bb=1, num_warps=4)),
         (1, KernelConfig(bn=16, bk=bk, bb=1, num_warps=4, split_k=2)),  # split K, atomic adds
+        (1, KernelConfig(bn=16, bk=bk, bb=1, num_warps=4, split_k=2, gather_x=True)),
         (5, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4)),
         (19, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4, split_k=2)),  # two batch tiles
     ]:
@@ -150,7 +106,8 @@ def test_kernels_match_dense_reference(case):
 
 
 def test_sparse_linear_dispatch_shapes_and_bias():
-    tw, ref_w = _make("nm", 24, 256, torch.float16, seed=3)
+    obj, ref_w = _make("nm", 24, 256, torch.float16, seed=3)
+    tw = layout.prepare(obj)
     x = torch.randn(2, 3, 256).half()
     bias = torch.randn(24).half()
     y = dispatch.sparse_linear(x, tw, bias)
@@ -159,10 +116,9 @@ def test_sparse_linear_dispatch_shapes_and_bias():
 
 
 def test_tile_offsets_count_kept_values_before_each_tile():
-    from sparsecraft.formats.packing import pack_bits
-
     keep = torch.rand(5, 700) > 0.3
-    offs = layout.tile_offsets_from_mask(pack_bits(keep), 700, tile=256)
+    mask = formats.BitmaskTensor.from_dense(torch.randn(5, 700) * keep).mask
+    offs = layout.tile_offsets_from_mask(mask, 700, tile=256)
     want = torch.stack([keep[:, :0].sum(1), keep[:, :256].sum(1), keep[:, :512].sum(1)], 1)
     assert torch.equal(offs, want.to(torch.int32))
 

@@ -33,6 +33,7 @@ class KernelConfig:
     num_warps: int
     split_k: int = 1
     num_stages: int = 2
+    gather_x: bool = False  # N:M at batch 1: multiply in compressed space (x gathered)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -125,6 +126,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         tw.n_groups,
         **_constexprs(tw, cfg.bk), BN=cfg.bn, BK=cfg.bk, BB=bb, USE_DOT=use_dot, SPLIT_K=cfg.split_k,
         DOT_F32=_INTERPRET and x.dtype == torch.bfloat16,
+        GATHER_X=cfg.gather_x and not use_dot and tw.fmt == "nm",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype) if cfg.split_k > 1 else out
@@ -151,15 +153,42 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _sparse_linear_impl(x2: torch.Tensor, tw: TritonWeight) -> torch.Tensor:
+    if x2.shape[0] <= DOT_MAX_BATCH:
+        return sparse_mm(x2, tw)
+    return x2 @ decompress(tw, x2.dtype).t()
+
+
+@torch.library.custom_op("sparsecraft::triton_sparse_linear", mutates_args=())
+def _triton_sparse_linear(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, row_offsets: torch.Tensor | None,
+    tile_offsets: torch.Tensor | None, scales: torch.Tensor | None, zeros: torch.Tensor | None,
+    is_bitmask: bool, out_features: int, in_features: int, n: int, m: int, bits: int, group_size: int,
+    symmetric: bool,
+) -> torch.Tensor:
+    tw = TritonWeight("bitmask" if is_bitmask else "nm", (out_features, in_features), x.dtype, values, meta,
+                      row_offsets, tile_offsets, n, m, bits, group_size, symmetric, scales, zeros)
+    return _sparse_linear_impl(x, tw)
+
+
+@_triton_sparse_linear.register_fake
+def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, is_bitmask, out_features, in_features,
+      n, m, bits, group_size, symmetric):
+    return x.new_empty(x.shape[0], out_features)
+
+
 def sparse_linear(x: torch.Tensor, tw: TritonWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for x (..., in) on CUDA with W compressed: the SparseLinear entry point."""
+    """``F.linear(x, W, bias)`` for x (..., in) on CUDA with W compressed: the SparseLinear entry point.
+
+    One custom op (opaque to torch.compile, capturable in a CUDA graph): batch <= DOT_MAX_BATCH runs
+    the Triton kernels, larger batches decode W once and use cuBLAS.
+    """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    batch = x2.shape[0]
-    if batch <= DOT_MAX_BATCH:
-        y = sparse_mm(x2, tw)
-    else:
-        y = x2 @ decompress(tw, x.dtype).t()
+    y = torch.ops.sparsecraft.triton_sparse_linear(
+        x2, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets, tw.scales, tw.zeros,
+        tw.fmt == "bitmask", tw.shape[0], tw.shape[1], tw.n, tw.m, tw.bits, tw.group_size, tw.symmetric,
+    )
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, tw.shape[0])

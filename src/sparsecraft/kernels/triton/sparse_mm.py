@@ -48,6 +48,41 @@ def _dequant(code, rows, rmask, kgroup0, scale_ptr, zero_ptr, n_groups,
 
 
 @triton.jit
+def _nm_compressed(k0, rows, rmask, K, vals_ptr, meta_ptr, scale_ptr, zero_ptr,
+                   vals_stride, meta_stride, n_groups,
+                   NN: tl.constexpr, MM: tl.constexpr, QBITS: tl.constexpr, SYM: tl.constexpr,
+                   G: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """N:M tile in compressed space: T = BK*N/M float32 values (BN, T) and their in-group positions."""
+    SPG: tl.constexpr = BK // G if BK > G else 1
+    T: tl.constexpr = BK * NN // MM
+    IB: tl.constexpr = 2 if MM <= 4 else 4
+    t0 = k0 * NN // MM
+    t_lim = K * NN // MM
+    if QBITS == 4:
+        tb = t0 // 2 + tl.arange(0, T // 2)
+        byte = tl.load(vals_ptr + rows[:, None] * vals_stride + tb[None, :],
+                       mask=rmask[:, None] & (tb[None, :] < (t_lim + 1) // 2), other=0).to(tl.int32)
+        code = _unpack(byte, 4, BN, T // 2)
+        if SYM:
+            code = (code ^ 8) - 8
+        v = _dequant(code, rows, rmask, k0 // G, scale_ptr, zero_ptr, n_groups, BN, T, SPG, SYM)
+    else:
+        tk = t0 + tl.arange(0, T)
+        raw = tl.load(vals_ptr + rows[:, None] * vals_stride + tk[None, :],
+                      mask=rmask[:, None] & (tk[None, :] < t_lim), other=0)
+        if QBITS == 8:
+            v = _dequant(raw.to(tl.int32), rows, rmask, k0 // G, scale_ptr, zero_ptr, n_groups,
+                         BN, T, SPG, SYM)
+        else:
+            v = raw.to(tl.float32)
+    ib = t0 * IB // 8 + tl.arange(0, T * IB // 8)
+    ibytes = tl.load(meta_ptr + rows[:, None] * meta_stride + ib[None, :],
+                     mask=rmask[:, None] & (ib[None, :] < meta_stride), other=0).to(tl.int32)
+    idx = _unpack(ibytes, IB, BN, T * IB // 8)
+    return v, idx
+
+
+@triton.jit
 def _decode_tile(k0, rows, rmask, K,
                  vals_ptr, meta_ptr, rowoff_ptr, toff_ptr, scale_ptr, zero_ptr,
                  vals_stride, meta_stride, n_tiles, n_groups,
@@ -80,32 +115,9 @@ def _decode_tile(k0, rows, rmask, K,
             w = _dequant(code, rows, rmask, k0 // G, scale_ptr, zero_ptr, n_groups, BN, BK, SPG, SYM)
             w = tl.where(keep, w, 0.0)
     else:
-        # ---- N:M: T kept values (and their in-group positions) cover the BK dense columns
-        T: tl.constexpr = BK * NN // MM
-        IB: tl.constexpr = 2 if MM <= 4 else 4
-        t0 = k0 * NN // MM
-        t_lim = K * NN // MM
-        if QBITS == 4:
-            tb = t0 // 2 + tl.arange(0, T // 2)
-            byte = tl.load(vals_ptr + rows[:, None] * vals_stride + tb[None, :],
-                           mask=rmask[:, None] & (tb[None, :] < (t_lim + 1) // 2), other=0).to(tl.int32)
-            code = _unpack(byte, 4, BN, T // 2)
-            if SYM:
-                code = (code ^ 8) - 8
-            v = _dequant(code, rows, rmask, k0 // G, scale_ptr, zero_ptr, n_groups, BN, T, SPG, SYM)
-        else:
-            tk = t0 + tl.arange(0, T)
-            raw = tl.load(vals_ptr + rows[:, None] * vals_stride + tk[None, :],
-                          mask=rmask[:, None] & (tk[None, :] < t_lim), other=0)
-            if QBITS == 8:
-                v = _dequant(raw.to(tl.int32), rows, rmask, k0 // G, scale_ptr, zero_ptr, n_groups,
-                             BN, T, SPG, SYM)
-            else:
-                v = raw.to(tl.float32)
-        ib = t0 * IB // 8 + tl.arange(0, T * IB // 8)
-        ibytes = tl.load(meta_ptr + rows[:, None] * meta_stride + ib[None, :],
-                         mask=rmask[:, None] & (ib[None, :] < meta_stride), other=0).to(tl.int32)
-        idx = _unpack(ibytes, IB, BN, T * IB // 8)
+        v, idx = _nm_compressed(k0, rows, rmask, K, vals_ptr, meta_ptr, scale_ptr, zero_ptr,
+                                vals_stride, meta_stride, n_groups, NN, MM, QBITS, SYM, G, BN, BK)
+        # scatter the N kept values of each M-group to their positions (in registers)
         v3 = tl.reshape(v, (BN, BK // MM, NN))
         i3 = tl.reshape(idx, (BN, BK // MM, NN))
         hit = i3[:, :, :, None] == tl.arange(0, MM)[None, None, None, :]
@@ -124,6 +136,7 @@ def sparse_mm_kernel(
     SYM: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr,
     USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr = False,
+    GATHER_X: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -136,27 +149,37 @@ def sparse_mm_kernel(
     kt1 = tl.minimum(kt0 + per, n_kt)
     bidx = pid_b * BB + tl.arange(0, BB)
     bmask = bidx < B
+    # GATHER_X (N:M, batch 1): multiply in compressed space, x gathered at the kept columns
+    ACC_W: tl.constexpr = BK * NN // MM if GATHER_X else BK
     if USE_DOT:
         acc = tl.zeros((BN, BB), dtype=tl.float32)
     else:
-        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
+        acc2 = tl.zeros((BN, ACC_W), dtype=tl.float32)
     for kt in range(kt0, kt1):
         k0 = kt * BK
-        w = _decode_tile(k0, rows, rmask, K, vals_ptr, meta_ptr, rowoff_ptr, toff_ptr, scale_ptr,
-                         zero_ptr, vals_stride, meta_stride, n_tiles, n_groups,
-                         FMT, NN, MM, QBITS, SYM, G, TILE, BN, BK)
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        if USE_DOT:
-            xt = tl.load(x_ptr + bidx[None, :] * stride_xb + cols[:, None],
-                         mask=cmask[:, None] & bmask[None, :], other=0.0)
-            if DOT_F32:  # the interpreter multiplies bf16 as raw integers: use float32 there
-                acc += tl.dot(w, xt.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(w.to(xt.dtype), xt)
+        if GATHER_X:
+            v, idx = _nm_compressed(k0, rows, rmask, K, vals_ptr, meta_ptr, scale_ptr, zero_ptr,
+                                    vals_stride, meta_stride, n_groups, NN, MM, QBITS, SYM, G, BN, BK)
+            tcol = k0 + (tl.arange(0, ACC_W) // NN) * MM
+            xg = tl.load(x_ptr + pid_b * stride_xb + tcol[None, :] + idx,
+                         mask=rmask[:, None] & (tcol[None, :] < K), other=0.0).to(tl.float32)
+            acc2 += v * xg
         else:
-            xv = tl.load(x_ptr + pid_b * stride_xb + cols, mask=cmask, other=0.0).to(tl.float32)
-            acc2 += w * xv[None, :]
+            w = _decode_tile(k0, rows, rmask, K, vals_ptr, meta_ptr, rowoff_ptr, toff_ptr, scale_ptr,
+                             zero_ptr, vals_stride, meta_stride, n_tiles, n_groups,
+                             FMT, NN, MM, QBITS, SYM, G, TILE, BN, BK)
+            cols = k0 + tl.arange(0, BK)
+            cmask = cols < K
+            if USE_DOT:
+                xt = tl.load(x_ptr + bidx[None, :] * stride_xb + cols[:, None],
+                             mask=cmask[:, None] & bmask[None, :], other=0.0)
+                if DOT_F32:  # the interpreter multiplies bf16 as raw integers: use float32 there
+                    acc += tl.dot(w, xt.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(w.to(xt.dtype), xt)
+            else:
+                xv = tl.load(x_ptr + pid_b * stride_xb + cols, mask=cmask, other=0.0).to(tl.float32)
+                acc2 += w * xv[None, :]
     if USE_DOT:
         optr = out_ptr + bidx[None, :] * stride_ob + rows[:, None]
         omask = rmask[:, None] & bmask[None, :]

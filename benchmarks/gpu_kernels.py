@@ -1,0 +1,469 @@
+"""GPU benchmark: the per-token chain of all decoder linears of random:llama-7b.
+
+32 blocks x (q, k, v, o, gate, up, down) = 224 distinct weights (13 GB in fp16, far beyond L2),
+run back to back inside one CUDA graph per (format, batch): dense cuBLAS, torch semi-structured
+2:4 (cuSPARSELt), and our Triton kernels at 50% / 70% bitmask, 2:4 fp16, 2:4 + int4 (group 128).
+Per shape (all layers of that shape, again in one graph) and for the whole chain; GB/s against the
+device's measured copy bandwidth (bytes read + written of a large device-to-device copy).
+
+Weights are random, made on the GPU: one compressed template per (format, shape) is built with
+``sparsecraft.formats`` (on the CPU), moved to the GPU and cloned into 32 distinct copies, so every
+layer of the chain streams its own memory.
+
+    python benchmarks/gpu_kernels.py                  # full run, writes --out (markdown + json)
+    python benchmarks/gpu_kernels.py --check          # correctness only (small shapes, graphs, compile)
+    python benchmarks/gpu_kernels.py --sweep          # tile-shape sweep at batch 1 and 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsecraft import formats
+from sparsecraft.kernels.triton import layout
+from sparsecraft.kernels.triton.dispatch import KernelConfig, decompress, sparse_linear, sparse_mm
+
+HIDDEN, INTER, BLOCKS = 4096, 11008, 32  # random:llama-7b
+SHAPES = {"qkvo": (HIDDEN, HIDDEN), "gate_up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
+BLOCK_ORDER = ["qkvo"] * 4 + ["gate_up"] * 2 + ["down"]
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+def _keep(fmt: str, out_f: int, in_f: int, gen: torch.Generator) -> torch.Tensor:
+    if fmt.startswith("bitmask"):
+        sparsity = float(fmt.split("_")[1]) / 100
+        return torch.rand(out_f, in_f, generator=gen) >= sparsity
+    scores = torch.rand(out_f, in_f // 4, 4, generator=gen)
+    idx = scores.topk(2, dim=-1).indices
+    return torch.zeros(out_f, in_f // 4, 4, dtype=torch.bool).scatter_(-1, idx, True).view(out_f, in_f)
+
+
+def make_compressed(fmt: str, out_f: int, in_f: int, seed: int, dtype=torch.float16):
+    """(format object on CPU, its dense weight on CPU). fmt: bitmask_50, bitmask_70, nm24, nm24_int4."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = _keep(fmt, out_f, in_f, gen)
+    if fmt == "nm24_int4":
+        g = 128
+        codes = torch.randint(-8, 8, (out_f, in_f), generator=gen, dtype=torch.int8)
+        scales = (torch.rand(out_f, -(-in_f // g), generator=gen) * 0.004 + 0.001).half()
+        q = formats.QuantInfo(4, g, True, scales)
+        obj = formats.NMTensor.from_codes(codes, keep, q, dtype, n=2, m=4)
+    else:
+        w = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(dtype) * keep
+        if fmt.startswith("bitmask"):
+            obj = formats.BitmaskTensor.from_dense(w, mask=keep)
+        else:
+            obj = formats.NMTensor.from_dense(w, n=2, m=4, mask=keep)
+    return obj
+
+
+def clone_tw(tw: layout.TritonWeight) -> layout.TritonWeight:
+    kw = {k: getattr(tw, k) for k in tw.__dataclass_fields__}
+    for k, t in tw.tensors().items():
+        kw[k] = t.clone()
+    return layout.TritonWeight(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+def time_graph(fn, reps: int = 20) -> tuple[float, bool]:
+    """Median ms of one call of ``fn`` replayed from a CUDA graph (eager if capture fails)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graphed = True
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    except Exception as e:  # noqa: BLE001 - report and time eagerly
+        log(f"  graph capture failed ({type(e).__name__}: {str(e)[:80]}); timing eagerly")
+        torch.cuda.synchronize()
+        graphed, run = False, fn
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times), graphed
+
+
+def copy_bandwidth() -> float:
+    n = 2 * 1024**3 // 2
+    src = torch.randn(n, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms, _ = time_graph(lambda: dst.copy_(src), reps=20)
+    return 2 * n * 2 / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness
+def rel_err(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check(args) -> int:
+    cases = [
+        ("bitmask", 40, 600, torch.float16, 0, 32, True, 2, 4),
+        ("bitmask", 33, 520, torch.bfloat16, 0, 32, True, 2, 4),
+        ("bitmask", 24, 576, torch.float16, 8, 64, True, 2, 4),
+        ("bitmask", 300, 4100, torch.float16, 4, 128, True, 2, 4),
+        ("bitmask", 17, 300, torch.float16, 4, 32, False, 2, 4),
+        ("nm", 40, 576, torch.float16, 0, 32, True, 2, 4),
+        ("nm", 33, 520, torch.bfloat16, 0, 32, True, 2, 4),
+        ("nm", 24, 512, torch.float16, 0, 32, True, 4, 8),
+        ("nm", 300, 4096, torch.float16, 4, 128, True, 2, 4),
+        ("nm", 20, 320, torch.float16, 8, 32, False, 2, 4),
+        ("nm", 18, 256, torch.float16, 4, 64, False, 4, 8),
+        ("nm", 64, 1024, torch.bfloat16, 4, 128, False, 2, 4),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    bad = 0
+    for fmt, out_f, in_f, dtype, bits, g, sym, n, m in cases:
+        if fmt == "bitmask":
+            keep = torch.rand(out_f, in_f, generator=gen) >= 0.6
+        else:
+            idx = torch.rand(out_f, in_f // m, m, generator=gen).topk(n, -1).indices
+            keep = (
+                torch.zeros(out_f, in_f // m, m, dtype=torch.bool).scatter_(-1, idx, True).view(out_f, in_f)
+            )
+        if bits:
+            lo, hi = formats.code_range(bits, sym)
+            ng = formats.num_groups(in_f, g)
+            codes = torch.randint(lo, hi + 1, (out_f, in_f), generator=gen)
+            scales = (torch.rand(out_f, ng, generator=gen) * 0.1 + 0.01).half()
+            zeros = None if sym else torch.randint(lo, hi + 1, (out_f, ng), generator=gen).to(torch.uint8)
+            q = formats.QuantInfo(bits, g, sym, scales, zeros)
+            obj = (
+                formats.BitmaskTensor.from_codes(codes, keep, q, dtype)
+                if fmt == "bitmask"
+                else formats.NMTensor.from_codes(codes, keep, q, dtype, n=n, m=m)
+            )
+        else:
+            w = (torch.randn(out_f, in_f, generator=gen) * keep).to(dtype)
+            obj = (
+                formats.BitmaskTensor.from_dense(w, mask=keep)
+                if fmt == "bitmask"
+                else formats.NMTensor.from_dense(w, n=n, m=m, mask=keep)
+            )
+        ref_w = obj.to_dense().cuda().double()
+        tw = layout.prepare(obj, "cuda")
+        bk = 256 if fmt == "bitmask" else 64
+        cfgs = [
+            None,
+            KernelConfig(16, bk, 1, 4, split_k=2),
+            KernelConfig(16, bk, 1, 4, gather_x=True),
+            KernelConfig(32, bk, 16, 4, split_k=2),
+        ]
+        worst = 0.0
+        for batch in (1, 4, 16, 33, 64, 200):
+            x = torch.randn(batch, in_f, device="cuda").to(dtype)
+            ref = x.double() @ ref_w.t()
+            for cfg in cfgs:
+                if cfg is not None and (cfg.bb == 1) != (batch == 1):
+                    continue
+                y = sparse_mm(x, tw, cfg) if cfg is not None else sparse_linear(x, tw)
+                worst = max(worst, rel_err(y, ref) if torch.isfinite(y).all() else float("inf"))
+        dense = decompress(tw, torch.float32).double()
+        derr = rel_err(dense, ref_w)
+        tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+        ok = worst < tol and derr < 1e-3
+        bad += not ok
+        print(
+            f"check {fmt:8s} {out_f}x{in_f} {str(dtype)[6:]:8s} q{bits} g{g} {'sym' if sym else 'asym'} "
+            f"{n}:{m}  max rel err {worst:.2e}  decompress {derr:.1e}  {'OK' if ok else 'FAIL'}",
+            flush=True,
+        )
+    # CUDA graph capture and torch.compile of a decode step
+    obj = make_compressed("bitmask_70", 512, 1024, 1)
+    tw = layout.prepare(obj, "cuda")
+    ref_w = obj.to_dense().cuda().float()
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+
+    def step():
+        return sparse_linear(x, tw)
+
+    ms, graphed = time_graph(step, reps=3)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = step()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    e1 = rel_err(yg, x.float() @ ref_w.t())
+    comp = torch.compile(lambda a: sparse_linear(a, tw) * 2, fullgraph=True)
+    e2 = rel_err(comp(x) / 2, x.float() @ ref_w.t())
+    ok = e1 < 3e-3 and e2 < 3e-3 and graphed
+    bad += not ok
+    print(
+        f"check cuda-graph replay err {e1:.1e}, torch.compile(fullgraph) err {e2:.1e}: "
+        f"{'OK' if ok else 'FAIL'}"
+    )
+    print(f"check: {'all OK' if not bad else f'{bad} FAILED'}", flush=True)
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# chain benchmark
+FORMATS = ["bitmask_50", "bitmask_70", "nm24", "nm24_int4"]
+LABEL = {
+    "dense": "dense cuBLAS fp16",
+    "semi24": "torch semi-structured 2:4",
+    "bitmask_50": "ours bitmask 50%",
+    "bitmask_70": "ours bitmask 70%",
+    "nm24": "ours 2:4 fp16",
+    "nm24_int4": "ours 2:4 + int4 g128",
+}
+
+
+def build_chain(fmt: str, templates: dict):
+    """224 distinct weights in block order: list of (shape_name, weight object)."""
+    layers = []
+    for _ in range(BLOCKS):
+        for name in BLOCK_ORDER:
+            t = templates[name]
+            if fmt == "dense":
+                w = torch.randn(*SHAPES[name], device="cuda", dtype=torch.float16) * 0.02
+            elif fmt == "semi24":
+                w = torch.sparse.to_sparse_semi_structured(t.clone())
+            else:
+                w = clone_tw(t)
+            layers.append((name, w))
+    return layers
+
+
+def semi_bytes(w) -> int:
+    tot = 0
+    for attr in ("packed", "meta", "packed_t", "meta_t"):
+        t = getattr(w, attr, None)
+        if isinstance(t, torch.Tensor):
+            tot += t.numel() * t.element_size()
+    return tot
+
+
+def layer_fn(fmt: str, w, cfg_for):
+    if fmt == "dense":
+        return lambda x: F.linear(x, w)
+    if fmt == "semi24":
+        return lambda x: F.linear(x, w)
+    cfg = cfg_for(w)
+    if cfg is None:
+        return lambda x: sparse_linear(x, w)
+    return lambda x: sparse_mm(x, w, cfg)
+
+
+def bench_chain(fmt, layers, batch, xs, cfg_for=lambda w: None, reps=10):
+    """{'chain': ms, shape: ms per layer of that shape}, graphed flag."""
+    res = {}
+    graphed_all = True
+    fns = [(name, layer_fn(fmt, w, cfg_for)) for name, w in layers]
+    outs = []
+
+    def run(sel):
+        def f():
+            outs.clear()
+            for name, fn in fns:
+                if sel is None or name == sel:
+                    outs.append(fn(xs[name]))
+
+        return f
+
+    res["chain"], graphed_all = time_graph(run(None), reps=reps)
+    for sname in SHAPES:
+        ms, gr = time_graph(run(sname), reps=reps)
+        res[sname] = ms / sum(1 for n, _ in layers if n == sname)
+        graphed_all &= gr
+    outs.clear()
+    return res, graphed_all
+
+
+def weight_bytes(fmt, layers) -> int:
+    if fmt == "dense":
+        return sum(w.numel() * w.element_size() for _, w in layers)
+    if fmt == "semi24":
+        return sum(semi_bytes(w) for _, w in layers)
+    return sum(w.nbytes() for _, w in layers)
+
+
+def sweep_configs(fmt: str, batch: int):
+    if batch == 1:
+        if fmt.startswith("bitmask"):
+            return [
+                KernelConfig(4, 256, 1, 4),
+                KernelConfig(8, 256, 1, 4),
+                KernelConfig(8, 512, 1, 8),
+                KernelConfig(16, 256, 1, 8),
+                KernelConfig(2, 512, 1, 4),
+            ]
+        return [
+            KernelConfig(8, 256, 1, 4),
+            KernelConfig(16, 256, 1, 4),
+            KernelConfig(16, 512, 1, 8),
+            KernelConfig(8, 256, 1, 4, gather_x=True),
+            KernelConfig(16, 256, 1, 4, gather_x=True),
+            KernelConfig(16, 512, 1, 8, gather_x=True),
+            KernelConfig(32, 256, 1, 8, gather_x=True),
+        ]
+    bk = 256
+    return [
+        KernelConfig(16, bk, 16, 4),
+        KernelConfig(32, bk, 16, 4),
+        KernelConfig(64, bk, 16, 8),
+        KernelConfig(32, 512 if fmt.startswith("bitmask") else 128, 16, 4),
+    ]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--batches", default="1,4,16,64,512")
+    ap.add_argument("--formats", default="dense,semi24," + ",".join(FORMATS))
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    prop = torch.cuda.get_device_properties(0)
+    import triton
+
+    log(
+        f"device {prop.name}, {prop.multi_processor_count} SMs, torch {torch.__version__}, "
+        f"triton {triton.__version__}"
+    )
+    if args.check:
+        return check(args)
+
+    bw = copy_bandwidth()
+    log(f"copy bandwidth {bw:.0f} GB/s (read + write)")
+    batches = [int(b) for b in args.batches.split(",")]
+    fmts = args.formats.split(",")
+    xs_by_batch = {
+        b: {n: torch.randn(b, s[1], device="cuda", dtype=torch.float16) for n, s in SHAPES.items()}
+        for b in batches
+    }
+    results = {
+        "device": prop.name,
+        "sms": prop.multi_processor_count,
+        "copy_GBps": bw,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.utcnow().isoformat(timespec="minutes"),
+        "command": " ".join(sys.argv),
+        "rows": [],
+        "sweep": [],
+    }
+    # templates (CPU formats objects -> GPU), one per shape and format
+    templates = {}
+    for fmt in fmts:
+        if fmt in ("dense",):
+            continue
+        templates[fmt] = {}
+        for i, (name, (o, k)) in enumerate(SHAPES.items()):
+            if fmt == "semi24":
+                obj = make_compressed("nm24", o, k, 100 + i)
+                templates[fmt][name] = obj.to_dense().cuda()
+                continue
+            obj = make_compressed(fmt, o, k, 100 + i)
+            tw = layout.prepare(obj, "cuda")
+            templates[fmt][name] = tw
+            # correctness of the real shapes against the formats' own dense weight
+            ref_w = obj.to_dense().cuda().float()
+            for b in (1, 16, 512):
+                x = xs_by_batch.get(b, {}).get(name)
+                if x is None:
+                    x = torch.randn(b, k, device="cuda", dtype=torch.float16)
+                err = rel_err(sparse_linear(x, tw), x.float() @ ref_w.t())
+                if err > 3e-3:
+                    log(f"  WRONG {fmt} {name} batch {b}: rel err {err:.2e}")
+                    return 1
+            del ref_w
+        log(f"templates {fmt} ready (checked vs formats.to_dense at batch 1/16/512)")
+
+    if args.sweep:
+        for fmt in [f for f in fmts if f in FORMATS]:
+            layers = build_chain(fmt, templates[fmt])
+            for b in [b for b in batches if b <= 16]:
+                for cfg in sweep_configs(fmt, b):
+                    res, _ = bench_chain(fmt, layers, b, xs_by_batch[b], cfg_for=lambda w, c=cfg: c, reps=5)
+                    row = dict(fmt=fmt, batch=b, cfg=cfg.__dict__, **res)
+                    results["sweep"].append(row)
+                    log(
+                        f"sweep {fmt:11s} b={b:3d} {cfg}  chain {res['chain']:.3f} ms  "
+                        + " ".join(f"{s} {res[s] * 1000:.1f}us" for s in SHAPES)
+                    )
+            del layers
+            torch.cuda.empty_cache()
+
+    for fmt in fmts:
+        layers = build_chain(fmt, templates.get(fmt, {}))
+        wb = weight_bytes(fmt, layers)
+        for b in batches:
+            try:
+                res, graphed = bench_chain(fmt, layers, b, xs_by_batch[b], reps=args.reps)
+            except Exception as e:  # noqa: BLE001 - a backend refusing a shape is a result too
+                log(f"{fmt} batch {b}: failed: {type(e).__name__}: {str(e)[:120]}")
+                results["rows"].append(dict(fmt=fmt, batch=b, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                continue
+            gbps = wb / (res["chain"] * 1e-3) / 1e9
+            results["rows"].append(dict(fmt=fmt, batch=b, weight_bytes=wb, graphed=graphed, GBps=gbps, **res))
+            log(
+                f"{fmt:11s} b={b:4d} chain {res['chain']:7.3f} ms  {gbps:6.0f} GB/s "
+                f"({gbps / bw:4.0%} of copy)  "
+                + " ".join(f"{s} {res[s] * 1000:7.1f}us" for s in SHAPES)
+                + ("" if graphed else "  (eager)")
+            )
+        del layers
+        torch.cuda.empty_cache()
+        with open(os.path.join(args.out, "gpu_kernels.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print_summary(results)
+    return 0
+
+
+def print_summary(results):
+    rows = [r for r in results["rows"] if "error" not in r]
+    dense = {r["batch"]: r for r in rows if r["fmt"] == "dense"}
+    print("\nchain time (ms) and speedup vs dense cuBLAS, same run")
+    batches = sorted({r["batch"] for r in rows})
+    print("format".ljust(28) + "".join(f"b={b}".rjust(18) for b in batches))
+    for fmt in dict.fromkeys(r["fmt"] for r in results["rows"]):
+        line = LABEL.get(fmt, fmt).ljust(28)
+        for b in batches:
+            r = next((r for r in rows if r["fmt"] == fmt and r["batch"] == b), None)
+            if r is None:
+                line += "failed".rjust(18)
+            else:
+                sp = dense[b]["chain"] / r["chain"] if b in dense else float("nan")
+                line += f"{r['chain']:8.3f} {sp:5.2f}x".rjust(18)
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
