@@ -1,0 +1,683 @@
+/* sparsecraft CPU kernels: y = x . W^T with W stored compressed (bitmask or packed N:M).
+ *
+ * Compiled at first use by the system C compiler (see build.py) into a per-user cache and called
+ * through ctypes with raw tensor pointers; no torch headers, so a build takes seconds.
+ *
+ * Shapes: x (B, in) fp32 row-major with row stride ldx; y (B, out) fp32 with row stride ldy.
+ * Layouts follow the sparsecraft compressed-tensor contract (formats/):
+ *   bitmask: mask uint8 (out, ceil(in/8)), bit j%8 of byte j/8 set iff W[i,j] kept;
+ *            values in row-major order; row_offsets int64 (out+1) count value slots
+ *            (for int4 codes: nibbles, each row padded to an even count).
+ *   N:M:     values (out, L = in*N/M) (int4: L padded to even, 2 codes a byte, low nibble first);
+ *            indices 2 bits (M <= 4) or 4 bits (M <= 16) per value, little-endian along the row,
+ *            each row padded to a whole byte.
+ *   quantized: code -> (code - zero) * scale, scale fp16 (out, ceil(in/G)), zero uint8 or none.
+ * Value types (vt): 0 fp32, 1 bf16, 2 fp16, 3 int8 (symmetric), 4 uint8 (asymmetric),
+ *                   5 int4 (symmetric, nibble = code & 0xF), 6 uint4 (asymmetric).
+ *
+ * Design notes (why):
+ *  - Decoding one token is memory-bound, so each kernel streams the compressed bytes exactly once
+ *    per call and keeps all arithmetic in registers.  With AVX-512 a 16-bit chunk of the mask is
+ *    the write mask of an expand-load, which places the next popcount(mask) values at their dense
+ *    positions; x is loaded under the same mask, so pruned positions cost nothing but a zero lane.
+ *  - Batches up to 4 rows share one decode per chunk (weights decoded once, reused from registers);
+ *    larger batches run in tiles of 4 over the same row while it is hot in L1.
+ *  - Threads get contiguous row ranges balanced by stored bytes (bitmask rows differ in density).
+ *  - Everything has a portable scalar twin used when __AVX512F__ is absent (and in tests).
+ */
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI2__) \
+    && defined(__BMI2__)
+#include <immintrin.h>
+#define SC_AVX512 1
+#else
+#define SC_AVX512 0
+#endif
+
+enum { VT_F32 = 0, VT_BF16 = 1, VT_F16 = 2, VT_I8 = 3, VT_U8 = 4, VT_I4 = 5, VT_U4 = 6 };
+
+int sc_has_avx512(void) { return SC_AVX512; }
+int sc_abi_version(void) { return 3; }
+
+/* ------------------------------------------------------------------ scalar helpers */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400u)) { man <<= 1; exp--; }
+            man &= 0x3ffu;
+            bits = sign | (exp << 23) | (man << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp - 15 + 127) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline int is_quant(int vt) { return vt >= VT_I8; }
+static inline int is_int4(int vt) { return vt == VT_I4 || vt == VT_U4; }
+
+/* raw value of slot s (before scale) */
+static inline float raw_value(int vt, const void* values, int64_t s) {
+    switch (vt) {
+        case VT_F32: return ((const float*)values)[s];
+        case VT_BF16: return bf16_to_f32(((const uint16_t*)values)[s]);
+        case VT_F16: return f16_to_f32(((const uint16_t*)values)[s]);
+        case VT_I8: return (float)((const int8_t*)values)[s];
+        case VT_U8: return (float)((const uint8_t*)values)[s];
+        case VT_I4: {
+            int c = (((const uint8_t*)values)[s >> 1] >> ((s & 1) * 4)) & 0xf;
+            return (float)(c >= 8 ? c - 16 : c);
+        }
+        default: { /* VT_U4 */
+            int c = (((const uint8_t*)values)[s >> 1] >> ((s & 1) * 4)) & 0xf;
+            return (float)c;
+        }
+    }
+}
+
+/* Dequantisation parameters of one row. */
+typedef struct {
+    const uint16_t* scales; /* (out, ngroups) fp16 or NULL */
+    const uint8_t* zeros;   /* (out, ngroups) or NULL */
+    int64_t ngroups;
+    int64_t G;
+} quant_t;
+
+static inline float deq(int vt, float raw, const quant_t* q, int64_t row, int64_t col) {
+    if (!is_quant(vt)) return raw;
+    int64_t g = col / q->G;
+    float z = q->zeros ? (float)q->zeros[row * q->ngroups + g] : 0.0f;
+    return (raw - z) * f16_to_f32(q->scales[row * q->ngroups + g]);
+}
+
+/* ------------------------------------------------------------------ row partition */
+/* Rows [r0, r1) of thread t of nt, balanced on cost(row) = stored slots + in/8 (mask bytes). */
+static void split_rows(const int64_t* row_offsets, int64_t out, int64_t per_row, int t, int nt,
+                       int64_t* r0, int64_t* r1) {
+    if (!row_offsets) {
+        *r0 = out * t / nt;
+        *r1 = out * (t + 1) / nt;
+        return;
+    }
+    int64_t total = row_offsets[out] - row_offsets[0] + per_row * out;
+    int64_t lo_t = total * t / nt, hi_t = total * (t + 1) / nt;
+    /* first row whose start cost >= target */
+    int64_t a = 0, b = out;
+    while (a < b) {
+        int64_t m = (a + b) / 2;
+        if (row_offsets[m] - row_offsets[0] + per_row * m < lo_t) a = m + 1; else b = m;
+    }
+    *r0 = (t == 0) ? 0 : a;
+    a = 0; b = out;
+    while (a < b) {
+        int64_t m = (a + b) / 2;
+        if (row_offsets[m] - row_offsets[0] + per_row * m < hi_t) a = m + 1; else b = m;
+    }
+    *r1 = (t == nt - 1) ? out : a;
+}
+
+/* ------------------------------------------------------------------ scalar kernels */
+static void bm_rows_scalar(const uint8_t* mask, const void* values, const int64_t* ro, int64_t in,
+                           int vt, const quant_t* q, const float* x, int64_t B, int64_t ldx, float* y,
+                           int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
+    int64_t mb = (in + 7) / 8;
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t* mr = mask + i * mb;
+        for (int64_t b = 0; b < B; b++) {
+            const float* xb = x + b * ldx;
+            double acc = 0.0;
+            int64_t s = ro[i];
+            for (int64_t j = 0; j < in; j++) {
+                if (mr[j >> 3] >> (j & 7) & 1) {
+                    acc += (double)deq(vt, raw_value(vt, values, s), q, i, j) * xb[j];
+                    s++;
+                }
+            }
+            y[b * ldy + i] = (float)acc + (bias ? bias[i] : 0.0f);
+        }
+    }
+}
+
+static void nm_rows_scalar(const uint8_t* idx, const void* values, int64_t in, int N, int M, int vt,
+                           const quant_t* q, const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy,
+                           const float* bias, int64_t r0, int64_t r1) {
+    int64_t L = in / M * N;
+    int64_t Lpad = is_int4(vt) ? (L + 1) / 2 * 2 : L;
+    int bits = M <= 4 ? 2 : 4;
+    int64_t ib = (L * bits + 7) / 8;
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t* ir = idx + i * ib;
+        for (int64_t b = 0; b < B; b++) {
+            const float* xb = x + b * ldx;
+            double acc = 0.0;
+            for (int64_t k = 0; k < L; k++) {
+                int64_t bit = k * bits;
+                int p = (ir[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
+                int64_t col = (k / N) * M + p;
+                acc += (double)deq(vt, raw_value(vt, values, i * Lpad + k), q, i, col) * xb[col];
+            }
+            y[b * ldy + i] = (float)acc + (bias ? bias[i] : 0.0f);
+        }
+    }
+}
+
+/* quantized dense rows (no sparsity metadata): codes (out, in), int4 rows padded to even */
+static void qd_rows_scalar(const void* values, int64_t in, int vt, const quant_t* q, const float* x, int64_t B,
+                           int64_t ldx, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
+    int64_t Lpad = is_int4(vt) ? (in + 1) / 2 * 2 : in;
+    for (int64_t i = r0; i < r1; i++) {
+        for (int64_t b = 0; b < B; b++) {
+            const float* xb = x + b * ldx;
+            double acc = 0.0;
+            for (int64_t j = 0; j < in; j++)
+                acc += (double)deq(vt, raw_value(vt, values, i * Lpad + j), q, i, j) * xb[j];
+            y[b * ldy + i] = (float)acc + (bias ? bias[i] : 0.0f);
+        }
+    }
+}
+
+#if SC_AVX512
+/* ------------------------------------------------------------------ AVX-512 kernels */
+#define SC_INLINE static inline __attribute__((always_inline))
+
+#ifndef SC_PF_BYTES
+#define SC_PF_BYTES 1536 /* software prefetch distance: the value stream advances by a data-dependent
+                            amount, which the hardware prefetchers here follow poorly */
+#endif
+/* 16 raw codes/values (as fp32) expanded under mask m from the value stream at slot *s.
+ * A full-width unmasked load + register expand is much faster than an expand-load from memory
+ * (or a masked load) when the data comes from DRAM; near the end of the buffer (s > safe) the
+ * masked form keeps the read inside it. */
+SC_INLINE __m512 bm_decode(int vt, __mmask16 m, const void* values, int64_t* s, int64_t safe) {
+    int pc = __builtin_popcount((unsigned)m);
+    int64_t s0 = *s;
+    int full = s0 <= safe;
+    __m512 w;
+    switch (vt) {
+        case VT_F32: {
+            const float* p = (const float*)values + s0;
+            _mm_prefetch((const char*)p + SC_PF_BYTES, _MM_HINT_T0);
+            w = full ? _mm512_maskz_expand_ps(m, _mm512_loadu_ps(p)) : _mm512_maskz_expandloadu_ps(m, p);
+            break;
+        }
+        case VT_BF16:
+        case VT_F16: {
+            const uint16_t* p = (const uint16_t*)values + s0;
+            _mm_prefetch((const char*)p + SC_PF_BYTES, _MM_HINT_T0);
+            __m256i h = full ? _mm256_maskz_expand_epi16(m, _mm256_loadu_si256((const __m256i*)p))
+                             : _mm256_maskz_expandloadu_epi16(m, p);
+            if (vt == VT_BF16) w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            else w = _mm512_cvtph_ps(h);
+            break;
+        }
+        case VT_I8:
+        case VT_U8: {
+            const uint8_t* p = (const uint8_t*)values + s0;
+            _mm_prefetch((const char*)p + SC_PF_BYTES / 2, _MM_HINT_T0);
+            __m128i c = full ? _mm_maskz_expand_epi8(m, _mm_loadu_si128((const __m128i*)p)) : _mm_maskz_expandloadu_epi8(m, p);
+            w = _mm512_cvtepi32_ps(vt == VT_I8 ? _mm512_cvtepi8_epi32(c) : _mm512_cvtepu8_epi32(c));
+            break;
+        }
+        default: { /* int4 / uint4: pc nibbles starting at nibble s0 */
+            const uint8_t* p = (const uint8_t*)values + (s0 >> 1);
+            _mm_prefetch((const char*)p + SC_PF_BYTES / 4, _MM_HINT_T0);
+            int odd = (int)(s0 & 1);
+            int nbytes = (odd + pc + 1) >> 1; /* <= 9 */
+            __m128i raw = full ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8((__mmask16)((1u << nbytes) - 1), p);
+            uint64_t lo = (uint64_t)_mm_cvtsi128_si64(raw);
+            uint64_t hi = (uint64_t)_mm_extract_epi64(raw, 1);
+            uint64_t nib = odd ? (lo >> 4) | (hi << 60) : lo;
+            uint64_t b0 = _pdep_u64(nib & 0xffffffffu, 0x0f0f0f0f0f0f0f0full);
+            uint64_t b1 = _pdep_u64(nib >> 32, 0x0f0f0f0f0f0f0f0full);
+            __m128i c = _mm_set_epi64x((long long)b1, (long long)b0);
+            if (vt == VT_I4) { /* sign-extend 4-bit two's complement */
+                c = _mm_sub_epi8(_mm_xor_si128(c, _mm_set1_epi8(8)), _mm_set1_epi8(8));
+                c = _mm_maskz_expand_epi8(m, c);
+                w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c));
+            } else {
+                c = _mm_maskz_expand_epi8(m, c);
+                w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c));
+            }
+            break;
+        }
+    }
+    *s = s0 + pc;
+    return w;
+}
+
+/* last slot from which bm_decode may read a full vector without leaving the value buffer */
+static inline int64_t safe_slot(int vt, int64_t nslots) {
+    return nslots - (vt == VT_I4 || vt == VT_U4 ? 32 : 16);
+}
+
+/* scale (and zero point) of the group holding column j of row i, applied to raw w under mask m */
+SC_INLINE __m512 apply_quant(int vt, __m512 w, __mmask16 m, const quant_t* q, int64_t i, int64_t j) {
+    if (!is_quant(vt)) return w;
+    int64_t g = i * q->ngroups + j / q->G;
+    __m512 sc = _mm512_set1_ps(_cvtsh_ss(q->scales[g]));
+    if (q->zeros) w = _mm512_maskz_sub_ps(m, w, _mm512_set1_ps((float)q->zeros[g]));
+    return _mm512_mul_ps(w, sc);
+}
+
+SC_INLINE __mmask16 load_mask16(const uint8_t* mr, int64_t j, int64_t in) {
+    int64_t rem = in - j;
+    if (rem >= 16) {
+        uint16_t v;
+        memcpy(&v, mr + (j >> 3), 2);
+        return (__mmask16)v;
+    }
+    uint32_t v = mr[j >> 3];
+    if (rem > 8) v |= (uint32_t)mr[(j >> 3) + 1] << 8;
+    return (__mmask16)(v & ((1u << rem) - 1));
+}
+
+/* One output row, NB (compile-time) batch rows. */
+SC_INLINE void bm_row_tile(const uint8_t* mr, const void* values, int64_t s, int64_t safe, int64_t in, int vt,
+                           const quant_t* q, int64_t i, const float* x, int64_t ldx, float* y, int64_t ldy,
+                           float bias, const int NB) {
+    __m512 acc[NB > 1 ? NB : 2];
+    for (int b = 0; b < (NB > 1 ? NB : 2); b++) acc[b] = _mm512_setzero_ps();
+    int64_t j = 0;
+    if (NB == 1) { /* two accumulators hide the FMA latency */
+        for (; j + 32 <= in; j += 32) {
+            __mmask16 m0 = load_mask16(mr, j, in), m1 = load_mask16(mr, j + 16, in);
+            __m512 w0 = apply_quant(vt, bm_decode(vt, m0, values, &s, safe), m0, q, i, j);
+            __m512 w1 = apply_quant(vt, bm_decode(vt, m1, values, &s, safe), m1, q, i, j + 16);
+            acc[0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, x + j), acc[0]);
+            acc[1] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, x + j + 16), acc[1]);
+        }
+    }
+    for (; j < in; j += 16) {
+        __mmask16 m = load_mask16(mr, j, in);
+        __m512 w = apply_quant(vt, bm_decode(vt, m, values, &s, safe), m, q, i, j);
+        for (int b = 0; b < NB; b++)
+            acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + b * ldx + j), acc[b]);
+    }
+    if (NB == 1) {
+        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + bias;
+    } else {
+        for (int b = 0; b < NB; b++) y[b * ldy + i] = _mm512_reduce_add_ps(acc[b]) + bias;
+    }
+}
+
+SC_INLINE void bm_rows_vt(const uint8_t* mask, const void* values, const int64_t* ro, int64_t nslots, int64_t in, int vt,
+                          const quant_t* q, const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy,
+                          const float* bias, int64_t r0, int64_t r1) {
+    int64_t mb = (in + 7) / 8;
+    int64_t safe = safe_slot(vt, nslots);
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t* mr = mask + i * mb;
+        _mm_prefetch((const char*)(mr + 4 * mb), _MM_HINT_T0);
+        _mm_prefetch((const char*)(mr + 4 * mb) + 64, _MM_HINT_T0);
+        _mm_prefetch((const char*)(mr + 4 * mb) + 128, _MM_HINT_T0);
+        float bi = bias ? bias[i] : 0.0f;
+        int64_t b = 0;
+        for (; b + 4 <= B; b += 4)
+            bm_row_tile(mr, values, ro[i], safe, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 4);
+        switch (B - b) {
+            case 3: bm_row_tile(mr, values, ro[i], safe, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 3); break;
+            case 2: bm_row_tile(mr, values, ro[i], safe, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 2); break;
+            case 1: bm_row_tile(mr, values, ro[i], safe, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 1); break;
+            default: break;
+        }
+    }
+}
+
+static void bm_rows_avx512(const uint8_t* mask, const void* values, const int64_t* ro, int64_t nslots, int64_t in, int vt,
+                           const quant_t* q, const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy,
+                           const float* bias, int64_t r0, int64_t r1) {
+    switch (vt) { /* one specialised copy per value type: the switch in bm_decode folds away */
+        case VT_F32: bm_rows_vt(mask, values, ro, nslots, in, VT_F32, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_BF16: bm_rows_vt(mask, values, ro, nslots, in, VT_BF16, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_F16: bm_rows_vt(mask, values, ro, nslots, in, VT_F16, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_I8: bm_rows_vt(mask, values, ro, nslots, in, VT_I8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_U8: bm_rows_vt(mask, values, ro, nslots, in, VT_U8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_I4: bm_rows_vt(mask, values, ro, nslots, in, VT_I4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        default: bm_rows_vt(mask, values, ro, nslots, in, VT_U4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+    }
+}
+
+/* 16 raw values of an N:M row (value slots k0.., lanes under vm) as fp32 */
+SC_INLINE __m512 nm_decode(int vt, __mmask16 vm, const void* vrow, int64_t k0) {
+    switch (vt) {
+        case VT_F32: return _mm512_maskz_loadu_ps(vm, (const float*)vrow + k0);
+        case VT_BF16:
+            return _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(vm, (const uint16_t*)vrow + k0)), 16));
+        case VT_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(vm, (const uint16_t*)vrow + k0));
+        case VT_I8: return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(vm, (const int8_t*)vrow + k0)));
+        case VT_U8: return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(vm, (const uint8_t*)vrow + k0)));
+        default: {
+            int n = __builtin_popcount((unsigned)vm);
+            __m128i raw = _mm_maskz_loadu_epi8((__mmask16)((1u << ((n + 1) >> 1)) - 1), (const uint8_t*)vrow + (k0 >> 1));
+            uint64_t nib = (uint64_t)_mm_cvtsi128_si64(raw);
+            __m128i c = _mm_set_epi64x((long long)_pdep_u64(nib >> 32, 0x0f0f0f0f0f0f0f0full),
+                                       (long long)_pdep_u64(nib & 0xffffffffu, 0x0f0f0f0f0f0f0f0full));
+            if (vt == VT_I4) {
+                c = _mm_sub_epi8(_mm_xor_si128(c, _mm_set1_epi8(8)), _mm_set1_epi8(8));
+                return _mm512_maskz_cvtepi32_ps(vm, _mm512_cvtepi8_epi32(c));
+            }
+            return _mm512_maskz_cvtepi32_ps(vm, _mm512_cvtepu8_epi32(c));
+        }
+    }
+}
+
+/* permutation lanes (column offsets inside the chunk's W dense columns) for value chunk k0 */
+SC_INLINE __m512i nm_lanes(const uint8_t* ir, int64_t ib, int64_t k0, int bits, __m512i base) {
+    if (bits == 2) {
+        uint32_t wv = 0;
+        int64_t off = k0 >> 2, n = ib - off < 4 ? ib - off : 4;
+        memcpy(&wv, ir + off, (size_t)n);
+        __m512i sh = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        __m512i p = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)wv), sh), _mm512_set1_epi32(3));
+        return _mm512_add_epi32(p, base);
+    } else {
+        uint64_t wv = 0;
+        int64_t off = k0 >> 1, n = ib - off < 8 ? ib - off : 8;
+        memcpy(&wv, ir + off, (size_t)n);
+        __m512i sh = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+        __m512i v = _mm512_inserti64x4(_mm512_set1_epi32((int)(uint32_t)wv), _mm256_set1_epi32((int)(uint32_t)(wv >> 32)), 1);
+        __m512i p = _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(15));
+        return _mm512_add_epi32(p, base);
+    }
+}
+
+SC_INLINE __m512 nm_gather_x(const float* xb, int64_t c0, int64_t in, int W, __m512i lanes) {
+    int64_t rem = in - c0;
+    __mmask16 lo = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
+    __m512 x0 = _mm512_maskz_loadu_ps(lo, xb + c0);
+    if (W <= 16) return _mm512_permutexvar_ps(lanes, x0);
+    int64_t rem1 = rem - 16;
+    __mmask16 hi = rem1 >= 16 ? (__mmask16)0xffff : rem1 <= 0 ? (__mmask16)0 : (__mmask16)((1u << rem1) - 1);
+    __m512 x1 = _mm512_maskz_loadu_ps(hi, xb + c0 + 16);
+    return _mm512_permutex2var_ps(x0, lanes, x1);
+}
+
+SC_INLINE void nm_row_tile(const uint8_t* ir, int64_t ib, const void* vrow, int64_t L, int64_t in, int N, int M,
+                           int bits, int W, __m512i base, int vt, const quant_t* q, int64_t i,
+                           const float* x, int64_t ldx, float* y, int64_t ldy, float bias, const int NB) {
+    __m512 acc[NB > 1 ? NB : 2];
+    for (int b = 0; b < (NB > 1 ? NB : 2); b++) acc[b] = _mm512_setzero_ps();
+    int64_t k0 = 0;
+    int odd = 0;
+    for (; k0 < L; k0 += 16) {
+        int64_t rem = L - k0;
+        __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
+        int64_t c0 = (k0 / N) * M;
+        __m512i lanes = nm_lanes(ir, ib, k0, bits, base);
+        __m512 w = nm_decode(vt, vm, vrow, k0);
+        if (is_quant(vt)) {
+            int64_t g = i * q->ngroups + c0 / q->G;
+            if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
+            w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
+        }
+        if (NB == 1) {
+            acc[odd] = _mm512_fmadd_ps(w, nm_gather_x(x, c0, in, W, lanes), acc[odd]);
+            odd ^= 1;
+        } else {
+            for (int b = 0; b < NB; b++)
+                acc[b] = _mm512_fmadd_ps(w, nm_gather_x(x + b * ldx, c0, in, W, lanes), acc[b]);
+        }
+    }
+    if (NB == 1) {
+        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + bias;
+    } else {
+        for (int b = 0; b < NB; b++) y[b * ldy + i] = _mm512_reduce_add_ps(acc[b]) + bias;
+    }
+}
+
+SC_INLINE void nm_rows_vt(const uint8_t* idx, const void* values, int64_t in, int N, int M, int vt,
+                          const quant_t* q, const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy,
+                          const float* bias, int64_t r0, int64_t r1) {
+    int64_t L = in / M * N;
+    int64_t Lpad = is_int4(vt) ? (L + 1) / 2 * 2 : L;
+    int bits = M <= 4 ? 2 : 4;
+    int64_t ib = (L * bits + 7) / 8;
+    int W = 16 / N * M;
+    int lane_base[16];
+    for (int l = 0; l < 16; l++) lane_base[l] = (l / N) * M;
+    __m512i base = _mm512_loadu_si512(lane_base);
+    int esize = vt == VT_F32 ? 4 : (vt == VT_BF16 || vt == VT_F16) ? 2 : 1;
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t* ir = idx + i * ib;
+        const void* vrow = is_int4(vt) ? (const void*)((const uint8_t*)values + i * Lpad / 2)
+                                       : (const void*)((const uint8_t*)values + i * Lpad * esize);
+        float bi = bias ? bias[i] : 0.0f;
+        int64_t b = 0;
+        for (; b + 4 <= B; b += 4)
+            nm_row_tile(ir, ib, vrow, L, in, N, M, bits, W, base, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 4);
+        switch (B - b) {
+            case 3: nm_row_tile(ir, ib, vrow, L, in, N, M, bits, W, base, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 3); break;
+            case 2: nm_row_tile(ir, ib, vrow, L, in, N, M, bits, W, base, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 2); break;
+            case 1: nm_row_tile(ir, ib, vrow, L, in, N, M, bits, W, base, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 1); break;
+            default: break;
+        }
+    }
+}
+
+static void nm_rows_avx512(const uint8_t* idx, const void* values, int64_t in, int N, int M, int vt,
+                           const quant_t* q, const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy,
+                           const float* bias, int64_t r0, int64_t r1) {
+    switch (vt) {
+        case VT_F32: nm_rows_vt(idx, values, in, N, M, VT_F32, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_BF16: nm_rows_vt(idx, values, in, N, M, VT_BF16, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_F16: nm_rows_vt(idx, values, in, N, M, VT_F16, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_I8: nm_rows_vt(idx, values, in, N, M, VT_I8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_U8: nm_rows_vt(idx, values, in, N, M, VT_U8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_I4: nm_rows_vt(idx, values, in, N, M, VT_I4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        default: nm_rows_vt(idx, values, in, N, M, VT_U4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+    }
+}
+
+SC_INLINE void qd_row_tile(const void* vrow, int64_t in, int vt, const quant_t* q, int64_t i, const float* x,
+                           int64_t ldx, float* y, int64_t ldy, float bias, const int NB) {
+    __m512 acc[NB > 1 ? NB : 2];
+    for (int b = 0; b < (NB > 1 ? NB : 2); b++) acc[b] = _mm512_setzero_ps();
+    int odd = 0;
+    for (int64_t k0 = 0; k0 < in; k0 += 16) {
+        int64_t rem = in - k0;
+        __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
+        __m512 w = nm_decode(vt, vm, vrow, k0);
+        int64_t g = i * q->ngroups + k0 / q->G;
+        if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
+        w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
+        if (NB == 1) {
+            acc[odd] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(vm, x + k0), acc[odd]);
+            odd ^= 1;
+        } else {
+            for (int b = 0; b < NB; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(vm, x + b * ldx + k0), acc[b]);
+        }
+    }
+    if (NB == 1) {
+        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + bias;
+    } else {
+        for (int b = 0; b < NB; b++) y[b * ldy + i] = _mm512_reduce_add_ps(acc[b]) + bias;
+    }
+}
+
+SC_INLINE void qd_rows_vt(const void* values, int64_t in, int vt, const quant_t* q, const float* x, int64_t B,
+                          int64_t ldx, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
+    int64_t Lpad = is_int4(vt) ? (in + 1) / 2 * 2 : in;
+    for (int64_t i = r0; i < r1; i++) {
+        const void* vrow = (const uint8_t*)values + (is_int4(vt) ? i * Lpad / 2 : i * Lpad);
+        float bi = bias ? bias[i] : 0.0f;
+        int64_t b = 0;
+        for (; b + 4 <= B; b += 4) qd_row_tile(vrow, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 4);
+        switch (B - b) {
+            case 3: qd_row_tile(vrow, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 3); break;
+            case 2: qd_row_tile(vrow, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 2); break;
+            case 1: qd_row_tile(vrow, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 1); break;
+            default: break;
+        }
+    }
+}
+
+static void qd_rows_avx512(const void* values, int64_t in, int vt, const quant_t* q, const float* x, int64_t B,
+                           int64_t ldx, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
+    switch (vt) {
+        case VT_I8: qd_rows_vt(values, in, VT_I8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_U8: qd_rows_vt(values, in, VT_U8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        case VT_I4: qd_rows_vt(values, in, VT_I4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        default: qd_rows_vt(values, in, VT_U4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+    }
+}
+#endif /* SC_AVX512 */
+
+/* ------------------------------------------------------------------ entry points */
+/* Threads: nthreads <= 0 means the OpenMP default; tiny problems run on the calling thread because
+ * waking the pool costs more than the work. force_scalar selects the portable path (tests). */
+static int pick_threads(int nthreads, int64_t work_bytes) {
+#ifdef _OPENMP
+    int nt = nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+    int nt = 1;
+    (void)nthreads;
+#endif
+    if (work_bytes < (int64_t)48 * 1024) nt = 1;
+    return nt < 1 ? 1 : nt;
+}
+
+static int64_t value_bytes(int vt, int64_t slots) {
+    return vt == VT_F32 ? 4 * slots : (vt == VT_BF16 || vt == VT_F16) ? 2 * slots : is_int4(vt) ? slots / 2 : slots;
+}
+
+int sc_bitmask_matmul(const uint8_t* mask, const void* values, const int64_t* row_offsets, int64_t out, int64_t in,
+                      int vt, const uint16_t* scales, const uint8_t* zeros, int64_t group_size,
+                      const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy, const float* bias,
+                      int nthreads, int force_scalar) {
+    if (out <= 0 || B <= 0) return 0;
+    if (vt < 0 || vt > VT_U4) return -1;
+    if (is_quant(vt) && (!scales || group_size <= 0)) return -2;
+    quant_t q = {scales, zeros, is_quant(vt) ? (in + group_size - 1) / group_size : 0, group_size > 0 ? group_size : 1};
+    int vec = SC_AVX512 && !force_scalar && (!is_quant(vt) || group_size % 16 == 0);
+    int64_t work = value_bytes(vt, row_offsets[out] - row_offsets[0]) + out * ((in + 7) / 8);
+    int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
+    int64_t per_row = (in + 7) / 8; /* mask bytes, in value-slot units it is close enough for balance */
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        int64_t r0, r1;
+        split_rows(row_offsets, out, per_row, t, n, &r0, &r1);
+#if SC_AVX512
+        if (vec) bm_rows_avx512(mask, values, row_offsets, row_offsets[out], in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        else
+#endif
+        bm_rows_scalar(mask, values, row_offsets, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+    }
+    (void)vec;
+    return 0;
+}
+
+int sc_nm_matmul(const uint8_t* indices, const void* values, int64_t out, int64_t in, int N, int M,
+                 int vt, const uint16_t* scales, const uint8_t* zeros, int64_t group_size,
+                 const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy, const float* bias,
+                 int nthreads, int force_scalar) {
+    if (out <= 0 || B <= 0) return 0;
+    if (vt < 0 || vt > VT_U4) return -1;
+    if (N < 1 || M < 1 || N > M || M > 16 || in % M) return -3;
+    if (is_quant(vt) && (!scales || group_size <= 0)) return -2;
+    quant_t q = {scales, zeros, is_quant(vt) ? (in + group_size - 1) / group_size : 0, group_size > 0 ? group_size : 1};
+    int W = (16 % N == 0) ? 16 / N * M : 1 << 30;
+    int vec = SC_AVX512 && !force_scalar && W <= 32 && (!is_quant(vt) || group_size % W == 0);
+    int64_t L = in / M * N;
+    int64_t work = value_bytes(vt, out * L) + out * ((L * (M <= 4 ? 2 : 4) + 7) / 8);
+    int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        int64_t r0, r1;
+        split_rows(NULL, out, 0, t, n, &r0, &r1);
+#if SC_AVX512
+        if (vec) nm_rows_avx512(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        else
+#endif
+        nm_rows_scalar(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+    }
+    (void)vec;
+    return 0;
+}
+
+/* quantized dense weight (codes only, no sparsity metadata), e.g. an int8 lm_head */
+int sc_qdense_matmul(const void* values, int64_t out, int64_t in, int vt, const uint16_t* scales,
+                     const uint8_t* zeros, int64_t group_size, const float* x, int64_t B, int64_t ldx, float* y,
+                     int64_t ldy, const float* bias, int nthreads, int force_scalar) {
+    if (out <= 0 || B <= 0) return 0;
+    if (!is_quant(vt)) return -1;
+    if (!scales || group_size <= 0) return -2;
+    quant_t q = {scales, zeros, (in + group_size - 1) / group_size, group_size};
+    int vec = SC_AVX512 && !force_scalar && group_size % 16 == 0;
+    int64_t work = value_bytes(vt, out * ((in + 1) / 2 * 2));
+    int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        int64_t r0, r1;
+        split_rows(NULL, out, 0, t, n, &r0, &r1);
+#if SC_AVX512
+        if (vec) qd_rows_avx512(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        else
+#endif
+        qd_rows_scalar(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+    }
+    (void)vec;
+    return 0;
+}
+
+/* STREAM-like copy used by the benchmark for the machine's bandwidth bound: bytes moved = 2 * n * 4 */
+void sc_stream_copy(const float* a, float* b, int64_t n, int nthreads) {
+    int nt = pick_threads(nthreads, n * 4);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) b[i] = a[i];
+}
+
+/* STREAM-like read (sum): bytes moved = n * 4; a decode pass is read-dominated like this */
+float sc_stream_read(const float* a, int64_t n, int nthreads) {
+    int nt = pick_threads(nthreads, n * 4);
+    float total = 0.0f;
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+    {
+        int t = 0, k = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        k = omp_get_num_threads();
+#endif
+        int64_t i = n * t / k, e = n * (t + 1) / k;
+        float acc[32] = {0};
+        for (; i + 32 <= e; i += 32)
+            for (int l = 0; l < 32; l++) acc[l] += a[i + l];
+        for (; i < e; i++) acc[0] += a[i];
+        for (int l = 0; l < 32; l++) total += acc[l];
+    }
+    return total;
+}
