@@ -82,6 +82,8 @@ def _write_json(path: Path, obj) -> None:
 
 def run(args) -> int:
     from ..finetune import FinetuneConfig, finetune, training_data, validation_windows
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     from ..models import load
 
     weights = _loss_weights(args)

@@ -21,7 +21,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SparsecraftError
-from ..eval.perplexity import window_nll
 from ..models import save as save_model
 from .config import FinetuneConfig
 from .data import TrainWindows, step_indices
@@ -88,11 +87,26 @@ def _make_accelerator(config: FinetuneConfig):
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    # cpu=True is what makes accelerate set up gloo when torchrun starts several CPU processes.
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
 
 
 def _peak_host_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def _window_nll(model, windows: torch.Tensor, batch_size: int, device) -> tuple[float, int]:
+    """Summed next-token NLL over windows. Not eval.perplexity.window_nll: that runs under
+    inference_mode, whose tensors FSDP2's all-gather buffers must not become."""
+    nll, tokens = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="sum").item()
+        tokens += ids[:, 1:].numel()
+    return nll, tokens
 
 
 def _validation_ppl(model, windows: torch.Tensor, accelerator, batch_size: int) -> float:
@@ -102,7 +116,7 @@ def _validation_ppl(model, windows: torch.Tensor, accelerator, batch_size: int) 
     shard = windows[rank::world][:per_rank] if len(windows) >= world else windows[:1]
     was_training = model.training
     model.eval()
-    nll, tokens = window_nll(model, shard, batch_size=batch_size, progress=False, desc="validation")
+    nll, tokens = _window_nll(model, shard, batch_size, accelerator.device)
     model.train(was_training)
     totals = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum")
