@@ -226,7 +226,8 @@ def test_resume_equals_uninterrupted_run(pair, tmp_path):
     data = _data(n=10)  # 16 windows read over 4 steps: crosses an epoch boundary
 
     ref_student, teacher = _models(pair)
-    ref = finetune(ref_student, teacher, data, FinetuneConfig(**cfg), output_dir=tmp_path / "ref", progress=False)
+    ref = finetune(ref_student, teacher, data, FinetuneConfig(**cfg), output_dir=tmp_path / "ref",
+                   progress=False)
 
     student, teacher = _models(pair)
 

@@ -76,9 +76,9 @@ def worker(mode: str, sparse: str, dense: str, out: str, crash_at: int, resume: 
         Path(out, "report.json").write_text(json.dumps(report))
 
 
-def _launch(tmp: Path, mode: str, out: Path, crash_at: int = 0, resume: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", __file__,
-           mode, str(tmp / "sparse"), str(tmp / "dense"), str(out), str(crash_at), str(int(resume))]
+def _launch(tmp: Path, mode: str, out: Path, crash_at: int = 0, resume: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           __file__, mode, str(tmp / "sparse"), str(tmp / "dense"), str(out), str(crash_at), str(int(resume))]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -101,7 +101,8 @@ def models(tmp_path_factory):
 
     student, tok = load(str(tmp / "sparse"))
     teacher, _ = load(str(tmp / "dense"))
-    ref = finetune(student, teacher, _data(tok), _config(grad_accum=WORLD, checkpoint_every=0), progress=False)
+    ref = finetune(student, teacher, _data(tok), _config(grad_accum=WORLD, checkpoint_every=0),
+                   progress=False)
     return tmp, ref, {n: p.detach().clone() for n, p in student.named_parameters()}
 
 

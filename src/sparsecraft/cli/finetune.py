@@ -6,7 +6,6 @@ or ``torchrun --nproc_per_node N -m sparsecraft.cli.finetune ...`` (same argumen
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -26,7 +25,8 @@ def register(subparsers) -> None:
         "a_kd·T²·KL(teacher‖student) + a_sh·SquareHead. Writes OUT/model, OUT/report.json and "
         "OUT/checkpoints/.",
     )
-    p.add_argument("sparse_dir", metavar="SPARSE_DIR", help="the pruned student (HF directory, alias, random:NAME)")
+    p.add_argument("sparse_dir", metavar="SPARSE_DIR", help="the pruned student (HF directory, "
+        "alias, random:NAME)")
     p.add_argument("--teacher", help="the dense teacher (needed for kd and squarehead)")
     p.add_argument("--data", default="c4",
                    help="c4 (C4 documents 0-899) | gsm8k (train file, loss on answers) | a .txt/.jsonl path")
@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per training window")
-    p.add_argument("--max-train-windows", type=int, default=None, help="use only the first N training windows")
+    p.add_argument("--max-train-windows", type=int, default=None, help="use only the first N "
+        "training windows")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=0, help="warmup steps")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
@@ -42,7 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--loss-weights", default=None,
-                   help="e.g. ce=1,kd=1,squarehead=1 (terms left out weigh 0); default ce=1,kd=1,squarehead=1")
+                   help="e.g. ce=1,kd=1,squarehead=1 (terms left out weigh 0); default "
+                       "ce=1,kd=1,squarehead=1")
     p.add_argument("--loss", default=None, help="shorthand: squarehead,ce[,kd] (each with weight 1)")
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--distill-mask", choices=["loss", "attention"], default="loss",
@@ -53,7 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--teacher-cache", choices=["none", "memory", "disk"], default="none",
                    help="cache teacher outputs per training window (disk: under OUT/teacher-cache)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--eval-every", type=int, default=0, help="validation perplexity every K steps (C4 900-999)")
+    p.add_argument("--eval-every", type=int, default=0, help="validation perplexity every K steps "
+        "(C4 900-999)")
     p.add_argument("--eval-windows", type=int, default=8, help="validation windows (0: no validation)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every K steps (0: none)")
     p.add_argument("--keep-checkpoints", type=int, default=2)
@@ -104,7 +107,8 @@ def run(args) -> int:
         teacher, t_tok = load(args.teacher, dtype=args.teacher_dtype or "float32", seed=args.seed)
         if len(t_tok) != len(tokenizer):
             raise SparsecraftError(
-                f"--teacher {args.teacher}: tokenizer has {len(t_tok)} tokens, the student's {len(tokenizer)}; "
+                f"--teacher {args.teacher}: tokenizer has {len(t_tok)} tokens, the student's "
+                f"{len(tokenizer)}; "
                 "use the dense model the student was pruned from"
             )
     data = training_data(tokenizer, args.data, args.seqlen, args.max_train_windows)

@@ -1,7 +1,15 @@
 """Sparse fine-tuning that keeps the mask: CE, logit KD and SquareHead distillation from a dense teacher."""
 
 from .config import FinetuneConfig, LossWeights
-from .data import TrainWindows, gsm8k_windows, pack_tokens, step_indices, text_windows, training_data, validation_windows
+from .data import (
+    TrainWindows,
+    gsm8k_windows,
+    pack_tokens,
+    step_indices,
+    text_windows,
+    training_data,
+    validation_windows,
+)
 from .losses import ce_loss, kd_loss, shifted_token_mask, squarehead_loss
 from .masks import MaskCheck, MaskKeeper, capture_masks, check_masks, detect_nm, mask_summary
 from .teacher import BlockRecorder, Teacher, check_compatible

@@ -27,7 +27,8 @@ class LossWeights:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise SparsecraftError(f"loss weight {name}={value!r}: must be a finite number >= 0")
         if self.ce == 0 and self.kd == 0 and self.squarehead == 0:
-            raise SparsecraftError("loss weights: all three are 0; give at least one of ce, kd, squarehead > 0")
+            raise SparsecraftError("loss weights: all three are 0; give at least one of ce, kd, "
+                "squarehead > 0")
 
     @property
     def needs_teacher(self) -> bool:
@@ -43,7 +44,8 @@ class LossWeights:
             name = aliases.get(key.strip().lower())
             if name is None:
                 raise SparsecraftError(
-                    f"loss weights {text!r}: unknown term {key!r}; use ce, kd, squarehead (e.g. ce=1,squarehead=1)"
+                    f"loss weights {text!r}: unknown term {key!r}; use ce, kd, squarehead (e.g. "
+                    "ce=1,squarehead=1)"
                 )
             try:
                 values[name] = float(raw) if raw else 1.0
@@ -103,13 +105,15 @@ class FinetuneConfig:
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             positive_int(name, allow_zero=True)
         if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise SparsecraftError(f"finetune config lr={self.lr!r}: the learning rate must be > 0 (e.g. 1e-4)")
+            raise SparsecraftError(f"finetune config lr={self.lr!r}: the learning rate must be > 0 "
+                "(e.g. 1e-4)")
         if self.warmup_steps > self.steps:
             raise SparsecraftError(
                 f"finetune config warmup_steps={self.warmup_steps}: longer than steps={self.steps}"
             )
         if self.schedule not in SCHEDULES:
-            raise SparsecraftError(f"finetune config schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+            raise SparsecraftError(f"finetune config schedule={self.schedule!r}: use one of "
+                f"{', '.join(SCHEDULES)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise SparsecraftError(f"finetune config min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if self.weight_decay < 0:
@@ -117,7 +121,8 @@ class FinetuneConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise SparsecraftError(f"finetune config betas={self.betas}: two numbers in [0, 1)")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise SparsecraftError(f"finetune config max_grad_norm={self.max_grad_norm}: must be >= 0 or None")
+            raise SparsecraftError(f"finetune config max_grad_norm={self.max_grad_norm}: must be >= "
+                "0 or None")
         if self.kd_temperature <= 0:
             raise SparsecraftError(f"finetune config kd_temperature={self.kd_temperature}: must be > 0")
         if self.distill_mask not in DISTILL_MASKS:
@@ -125,10 +130,12 @@ class FinetuneConfig:
                 f"finetune config distill_mask={self.distill_mask!r}: use one of {', '.join(DISTILL_MASKS)}"
             )
         if self.precision not in PRECISIONS:
-            raise SparsecraftError(f"finetune config precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+            raise SparsecraftError(f"finetune config precision={self.precision!r}: use one of "
+                f"{', '.join(PRECISIONS)}")
         if self.teacher_cache not in TEACHER_CACHES:
             raise SparsecraftError(
-                f"finetune config teacher_cache={self.teacher_cache!r}: use one of {', '.join(TEACHER_CACHES)}"
+                f"finetune config teacher_cache={self.teacher_cache!r}: use one of "
+                f"{', '.join(TEACHER_CACHES)}"
             )
 
     def lr_factor(self, step: int) -> float:

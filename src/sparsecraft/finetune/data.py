@@ -75,7 +75,8 @@ def text_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = 
         windows = windows[:max_windows]
     if len(windows) == 0:
         raise SparsecraftError(
-            f"{source}: {ids.numel()} tokens give no training window of {seqlen}; lower --seqlen or give more text"
+            f"{source}: {ids.numel()} tokens give no training window of {seqlen}; lower --seqlen or "
+            "give more text"
         )
     return TrainWindows.from_ids(windows)
 

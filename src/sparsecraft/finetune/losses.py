@@ -77,7 +77,8 @@ def kd_loss(
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
-            f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
+            f"logit shapes differ: student {tuple(student_logits.shape)}, teacher "
+            f"{tuple(teacher_logits.shape)}"
             " (vocabulary mismatch?)"
         )
     s = student_logits.reshape(-1, student_logits.shape[-1])

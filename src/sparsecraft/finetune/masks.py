@@ -98,9 +98,8 @@ class MaskKeeper:
     def _local(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if isinstance(param, DTensor):
             # Every rank holds the same full mask (it loaded the same student), so no scatter is needed.
-            return distribute_tensor(
-                mask.to(param.device_mesh.device_type), param.device_mesh, param.placements, src_data_rank=None
-            )
+            mesh = param.device_mesh
+            return distribute_tensor(mask.to(mesh.device_type), mesh, param.placements, src_data_rank=None)
         if tuple(mask.shape) != tuple(param.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(param.shape)}")
         return mask.to(param.device)

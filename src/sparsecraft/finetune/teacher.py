@@ -25,7 +25,8 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
     s_type, t_type = getattr(s_cfg, "model_type", None), getattr(t_cfg, "model_type", None)
     if s_type != t_type:
         raise SparsecraftError(
-            f"teacher is a {t_type} model but the student is {s_type}: use the dense model the student was pruned from"
+            f"teacher is a {t_type} model but the student is {s_type}: use the dense model the "
+            "student was pruned from"
         )
     if _vocab_size(student) != _vocab_size(teacher):
         raise SparsecraftError(
@@ -35,7 +36,8 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
     s_blocks, t_blocks = len(decoder_blocks(student)[1]), len(decoder_blocks(teacher)[1])
     if s_blocks != t_blocks:
         raise SparsecraftError(
-            f"teacher has {t_blocks} decoder blocks, the student {s_blocks}: SquareHead pairs blocks one to one"
+            f"teacher has {t_blocks} decoder blocks, the student {s_blocks}: SquareHead pairs "
+            "blocks one to one"
         )
     s_width = student.get_input_embeddings().weight.shape[1]
     t_width = teacher.get_input_embeddings().weight.shape[1]
@@ -119,11 +121,13 @@ class Teacher:
     @torch.no_grad()
     def _compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.model is None:
-            raise SparsecraftError("teacher outputs are not cached for these rows and the teacher was released")
+            raise SparsecraftError("teacher outputs are not cached for these rows and the teacher "
+                "was released")
         dev = self.device
         ctx = self.recorder.recording() if self.recorder else contextlib.nullcontext()
         with ctx:
-            out = self.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
+            out = self.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                             use_cache=False)
         result = {}
         if self.need_logits:
             result["logits"] = out.logits

@@ -88,7 +88,8 @@ def _make_accelerator(config: FinetuneConfig):
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     # cpu=True is what makes accelerate set up gloo when torchrun starts several CPU processes.
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    mixed = "bf16" if precision == "bf16" else "no"
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
 
 
 def _peak_host_mib() -> float:
@@ -155,7 +156,8 @@ def finetune(
     weights = config.loss_weights
     if weights.needs_teacher:
         if teacher is None and config.teacher_cache != "disk":
-            raise SparsecraftError("the kd/squarehead losses need a teacher; pass the dense model or use ce only")
+            raise SparsecraftError("the kd/squarehead losses need a teacher; pass the dense model "
+                "or use ce only")
         if teacher is not None:
             check_compatible(student, teacher)
     if (config.checkpoint_every or resume) and output_dir is None:
@@ -227,8 +229,9 @@ def finetune(
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "squarehead": 0.0}
         step_tokens = 0
         for micro in range(config.grad_accum):
-            rows = step_indices(len(data), step, micro, accelerator.process_index, batch_size=config.batch_size,
-                                grad_accum=config.grad_accum, world_size=world, seed=config.seed)
+            rows = step_indices(len(data), step, micro, accelerator.process_index,
+                                batch_size=config.batch_size, grad_accum=config.grad_accum,
+                                world_size=world, seed=config.seed)
             batch = {k: v.to(device) for k, v in data.rows(rows).items()}
             labels = batch["labels"]
             token_mask = (shifted_token_mask(labels) if config.distill_mask == "loss"
@@ -310,8 +313,9 @@ def finetune(
     if config.gradient_checkpointing:
         unwrapped.gradient_checkpointing_disable()
     if main:
-        log.info("mask check: %s", "identical" if check.identical else
-                 ("pruned weights still zero" if check.pruned_still_zero else f"BROKEN ({check.regrown} regrown)"))
+        verdict = "identical" if check.identical else (
+            "pruned weights still zero" if check.pruned_still_zero else f"BROKEN ({check.regrown} regrown)")
+        log.info("mask check: %s", verdict)
     report = {
         "config": config.to_dict(),
         "world_size": world,
