@@ -36,7 +36,7 @@ from .bitmask import BitmaskTensor
 from .dense import QuantizedDenseTensor
 from .meta import DTYPES, dtype_name
 from .nm import NMTensor, check_nm
-from .qinfo import QuantizedWeight
+from .qinfo import QuantizedWeight, codes_from_dense
 from .registry import FORMATS, CompressedTensor, tensor_from_stored
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,12 @@ def save_compressed(
     cfg: CompressConfig | None = None,
     quantized: dict[str, QuantizedWeight] | None = None,
     layers: dict[str, CompressedTensor] | None = None,
+    extra_files: dict[str, object] | None = None,
 ) -> Path:
-    """Write ``model`` with its targeted linears compressed (``layers`` if already encoded)."""
+    """Write ``model`` with its targeted linears compressed (``layers`` if already encoded).
+
+    ``extra_files`` maps file names to JSON-serialisable objects written beside the weights.
+    """
     from safetensors.torch import save_file
 
     cfg = cfg or CompressConfig()
@@ -303,6 +307,8 @@ def save_compressed(
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for fname, obj in (extra_files or {}).items():
+            (tmp / fname).write_text(json.dumps(obj, indent=2, default=str))
         _commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -375,6 +381,18 @@ def load_tensors(path: str | os.PathLike, verify: bool = True):
         for k in fields:
             del tensors[prefix + k]
     return layers, tensors, manifest, config
+
+
+def quantized_from_layers(layers: dict[str, CompressedTensor]) -> dict[str, QuantizedWeight]:
+    """The quantized layers of a loaded checkpoint as quantizer outputs (to re-encode them in
+    another format without touching a single value)."""
+    out = {}
+    for name, t in layers.items():
+        if t.quant is None:
+            continue
+        dense = t.to_dense()
+        out[name] = QuantizedWeight(codes_from_dense(dense, t.quant, name), t.quant, dense != 0)
+    return out
 
 
 class CompressedLinear(nn.Module):
