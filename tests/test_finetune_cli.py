@@ -80,7 +80,8 @@ def model_dirs(tmp_path_factory):
 
 def _run(model_dirs, out, *extra):
     return main(["finetune", str(model_dirs / "sparse"), "--teacher", str(model_dirs / "dense"),
-                 "--data", str(model_dirs / "train.txt"), "--steps", "2", "--batch-size", "2", "--seqlen", "64", "--max-train-windows", "8",
+                 "--data", str(model_dirs / "train.txt"), "--steps", "2", "--batch-size", "2",
+                 "--seqlen", "64", "--max-train-windows", "8",
                  "--eval-windows", "2", "--lr", "1e-3", "--out", str(out), "--no-progress", *extra])
 
 

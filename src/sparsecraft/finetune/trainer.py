@@ -274,13 +274,14 @@ def finetune(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         keeper.apply()
-        train_seconds += time.perf_counter() - t0
+        step_seconds = time.perf_counter() - t0
+        train_seconds += step_seconds
 
         stats = torch.tensor([sums["loss"], sums["ce"], sums["kd"], sums["squarehead"]], device=device)
         stats = accelerator.reduce(stats, reduction="mean")
         n_tok = accelerator.reduce(torch.tensor(step_tokens, device=device), reduction="sum")
         tokens_this_run += int(n_tok)
-        metrics = {"step": step + 1, "lr": lr, "tokens": int(n_tok),
+        metrics = {"step": step + 1, "lr": lr, "tokens": int(n_tok), "seconds": step_seconds,
                    **{k: float(v) for k, v in zip(("loss", "ce", "kd", "squarehead"), stats.tolist())}}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
