@@ -97,7 +97,9 @@ def load_piqa(path: Path) -> list[Example]:
         raise SparsecraftError(f"{path}: PIQA needs its labels file {labels_path.name} next to it")
     labels = [int(x) for x in labels_path.read_text().split()]
     if len(labels) != len(rows):
-        raise SparsecraftError(f"{labels_path}: {len(labels)} labels for {len(rows)} questions in {path.name}")
+        raise SparsecraftError(
+            f"{labels_path}: {len(labels)} labels for {len(rows)} questions in {path.name}"
+        )
     out = []
     for i, (row, label) in enumerate(zip(rows, labels), 1):
         _need(row, ("goal", "sol1", "sol2"), path, i)
@@ -129,7 +131,8 @@ def load_arc(path: Path) -> list[Example]:
 
 
 def load_boolq(path: Path) -> list[Example]:
-    """BoolQ: llm-foundry ({query: "Passage: p\\nQuestion: q?", gold}) or super_glue ({passage, question, label})."""
+    """BoolQ: llm-foundry ({query: "Passage: p\\nQuestion: q?", gold}) or super_glue
+    ({passage, question, label})."""
     out = []
     for i, row in enumerate(_jsonl(path), 1):
         if "query" in row:
@@ -216,7 +219,8 @@ TASKS: dict[str, TaskSpec] = {
                  "BoolQ dev, 3,270 (no passage titles)"),
         TaskSpec("winogrande", "multiple_choice", ("acc",), "winogrande/winogrande_dev.llmfoundry.jsonl",
                  load_winogrande, "WinoGrande-xl dev, 1,267, partial scoring"),
-        TaskSpec("lambada_openai", "loglikelihood", ("acc", "perplexity"), "lambada_openai/lambada_test.jsonl",
+        TaskSpec("lambada_openai", "loglikelihood", ("acc", "perplexity"),
+                 "lambada_openai/lambada_test.jsonl",
                  load_lambada, "LAMBADA OpenAI test, 5,153"),
         TaskSpec("hellaswag", "multiple_choice", ("acc", "acc_norm"), None, load_hellaswag,
                  "HellaSwag validation: local file only (hellaswag=PATH)"),
@@ -257,7 +261,9 @@ def parse_task_list(text: str | Sequence[str]) -> list[tuple[str, Path]]:
         else:
             path = BUNDLED / spec.default_file
         if not path.exists():
-            raise SparsecraftError(f"task {name}: file {path} does not exist; give an existing file as {name}=PATH")
+            raise SparsecraftError(
+                f"task {name}: file {path} does not exist; give an existing file as {name}=PATH"
+            )
         out.append((name, path))
     seen = set()
     return [t for t in out if not (t[0] in seen or seen.add(t[0]))]
@@ -480,7 +486,8 @@ def export_lm_eval_tasks(directory: str | Path, tasks: str | Sequence[str] = DEF
         lines = [f"task: sc_{name}", "dataset_path: json",
                  f"dataset_kwargs:\n  data_files:\n    test: {data.resolve()}", "test_split: test"]
         if spec.kind == "loglikelihood":
-            lines += ["output_type: loglikelihood", 'doc_to_text: "{{context}}"', 'doc_to_target: "{{target}}"']
+            lines += ["output_type: loglikelihood", 'doc_to_text: "{{context}}"',
+                      'doc_to_target: "{{target}}"']
         elif name == "winogrande":
             # Partial scoring: lm-eval treats an int doc_to_text as the gold index among the contexts.
             lines += ["output_type: multiple_choice", "doc_to_text: gold", 'doc_to_target: "{{target}}"',
