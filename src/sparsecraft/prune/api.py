@@ -256,9 +256,12 @@ def prune(
     """Prune ``model`` in place following ``config``; returns the report (JSON-serialisable).
 
     ``calibration``: LongTensor (nsamples, seqlen) of token ids; by default the windows of
-    ``config.calib`` made with ``tokenizer``.
+    ``config.calib`` made with ``tokenizer``. ``False`` prunes magnitude without any data (no
+    forward passes; the reconstruction errors are then not measured).
     """
     t_start = time.perf_counter()
+    if calibration is False:
+        return _prune_data_free(model, config, model_name, t_start)
     if calibration is None:
         from ..data import calibration_windows
         calibration = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
@@ -296,6 +299,33 @@ def prune(
     return build_report(config, rep, model_name, calibration, owl_info, owl_s, time.perf_counter() - t_start)
 
 
+@torch.no_grad()
+def _prune_data_free(model, config: PruneConfig, model_name, t_start: float) -> dict:
+    from ..models.discovery import weight_matrix
+    from .engine import EngineReport, LayerRecord, _peak_host_mib
+
+    if config.method != "magnitude" or config.profile != "uniform" or config.refine:
+        raise SparsecraftError(f"method {config.method} (profile {config.profile}, refine {config.refine}) "
+                               "needs calibration data; only uniform magnitude pruning runs without it")
+    layers = check_layers(model, config)
+    target = LayerTarget(config.sparsity or 0.0, config.nm)
+    solver = MagnitudeSolver(lambda name: target, config.magnitude_scope)
+    rep = EngineReport(blocks=len(decoder_blocks(model)[1]), device="cpu", forward_dtype="none")
+    for name, layer in layers.items():
+        t0 = time.perf_counter()
+        w = weight_matrix(layer)
+        res = solver.solve(name, layer, w.float(), None)
+        w.copy_(res.weight.to(w.dtype))
+        dt = time.perf_counter() - t0
+        rep.solve_s += dt
+        rep.layers.append(LayerRecord(name, tuple(w.shape), float((w == 0).float().mean()), float("nan"),
+                                      "none", dt, res.info))
+    rep.total_s = rep.solve_s
+    rep.peak_host_mib = _peak_host_mib()
+    return build_report(config, rep, model_name, torch.zeros(0, 0, dtype=torch.long), None, 0.0,
+                        time.perf_counter() - t_start)
+
+
 def build_report(config: PruneConfig, rep, model_name, calibration: Tensor, owl_info, owl_s: float,
                  wall_s: float, kind: str = "prune") -> dict:
     layers = []
@@ -308,16 +338,17 @@ def build_report(config: PruneConfig, rep, model_name, calibration: Tensor, owl_
                        "target": r.info.get("target"), "rel_error": r.rel_error,
                        "error_measure": r.error_measure, "solve_s": r.solve_s,
                        **{k: v for k, v in r.info.items() if k != "target"}})
-    errors = [r.rel_error for r in rep.layers if r.rel_error == r.rel_error]
+    errors = [r.rel_error for r in rep.layers if r.rel_error == r.rel_error]  # NaN: not measured
     return {
         "kind": kind,
         "model": model_name,
         "recipe": config.to_dict(),
-        "calibration": {"source": config.calib, "nsamples": int(calibration.shape[0]),
-                        "seqlen": int(calibration.shape[1]), "seed": config.seed},
+        "calibration": ({"source": config.calib, "nsamples": int(calibration.shape[0]),
+                         "seqlen": int(calibration.shape[1]), "seed": config.seed}
+                        if calibration.numel() else None),
         "summary": {"layers": len(layers), "sparsity": total_zero / max(total_w, 1),
                     "target_sparsity": config.target_sparsity,
-                    "mean_rel_error": sum(errors) / max(len(errors), 1),
+                    "mean_rel_error": sum(errors) / len(errors) if errors else None,
                     "max_rel_error": max(errors) if errors else None},
         "owl": owl_info,
         "timing": {"forward_s": rep.forward_s, "statistics_s": rep.statistics_s, "solve_s": rep.solve_s,

@@ -120,6 +120,9 @@ class EngineOptions:
     # In the bf16 fast mode, accumulate Σ x xᵀ with bf16 products (exact for bf16 inputs) and
     # float32 sums per batch instead of float32 products.
     bf16_hessian: bool = False
+    # torch threads during CPU solves: their many small per-column ops lose to thread
+    # synchronisation (badly so on a shared machine), so one thread is faster. None = unchanged.
+    solve_threads: int | None = 1
     progress: bool = True
 
 
@@ -488,12 +491,18 @@ def run_sequential(
                 dense.append(w)
             names = [prefix + rel for rel in group]
             layers = [master_layers[rel] for rel in group]
-            if len(group) > 1 and hasattr(solver, "solve_group"):
-                results = [_as_result(r) for r in solver.solve_group(names, layers, [w.clone() for w in dense],
-                                                                     stats)]
-            else:
-                results = [_as_result(solver.solve(n, layer, w.clone(), stats))
-                           for n, layer, w in zip(names, layers, dense)]
+            threads = torch.get_num_threads()
+            if device.type == "cpu" and opts.solve_threads:
+                torch.set_num_threads(opts.solve_threads)
+            try:
+                if len(group) > 1 and hasattr(solver, "solve_group"):
+                    results = [_as_result(r) for r in solver.solve_group(
+                        names, layers, [w.clone() for w in dense], stats)]
+                else:
+                    results = [_as_result(solver.solve(n, layer, w.clone(), stats))
+                               for n, layer, w in zip(names, layers, dense)]
+            finally:
+                torch.set_num_threads(threads)
             solve_s = (time.perf_counter() - t0) / len(group)
             report.solve_s += time.perf_counter() - t0
             for rel, w, res in zip(group, dense, results):

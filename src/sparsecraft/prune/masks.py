@@ -1,8 +1,8 @@
 """Mask selection from importance scores: pure functions, True = kept.
 
-Every selector prunes an exact count, whatever the ties: the lowest scores are found with a
-stable sort, so among equal scores the earlier column is pruned first and the count never
-drifts (a threshold comparison ``score <= t`` would prune every tied weight).
+Every selector prunes an exact count, whatever the ties: below the k-th smallest score
+everything goes, and among the scores equal to it the earliest positions go first, so the count
+never drifts (a plain ``score <= t`` would prune every tied weight).
 """
 
 from __future__ import annotations
@@ -42,12 +42,19 @@ def prune_count(size: int, sparsity: float) -> int:
 
 
 def _lowest(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` lowest entries along the last dim (stable on ties)."""
-    pruned = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    """Boolean mask of the ``k`` lowest entries along the last dim; among ties at the threshold
+    the earliest positions are taken, so the count is exact (O(n) selection, no full sort)."""
     if k <= 0:
-        return pruned
-    idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-    pruned.scatter_(-1, idx, True)
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k >= scores.shape[-1]:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if torch.isnan(scores).any():
+        raise SparsecraftError("importance scores contain NaN (NaN weights or activations)")
+    thresh = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    pruned = scores < thresh
+    need = k - pruned.sum(-1, keepdim=True)
+    tied = scores == thresh
+    pruned |= tied & (torch.cumsum(tied, -1) <= need)
     return pruned
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import SparsecraftError
 from .engine import SolveResult
-from .masks import LayerTarget, check_nm, check_sparsity, prune_count
+from .masks import LayerTarget, _lowest, check_nm, check_sparsity, prune_count
 from .stats import LayerStats
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,7 @@ def _block_prune_mask(scores: Tensor, segments: Sequence[tuple[int, int, float]]
     pruned = torch.zeros_like(scores, dtype=torch.bool)
     for start, stop, sparsity in segments:
         seg = scores[start:stop].reshape(-1)
-        k = prune_count(seg.numel(), sparsity)
-        if k > 0:
-            idx = torch.sort(seg, stable=True).indices[:k]
-            flat = torch.zeros(seg.numel(), dtype=torch.bool, device=scores.device)
-            flat[idx] = True
-            pruned[start:stop] = flat.reshape(stop - start, -1)
+        pruned[start:stop] = _lowest(seg, prune_count(seg.numel(), sparsity)).reshape(stop - start, -1)
     return pruned
 
 
@@ -138,8 +133,7 @@ def sparsegpt_prune(
         for i in range(i2 - i1):
             if nm is not None and i % m == 0:
                 s = w1[:, i:i + m] ** 2 / d1[i:i + m].unsqueeze(0) ** 2
-                idx = torch.sort(s, dim=1, stable=True).indices[:, : m - n_keep]
-                p1[:, i:i + m].scatter_(1, idx, True)
+                p1[:, i:i + m] = _lowest(s, m - n_keep)
             col = w1[:, i]
             q = col.masked_fill(p1[:, i], 0.0)
             q1[:, i] = q

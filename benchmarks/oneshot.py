@@ -1,0 +1,193 @@
+"""One-shot pruning benchmark on SmolLM2-135M (issue 3): perplexity and prune time.
+
+Rows (each a fresh model): dense; magnitude, Wanda, SparseGPT x {50%, 60%, 70%, 2:4, 4:8};
+OWL+Wanda and OWL+SparseGPT at 70%, all with 128 x 512 C4 calibration windows (seed 0); and
+the speed comparison with 64 x 512 calibration for SparseGPT and Wanda at 50% and 2:4... in
+float32 and in the bf16 fast mode. Perplexity: WikiText-2, first 40 windows of 512 tokens.
+
+Resumable: every finished row is appended to the JSONL file and skipped on the next start.
+Each row takes the shared CPU lock (``/tmp/sparsecraft-cpu.lock``) while it runs, so its timing
+is not disturbed by other locked jobs, and other jobs can run between rows.
+
+    python benchmarks/oneshot.py --out runs/oneshot.jsonl [--rows KEY,KEY] [--list]
+    python benchmarks/oneshot.py --out runs/oneshot.jsonl --markdown   # print the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+MODEL = "smollm2-135m"
+LOCK = "/tmp/sparsecraft-cpu.lock"
+
+
+def rows() -> list[dict]:
+    out = [{"key": "dense", "method": None}]
+    fast = dict(calib_dtype="bfloat16", bf16_hessian=True)
+
+    def row(method, spec, nsamples=128, profile="uniform", mode="fast", key=None):
+        kw = {"sparsity": spec} if isinstance(spec, float) else {"pattern": spec}
+        label = f"{int(spec * 100)}%" if isinstance(spec, float) else spec
+        key = key or f"{'owl-' if profile == 'owl' else ''}{method}-{label}-n{nsamples}-{mode}"
+        return {"key": key, "method": method, "profile": profile, "nsamples": nsamples, "mode": mode,
+                "config": {**kw, **(fast if mode == "fast" else {"calib_dtype": "float32"})}}
+
+    # most informative first
+    for method, spec in [("sparsegpt", 0.5), ("wanda", 0.5), ("sparsegpt", "2:4"), ("sparsegpt", 0.7)]:
+        out.append(row(method, spec))
+    for method in ("sparsegpt", "wanda"):  # the speed comparison with the anchor (64 x 512)
+        for mode in ("fast", "fp32"):
+            out.append(row(method, 0.5, nsamples=64, mode=mode))
+    out.append(row("sparsegpt", 0.7, profile="owl"))
+    out.append(row("wanda", 0.7, profile="owl"))
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        for spec in (0.5, 0.6, 0.7, "2:4", "4:8"):
+            r = row(method, spec)
+            if r["key"] not in {x["key"] for x in out}:
+                out.append(r)
+    for method, spec in [("wanda", "2:4"), ("sparsegpt", "2:4"), ("wanda", 0.7), ("sparsegpt", 0.7)]:
+        r = row(method, spec, nsamples=64)  # the anchor's other rows, fast mode
+        out.append(r)
+    return out
+
+
+@contextlib.contextmanager
+def cpu_lock():
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def checks(model, report: dict, cfg) -> dict:
+    """Per-layer sparsity within 1e-3 of target (per row for Wanda) and every N:M group valid."""
+    from sparsecraft.models import prunable_linears, weight_matrix
+    from sparsecraft.prune.masks import nm_valid
+
+    layers = prunable_linears(model)
+    targets = {r["name"]: r["target"] for r in report["layers"]}
+    worst = 0.0
+    nm_ok = True
+    for name, layer in layers.items():
+        w = weight_matrix(layer)
+        t = targets.get(name)
+        if cfg.nm is not None:
+            nm_ok &= nm_valid(w, *cfg.nm)
+            continue
+        zeros = (w == 0).float()
+        if cfg.method == "wanda" and not cfg.wanda_variant:
+            dev = float((zeros.mean(1) - t).abs().max())
+        else:
+            dev = float((zeros.mean() - t).abs())
+        worst = max(worst, dev)
+    return {"max_sparsity_deviation": worst, "nm_valid": bool(nm_ok) if cfg.nm else None}
+
+
+def run_row(spec: dict, model_name: str = MODEL) -> dict:
+    from sparsecraft.data import calibration_windows
+    from sparsecraft.eval import perplexity
+    from sparsecraft.models import load
+    from sparsecraft.prune import PruneConfig, prune
+
+    model, tokenizer = load(model_name)
+    result = {"key": spec["key"], "model": model_name, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"}
+    if spec["method"] is not None:
+        cfg = PruneConfig(method=spec["method"], profile=spec["profile"], nsamples=spec["nsamples"], seqlen=512,
+                          seed=0, batch_size=8, **spec["config"])
+        # magnitude needs no data: pruned without calibration forwards
+        calib = False if spec["method"] == "magnitude" else calibration_windows(tokenizer, "c4", spec["nsamples"], 512, 0)
+        t0 = time.perf_counter()
+        report = prune(model, tokenizer, cfg, calib, progress=False, model_name=model_name)
+        result["prune_s"] = time.perf_counter() - t0
+        result.update(method=spec["method"], profile=spec["profile"], nsamples=spec["nsamples"],
+                      mode=spec["mode"], sparsity=report["summary"]["sparsity"], timing=report["timing"],
+                      memory=report["memory"], recipe=cfg.to_dict(),
+                      mean_rel_error=report["summary"]["mean_rel_error"], **checks(model, report, cfg))
+        if report.get("owl"):
+            result["owl_block_sparsity"] = report["owl"]["block_sparsity"]
+    result["ppl"] = perplexity(model, tokenizer, "wikitext2", seqlen=512, max_windows=40, batch_size=8,
+                               progress=False)
+    return result
+
+
+def load_done(path: Path) -> dict[str, dict]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[r["key"]] = r
+    return done
+
+
+def markdown(done: dict[str, dict]) -> str:
+    lines = ["| row | calib | mode | perplexity | prune time (s) | forward / stats / solve (s) | sparsity | check |",
+             "|---|---|---|---|---|---|---|---|"]
+    for spec in rows():
+        r = done.get(spec["key"])
+        if r is None:
+            continue
+        if spec["method"] is None:
+            lines.append(f"| dense | | | {r['ppl']:.2f} | | | | |")
+            continue
+        t = r["timing"]
+        check = (f"N:M valid: {r['nm_valid']}" if r.get("nm_valid") is not None
+                 else f"max dev {r['max_sparsity_deviation']:.1e}")
+        lines.append(
+            f"| {spec['key'].rsplit('-n', 1)[0]} | {'none' if r['method'] == 'magnitude' else str(r['nsamples']) + 'x512'} | "
+            f"{'' if r['method'] == 'magnitude' else r['mode']} | {r['ppl']:.2f} | "
+            f"{r['prune_s']:.1f} | {t['forward_s']:.0f} / {t['statistics_s']:.0f} / {t['solve_s']:.0f}"
+            f"{' + owl ' + format(t['owl_profile_s'], '.0f') if t.get('owl_profile_s') else ''} | "
+            f"{r['sparsity']:.4f} | {check} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/oneshot.jsonl")
+    ap.add_argument("--rows", default=None, help="comma-separated row keys (default: all)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--no-lock", action="store_true")
+    ap.add_argument("--model", default=MODEL, help="(smoke tests only) another model")
+    args = ap.parse_args()
+    path = Path(args.out)
+    done = load_done(path)
+    if args.list:
+        for spec in rows():
+            print(("done " if spec["key"] in done else "todo ") + spec["key"])
+        return 0
+    if args.markdown:
+        print(markdown(done))
+        return 0
+    wanted = set(args.rows.split(",")) if args.rows else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print("command:", " ".join([sys.executable, *sys.argv]), flush=True)
+    for spec in rows():
+        if spec["key"] in done or (wanted and spec["key"] not in wanted):
+            continue
+        with (contextlib.nullcontext() if args.no_lock else cpu_lock()):
+            result = run_row(spec, args.model)
+        with open(path, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"{spec['key']}: ppl {result['ppl']:.2f}" + (f", prune {result['prune_s']:.1f} s" if "prune_s" in result
+                                                          else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
