@@ -1,0 +1,172 @@
+"""Read result files of every kind and sort them into what the tables and plots need.
+
+Inputs are the JSON/JSONL files the commands and benchmarks write, or directories (a pruned
+model's ``sparsecraft.json``, a recipe run with ``summary.json``). Each document is recognised
+by its shape, not by its file name:
+
+- prune/refine report (``sparsecraft.json``, ``prune --json``): ``{"kind", "recipe", "layers": [...]}``
+- evaluation (``run_eval`` / ``sparsecraft eval --json``): ``{"models": {name: {ppl, tasks, gsm8k}}}``
+- perplexity rows (``benchmarks/oneshot.py``): records with ``ppl`` and ``method``/``sparsity``
+- speed rows (``bench``, ``benchmarks/cpu_kernels.py``): records with ``batch`` and a
+  ``variant``/``format`` and ``tokens_per_s``/``speedup_vs_dense``/``median_ms``
+- recipe summary (``sparsecraft run``): ``{"recipe", "stages": {...}}``
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SparsecraftError
+
+
+@dataclass
+class Collection:
+    prune_reports: list[tuple[str, dict]] = field(default_factory=list)  # (label, report)
+    evals: list[tuple[str, dict]] = field(default_factory=list)  # (source file, run_eval result)
+    ppl_rows: list[dict] = field(default_factory=list)  # {label, method, profile, pattern, sparsity, ppl}
+    speed_rows: list[dict] = field(default_factory=list)  # {format, batch, value, metric, part}
+    recipes: list[tuple[str, dict]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.prune_reports or self.evals or self.ppl_rows or self.speed_rows or self.recipes)
+
+
+def _read(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        docs = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SparsecraftError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        return docs
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SparsecraftError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    return doc if isinstance(doc, list) else [doc]
+
+
+def _label_for(path: Path, report: dict) -> str:
+    r = report.get("recipe") or {}
+    what = r.get("pattern") or (f"{100 * r['sparsity']:.0f}%" if r.get("sparsity") is not None else "")
+    method = r.get("method", report.get("kind", "model"))
+    prof = "OWL+" if r.get("profile") == "owl" else ""
+    refine = "+DSnoT" if r.get("refine") == "dsnot" else ""
+    name = f"{prof}{method}{refine} {what}".strip()
+    return name if name else path.parent.name
+
+
+def _prune_meta(model: str) -> dict | None:
+    """The sparsecraft.json of a model directory (also of a compressed/quantized child of one)."""
+    p = Path(model)
+    if p.is_dir() and (p / "sparsecraft.json").is_file():
+        try:
+            return json.loads((p / "sparsecraft.json").read_text())
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+def _ppl_row_from_meta(label: str, meta: dict | None, ppl: float, source: str) -> dict:
+    recipe = (meta or {}).get("recipe") or {}
+    summary = (meta or {}).get("summary") or {}
+    return {"label": label, "method": recipe.get("method", "dense" if meta is None else "?"),
+            "profile": recipe.get("profile", "uniform"), "pattern": recipe.get("pattern"),
+            "refine": recipe.get("refine"),
+            "sparsity": summary.get("sparsity", 0.0 if meta is None else None),
+            "ppl": ppl, "ppl_source": source}
+
+
+def _speed_rows(doc: dict) -> list[dict]:
+    if "batch" not in doc:
+        return []
+    fmt = doc.get("format") or doc.get("variant")
+    for metric in ("tokens_per_s", "speedup_vs_dense", "median_ms"):
+        if isinstance(doc.get(metric), int | float):
+            return [{"format": str(fmt), "batch": int(doc["batch"]), "value": float(doc[metric]),
+                     "metric": metric, "part": doc.get("part", "bench")}]
+    return []
+
+
+def _classify(doc, path: Path, col: Collection) -> None:
+    if not isinstance(doc, dict):
+        return
+    if isinstance(doc.get("layers"), list) and doc["layers"] and "sparsity" in doc["layers"][0]:
+        col.prune_reports.append((_label_for(path, doc), doc))
+        return
+    if isinstance(doc.get("models"), dict):
+        col.evals.append((str(path), doc))
+        for model, res in doc["models"].items():
+            for key, entry in (res.get("ppl") or {}).items():
+                meta = _prune_meta(model)
+                label = _label_for(Path(model) / "x", meta) if meta else Path(model).name or model
+                col.ppl_rows.append(_ppl_row_from_meta(label, meta, entry["ppl"], key))
+        return
+    if "stages" in doc and "recipe" in doc:
+        col.recipes.append((str(path), doc))
+        return
+    if isinstance(doc.get("ppl"), int | float) and ("method" in doc or "sparsity" in doc or doc.get("key")):
+        recipe = doc.get("recipe") or {}
+        method = doc.get("method") or ("dense" if doc.get("key") == "dense" else recipe.get("method"))
+        col.ppl_rows.append({
+            "label": doc.get("key") or method, "method": method or "dense",
+            "profile": doc.get("profile") or recipe.get("profile") or "uniform",
+            "pattern": recipe.get("pattern"), "refine": recipe.get("refine"),
+            "sparsity": doc.get("sparsity", 0.0 if method in (None, "dense") else None),
+            "ppl": float(doc["ppl"]), "ppl_source": "wikitext2", "nsamples": doc.get("nsamples"),
+            "mode": doc.get("mode")})
+        return
+    col.speed_rows.extend(_speed_rows(doc))
+
+
+def collect(paths: list[str | Path]) -> Collection:
+    """Read every file (directories: their sparsecraft.json, summary.json and *.json/*.jsonl)."""
+    if not paths:
+        raise SparsecraftError("no result files given; pass JSON/JSONL files or result directories")
+    col = Collection()
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix in (".json", ".jsonl") and q.is_file()
+                           and ".checkpoint" not in str(q) and q.name not in _NOT_RESULTS)
+            if not found:
+                raise SparsecraftError(f"{p}: a directory without result files (*.json, *.jsonl)")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SparsecraftError(f"{p}: no such file or directory; pass result JSON/JSONL files")
+    for f in files:
+        for doc in _read(f):
+            _classify(doc, f, col)
+        col.sources.append(str(f))
+    if col.empty():
+        raise SparsecraftError(
+            f"none of {', '.join(map(str, paths))} holds a result this report knows (prune reports, "
+            "eval results, perplexity rows, speed rows, recipe summaries)"
+        )
+    _dedupe_ppl(col)
+    return col
+
+
+# Files inside model directories that are not results.
+_NOT_RESULTS = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "compression_config.json", "model.safetensors.index.json",
+                "vocab.json", "added_tokens.json", "owl.json", "state.json"}
+
+
+def _dedupe_ppl(col: Collection) -> None:
+    seen, out = set(), []
+    for r in col.ppl_rows:
+        key = (r["label"], r.get("ppl_source"), round(r["ppl"], 6))
+        if key not in seen and r["ppl"] is not None and math.isfinite(r["ppl"]):
+            seen.add(key)
+            out.append(r)
+    col.ppl_rows = out
