@@ -308,3 +308,28 @@ def test_validation_ppl_is_reported(pair):
     steps = [e["step"] for e in report["evals"]]
     assert steps == [0, 1, 2]
     assert all(math.isfinite(e["val_ppl"]) and e["val_ppl"] > 1 for e in report["evals"])
+
+
+def test_gradient_checkpointing_and_bf16_autocast_run_the_same_losses(pair):
+    cfg = dict(steps=2, lr=1e-3, batch_size=2, seed=4)
+    s1, t1 = _models(pair)
+    plain = finetune(s1, t1, _data(n=4), FinetuneConfig(**cfg), progress=False)
+    s2, t2 = _models(pair)
+    ckpt = finetune(s2, t2, _data(n=4), FinetuneConfig(**cfg, gradient_checkpointing=True), progress=False)
+    for a, b in zip(plain["history"], ckpt["history"]):
+        assert a["squarehead"] == pytest.approx(b["squarehead"], rel=1e-5)  # no block recorded twice
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert ckpt["mask_check"]["identical"]
+    s3, t3 = _models(pair)
+    bf16 = finetune(s3, t3, _data(n=4), FinetuneConfig(**cfg, precision="bf16"), progress=False)
+    assert bf16["mixed_precision"] == "bf16" and bf16["mask_check"]["identical"]
+    assert bf16["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=0.05)
+
+
+def test_instruction_rows_distill_only_on_answer_tokens(pair):
+    from sparsecraft.finetune.data import instruction_windows
+
+    student, teacher = _models(pair)
+    rows = instruction_windows([(list(range(10, 40)), 20), (list(range(50, 70)), 15)], seqlen=32, pad_id=0)
+    report = finetune(student, teacher, rows, FinetuneConfig(steps=1, lr=1e-3, batch_size=2), progress=False)
+    assert math.isfinite(report["history"][0]["loss"]) and report["mask_check"]["identical"]

@@ -89,7 +89,29 @@ def _make_accelerator(config: FinetuneConfig):
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     # cpu=True is what makes accelerate set up gloo when torchrun starts several CPU processes.
     mixed = "bf16" if precision == "bf16" else "no"
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    try:
+        return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    except ValueError:
+        # accelerate keeps one global state; a single process may switch precision between runs.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+
+
+def _set_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Activation (gradient) checkpointing; transformers renamed the method in v5."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
 
 
 def _peak_host_mib() -> float:
@@ -179,7 +201,7 @@ def finetune(
     if getattr(student.config, "use_cache", None):
         student.config.use_cache = False
     if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_checkpointing(student, True)
     student.train()
 
     optimizer = torch.optim.AdamW(
@@ -312,7 +334,7 @@ def finetune(
     if tutor is not None:
         tutor.close()
     if config.gradient_checkpointing:
-        unwrapped.gradient_checkpointing_disable()
+        _set_checkpointing(unwrapped, False)
     if main:
         verdict = "identical" if check.identical else (
             "pruned weights still zero" if check.pruned_still_zero else f"BROKEN ({check.regrown} regrown)")
