@@ -110,8 +110,10 @@ def _set_checkpointing(model: nn.Module, enabled: bool) -> None:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-        disable()
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
 
 
 def _peak_host_mib() -> float:
