@@ -95,7 +95,7 @@ def test_kernels_match_dense_reference(case):
     for batch, cfg in [
         (1, KernelConfig(bn=8, bk=bk, bb=1, num_warps=4)),
         (1, KernelConfig(bn=16, bk=bk, bb=1, num_warps=4, split_k=2)),  # split K, atomic adds
-        (1, KernelConfig(bn=16, bk=bk, bb=1, num_warps=4, split_k=2, gather_x=True)),
+        (1, KernelConfig(bn=4, bk=bk, bb=1, num_warps=4, split_k=3)),  # uneven split
         (5, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4)),
         (19, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4, split_k=2)),  # two batch tiles
     ]:

@@ -33,7 +33,6 @@ class KernelConfig:
     num_warps: int
     split_k: int = 1
     num_stages: int = 2
-    gather_x: bool = False  # N:M at batch 1: multiply in compressed space (x gathered)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -60,17 +59,28 @@ def _bk_for(tw: TritonWeight, want: int) -> int:
 
 
 def default_config(tw: TritonWeight, batch: int, device: torch.device) -> KernelConfig:
-    """Shape-only heuristic, tuned on an H100 (docs/results/gpu_kernels.md)."""
+    """Shape-only choice of tile shape, from the tuning runs on an H100 (docs/results/gpu_kernels.md)."""
     out_f, in_f = tw.shape
+    q4 = tw.bits == 4
     if batch == 1:
-        bn, bk, warps = (8, 256, 4) if tw.fmt == "bitmask" else (16, 256, 4)
         bb = 1
+        if tw.fmt == "bitmask":
+            bn, bk, warps = 4, 256, 1  # one warp: the prefix sum stays inside the warp
+        elif q4:
+            bn, bk, warps = 32, 128, 4
+        else:
+            bn, bk, warps = 16, 512, 8
     else:
-        bb = _pow2_at_least(batch, 16) if batch <= DOT_MAX_BATCH else DOT_MAX_BATCH
-        bn, bk, warps = (32, 256, 4) if tw.fmt == "bitmask" else (32, 256, 4)
+        bb = 16 if batch <= 16 else DOT_MAX_BATCH
+        if q4:
+            bn, bk, warps = 32, 128, 4
+        else:
+            bn, bk, warps = (16, 256, 4) if bb == 16 else (32, 256, 4)
     bk = _bk_for(tw, bk)
-    # split K until the grid covers the multiprocessors about twice over (skinny layers, batch 1)
-    n_prog = -(-out_f // bn) * -(-batch // max(bb, 1))
+    if tw.bits and tw.group_size < bk and bk % tw.group_size:
+        bk = tw.group_size
+    # split K until the grid covers the multiprocessors about twice over (skinny layers)
+    n_prog = -(-out_f // bn) * -(-batch // bb)
     tiles = -(-in_f // bk)
     split = 1
     target = 2 * _sm_count(device)
@@ -123,10 +133,9 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         x, out, *_launch_args(tw, dummy),
         batch, out_f, in_f, x.stride(0), out.stride(0),
         tw.vals_stride, _meta_stride(tw), tw.tile_offsets.shape[1] if tw.tile_offsets is not None else 1,
-        tw.n_groups,
-        **_constexprs(tw, cfg.bk), BN=cfg.bn, BK=cfg.bk, BB=bb, USE_DOT=use_dot, SPLIT_K=cfg.split_k,
+        tw.n_groups, cfg.split_k,
+        **_constexprs(tw, cfg.bk), BN=cfg.bn, BK=cfg.bk, BB=bb, USE_DOT=use_dot, ATOMIC=cfg.split_k > 1,
         DOT_F32=_INTERPRET and x.dtype == torch.bfloat16,
-        GATHER_X=cfg.gather_x and not use_dot and tw.fmt == "nm",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype) if cfg.split_k > 1 else out
