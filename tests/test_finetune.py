@@ -333,3 +333,19 @@ def test_instruction_rows_distill_only_on_answer_tokens(pair):
     rows = instruction_windows([(list(range(10, 40)), 20), (list(range(50, 70)), 15)], seqlen=32, pad_id=0)
     report = finetune(student, teacher, rows, FinetuneConfig(steps=1, lr=1e-3, batch_size=2), progress=False)
     assert math.isfinite(report["history"][0]["loss"]) and report["mask_check"]["identical"]
+
+
+def test_precomputed_teacher_outputs_replace_the_teacher(pair, tmp_path):
+    from sparsecraft.finetune import precompute_teacher
+
+    cfg = FinetuneConfig(steps=2, lr=1e-3, batch_size=2, seed=2, teacher_cache="disk")
+    data = _data(n=6)
+    s1, t1 = _models(pair)
+    live = finetune(s1, t1, data, FinetuneConfig(steps=2, lr=1e-3, batch_size=2, seed=2), progress=False)
+    _, t2 = _models(pair)
+    assert precompute_teacher(t2, data, cfg, tmp_path / "cache") == 4
+    del t2
+    s3, _ = _models(pair)
+    cached = finetune(s3, None, data, cfg, teacher_cache_dir=tmp_path / "cache", progress=False)
+    for a, b in zip(live["history"], cached["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)

@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on a GPU that supports it, else fp32")
     p.add_argument("--teacher-dtype", default=None, help="load the teacher in this dtype (bf16 saves memory)")
+    p.add_argument("--teacher-device", default=None,
+                   help="device of the teacher (default: the training device), e.g. cpu to spare GPU memory")
     p.add_argument("--teacher-cache", choices=["none", "memory", "disk"], default="none",
                    help="cache teacher outputs per training window (disk: under OUT/teacher-cache)")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -116,7 +118,8 @@ def run(args) -> int:
     out = Path(args.out)
     report = finetune(
         student, teacher, data, config, eval_windows=val, output_dir=out, resume=args.resume,
-        teacher_cache_dir=out / "teacher-cache", progress=not args.no_progress,
+        teacher_cache_dir=out / "teacher-cache", teacher_device=args.teacher_device,
+        progress=not args.no_progress,
         save_dir=out / "model", tokenizer=tokenizer,
     )
     report.update({"student": args.sparse_dir, "teacher": args.teacher, "data": args.data,

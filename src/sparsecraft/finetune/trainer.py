@@ -148,6 +148,36 @@ def _validation_ppl(model, windows: torch.Tensor, accelerator, batch_size: int) 
     return math.exp(totals[0].item() / totals[1].item())
 
 
+def rows_read(n_rows: int, config: FinetuneConfig, world_size: int = 1) -> list[int]:
+    """Every training row a run of ``config`` reads, in first-read order."""
+    seen: dict[int, None] = {}
+    for step in range(config.steps):
+        for micro in range(config.grad_accum):
+            for rank in range(world_size):
+                for r in step_indices(n_rows, step, micro, rank, batch_size=config.batch_size,
+                                      grad_accum=config.grad_accum, world_size=world_size,
+                                      seed=config.seed).tolist():
+                    seen.setdefault(r, None)
+    return list(seen)
+
+
+def precompute_teacher(teacher: nn.Module, data: TrainWindows, config: FinetuneConfig, cache_dir: str | Path,
+                       world_size: int = 1, device: str | torch.device | None = None,
+                       batch_size: int | None = None) -> int:
+    """Write the teacher outputs of every row the run will read to ``cache_dir``.
+
+    A later ``finetune(student, None, data, config with teacher_cache="disk",
+    teacher_cache_dir=cache_dir)`` then trains with no teacher in memory. Returns the row count.
+    """
+    w = config.loss_weights
+    tutor = Teacher(teacher, device=device, need_logits=w.kd > 0, need_hiddens=w.squarehead > 0, cache="disk",
+                    cache_dir=cache_dir)
+    rows = rows_read(len(data), config, world_size)
+    tutor.precompute(data, rows, batch_size or config.batch_size)
+    tutor.release()
+    return len(rows)
+
+
 def finetune(
     student: nn.Module,
     teacher: nn.Module | None,
