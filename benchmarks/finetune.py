@@ -69,6 +69,41 @@ def _stamp() -> dict:
             "command": _command()}
 
 
+def probe(args) -> None:
+    """Seconds per optimizer step of the full-loss run, per precision (first step excluded)."""
+    from sparsecraft.finetune import FinetuneConfig, finetune, text_windows
+    from sparsecraft.models import load
+
+    teacher, tok = load(args.teacher)
+    data = text_windows(tok, "c4", args.seqlen, max_windows=64)
+    for precision in args.precisions.split(","):
+        student, _ = load(args.sparse)
+        config = FinetuneConfig(steps=args.steps, lr=1e-5, batch_size=args.batch_size,
+                                grad_accum=args.grad_accum, loss_weights=VARIANTS[args.variant],
+                                precision=precision)
+        report = finetune(student, teacher, data, config, progress=False)
+        secs = [h["seconds"] for h in report["history"][1:]]
+        _append(Path(args.results), {
+            "kind": "probe", "variant": args.variant, "precision": precision, "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum, "seqlen": args.seqlen, "seconds_per_step": sum(secs) / len(secs),
+            "losses": [h["loss"] for h in report["history"]], **_stamp()})
+
+
+def _steps_for(args, rows: list[dict]) -> tuple[int, str]:
+    """(steps, precision): from --tokens, from --minutes and the fastest probe, or matching a variant."""
+    if args.match:
+        ref = next(r for r in reversed(rows) if r["kind"] == "finetune" and r["variant"] == args.match)
+        return ref["steps"], ref["precision_arg"]
+    if args.minutes:
+        probes = [r for r in rows if r["kind"] == "probe" and r["batch_size"] == args.batch_size
+                  and r["grad_accum"] == args.grad_accum and r["seqlen"] == args.seqlen]
+        if not probes:
+            raise SystemExit("--minutes needs a probe row for this batch shape (run the probe mode first)")
+        best = min(probes, key=lambda r: r["seconds_per_step"])
+        return max(1, int(args.minutes * 60 / best["seconds_per_step"])), best["precision"]
+    return max(1, args.tokens // (args.batch_size * args.grad_accum * args.seqlen)), args.precision
+
+
 def recovery(args) -> None:
     from sparsecraft.eval import perplexity
     from sparsecraft.finetune import FinetuneConfig, finetune, text_windows, validation_windows
@@ -92,11 +127,12 @@ def recovery(args) -> None:
         del sparse
 
     weights = VARIANTS.get(args.variant, args.variant)
+    steps, precision = _steps_for(args, _rows(results))
     student, tok = load(args.sparse)
     config = FinetuneConfig(
-        steps=max(1, args.tokens // (args.batch_size * args.grad_accum * args.seqlen)), lr=args.lr,
+        steps=steps, lr=args.lr,
         batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup,
-        schedule=args.schedule, loss_weights=weights, precision=args.precision,
+        schedule=args.schedule, loss_weights=weights, precision=precision,
         kd_temperature=args.kd_temperature, seed=args.seed, max_grad_norm=args.max_grad_norm,
     )
     teacher = load(args.teacher)[0] if config.loss_weights.needs_teacher else None
@@ -115,7 +151,8 @@ def recovery(args) -> None:
         "teacher": args.teacher, "train_windows": len(data), "steps": report["steps"],
         "tokens": report["tokens_this_run"], "train_seconds": report["train_seconds"], "wall_seconds": wall,
         "tokens_per_s": report["tokens_per_s"], "lr": args.lr, "batch": args.batch_size * args.grad_accum,
-        "seqlen": args.seqlen, "precision": report["mixed_precision"], "wikitext2_ppl": after,
+        "seqlen": args.seqlen, "precision": report["mixed_precision"], "precision_arg": precision,
+        "wikitext2_ppl": after,
         "dense_ppl": dense_ppl, "before_ppl": before_ppl,
         "gap_closed": (before_ppl - after) / (before_ppl - dense_ppl),
         "val_ppl": report["evals"], "mask_check": report["mask_check"], "mask": report["mask"],
@@ -220,8 +257,11 @@ def main() -> None:
     r.add_argument("--variant", default="sh+kd+ce", help=f"{', '.join(VARIANTS)} or explicit weights")
     r.add_argument("--tokens", type=int, default=100_000,
                    help="training tokens (steps = tokens / batch tokens)")
+    r.add_argument("--minutes", type=float, default=None,
+                   help="training time budget: steps from the fastest probe row of this batch shape")
+    r.add_argument("--match", default=None, help="same steps and precision as this variant's last row")
     r.add_argument("--batch-size", type=int, default=2)
-    r.add_argument("--grad-accum", type=int, default=2)
+    r.add_argument("--grad-accum", type=int, default=1)
     r.add_argument("--seqlen", type=int, default=512)
     r.add_argument("--lr", type=float, default=1e-4)
     r.add_argument("--warmup", type=int, default=2)
@@ -235,6 +275,17 @@ def main() -> None:
     r.add_argument("--results", default="docs/results/finetune_rows.jsonl")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=recovery)
+    q = sub.add_parser("probe")
+    q.add_argument("--sparse", required=True)
+    q.add_argument("--teacher", default="smollm2-135m")
+    q.add_argument("--variant", default="sh+kd+ce")
+    q.add_argument("--precisions", default="fp32,bf16")
+    q.add_argument("--steps", type=int, default=3)
+    q.add_argument("--batch-size", type=int, default=2)
+    q.add_argument("--grad-accum", type=int, default=1)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--results", default="docs/results/finetune_rows.jsonl")
+    q.set_defaults(func=probe)
     s = sub.add_parser("speed")
     s.add_argument("--model", default="random:llama-1b")
     s.add_argument("--variant", default="sh+kd+ce")
