@@ -229,13 +229,14 @@ def table(args) -> None:
             )
     sp = [r for r in rows if r["kind"] == "speed"]
     if sp:
-        lines += ["", "| model | device | variant | batch×seqlen | precision | tok/s | steady tok/s | "
-                  "peak device GiB |", "|---|---|---|---|---|---:|---:|---:|"]
+        lines += ["", "| model | device | variant | batch×seqlen | precision | activation ckpt | "
+                  "tok/s (all steps) | steady tok/s | peak device GiB |", "|---|---|---|---|---|---|---:|---:|---:|"]
         for r in sp:
             steady = f"{r['steady_tokens_per_s']:.0f}" if r.get("steady_tokens_per_s") else "–"
             dev = f"{r['peak_device_mib'] / 1024:.1f}" if r.get("peak_device_mib") else "–"
             lines.append(f"| {r['model']} | {r['machine']} | {r['variant']} | {r['batch']}×{r['seqlen']} | "
-                         f"{r['precision']} | {r['tokens_per_s']:.0f} | {steady} | {dev} |")
+                         f"{r['precision']} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
+                         f"{r['tokens_per_s']:.0f} | {steady} | {dev} |")
     lines += ["", "Commands (one row each):", ""]
     seen = set()
     for r in rows:
