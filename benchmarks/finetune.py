@@ -230,7 +230,8 @@ def table(args) -> None:
     sp = [r for r in rows if r["kind"] == "speed"]
     if sp:
         lines += ["", "| model | device | variant | batch×seqlen | precision | activation ckpt | "
-                  "tok/s (all steps) | steady tok/s | peak device GiB |", "|---|---|---|---|---|---|---:|---:|---:|"]
+                  "tok/s (all steps) | steady tok/s | peak device GiB |",
+                  "|---|---|---|---|---|---|---:|---:|---:|"]
         for r in sp:
             steady = f"{r['steady_tokens_per_s']:.0f}" if r.get("steady_tokens_per_s") else "–"
             dev = f"{r['peak_device_mib'] / 1024:.1f}" if r.get("peak_device_mib") else "–"
