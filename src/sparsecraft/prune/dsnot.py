@@ -152,8 +152,10 @@ class DSnoTConfig:
 
 
 def expected_error(dense: Tensor, sparse: Tensor, mean: Tensor) -> Tensor:
-    """e = (dense - sparse) @ E[x] per output row, in float64 (out,)."""
-    return (dense.double() - sparse.double()) @ mean.double()
+    """e = (dense - sparse) @ E[x] per output row, accumulated in float64 (out,)."""
+    # the float32 difference is exact where a weight is kept unchanged or pruned (the usual
+    # case); accumulating in float64 keeps the running updates comparable with a recomputation
+    return torch.mv((dense.float() - sparse.float()).double(), mean.double())
 
 
 def _check_inputs(
@@ -219,7 +221,47 @@ def _growth_score(dense: Tensor, mean: Tensor, var: Tensor, gamma: float) -> Ten
     )
 
 
-_NEG_INF = float("-inf")
+# Keys are built with float arithmetic instead of torch.where / masked_fill, which are an order
+# of magnitude slower on CPU.  A growth key is > 0 for a candidate and 0 otherwise; a pruning key
+# is -(Wanda importance) for a candidate and about -_NOT_PRUNABLE otherwise.
+_NOT_PRUNABLE = 1e30
+_PRUNABLE_FLOOR = -1e29  # pruning keys above this are candidates
+
+
+@dataclass
+class _Side:
+    """Candidate keys for one sign of e, restricted to the rows still being worked on.
+
+    grow: (rows, in) growth key, larger is better, 0 where not a candidate.
+    prune: (rows, in) pruning key (minus the Wanda importance), about -1e30 where not a candidate.
+    group: (rows, in/M) per M-group best growth key, 0 if the group has no growth or no pruning
+        candidate (N:M only).
+    """
+
+    grow: Tensor
+    prune: Tensor
+    group: Tensor | None
+
+    def take(self, keep: Tensor) -> _Side:
+        return _Side(self.grow[keep], self.prune[keep], None if self.group is None else self.group[keep])
+
+
+def _side(
+    score: Tensor, wanda: Tensor, contrib_kept: Tensor, pruned: Tensor, sign: Tensor, m: int | None
+) -> _Side:
+    # growing j changes e by -g_j (needs g_j with the sign of e); pruning k changes it by +p_k
+    # (needs p_k of the opposite sign; pruned weights are 0, so p_k != 0 implies kept)
+    grow = (score * sign).clamp_min_(0).mul_(pruned)
+    not_cand = (contrib_kept * sign >= 0).to(wanda.dtype)
+    prune = torch.addcmul(wanda, not_cand, wanda.new_tensor(_NOT_PRUNABLE)).neg_()
+    return _Side(grow, prune, None if m is None else _group_scores(grow, prune, m))
+
+
+def _group_scores(grow: Tensor, prune: Tensor, m: int) -> Tensor:
+    rows = grow.shape[0]
+    best = grow.view(rows, -1, m).amax(dim=-1)
+    has_prune = prune.view(rows, -1, m).amax(dim=-1) > _PRUNABLE_FLOOR
+    return best.mul_(has_prune)
 
 
 def dsnot_refine(
@@ -236,207 +278,122 @@ def dsnot_refine(
 
     dense, sparse: (out, in) float weights; ``sparse`` holds the method's kept values (zeros are
     forced where ``mask`` is False).  mask: (out, in) bool, True = kept.  nm: (N, M) for N:M
-    patterns (swaps stay inside one M-group) or None for unstructured.  Returns (weight, mask):
-    a grown weight takes its dense value, a newly pruned one becomes 0, the other kept weights
-    keep their ``sparse`` value; every row (and every M-group) keeps its number of kept weights.
-    The inputs are not modified.  Deterministic.
+    patterns (swaps stay inside one M-group) or None for unstructured.  trace: optional
+    ``trace(cycle, error, weight, mask)`` called after every cycle (see :data:`TraceFn`).
+    Returns (weight, mask): a grown weight takes its dense value, a newly pruned one becomes 0,
+    the other kept weights keep their ``sparse`` value; every row (and every M-group) keeps its
+    number of kept weights.  The inputs are not modified.  Deterministic.
     """
     mean, var, sqnorm = _check_inputs(dense, sparse, mask, stats, nm)
     dense = dense.detach().float()
     mask = mask.detach().clone()
-    weight = sparse.detach().float().masked_fill(~mask, 0.0)
+    weight = sparse.detach().float() * mask
     if config.max_cycles == 0 or dense.numel() == 0:
         return weight, mask
 
     error = expected_error(dense, weight, mean)
     if not bool(torch.isfinite(error).all()):
         raise SparsecraftError("dsnot_refine: the weights contain NaN or Inf; refusing to refine")
+    m = None if nm is None else nm[1]
 
     score = _growth_score(dense, mean, var, float(config.pow_of_var_regrowing))
-    # Growth keys are "larger is better" for both signs of e; non-candidates are -inf.
-    pruned = ~mask
-    grow_pos = torch.where(pruned & (score > 0), score, _NEG_INF)
-    grow_neg = torch.where(pruned & (score < 0), -score, _NEG_INF)
-    del score
-    # Pruning keys: lowest Wanda importance first (stored negated so larger is better).  Pruning a
-    # weight with contribution p changes e by +p, so for e > 0 we need p < 0 and vice versa.
     contrib_kept = weight * mean
-    neg_wanda = -(weight.abs() * sqnorm.sqrt())
-    prune_for_pos = torch.where(mask & (contrib_kept < 0), neg_wanda, _NEG_INF)  # used when e > 0
-    prune_for_neg = torch.where(mask & (contrib_kept > 0), neg_wanda, _NEG_INF)  # used when e < 0
-    del contrib_kept, neg_wanda, pruned
-
-    if nm is None:
-        _refine_unstructured(
-            dense, weight, mask, mean, error, grow_pos, grow_neg, prune_for_pos, prune_for_neg, config, trace
-        )
+    # keep the importance finite and far below the "not prunable" offset
+    wanda = weight.abs().mul_(sqnorm.sqrt()).clamp_max_(1e25)
+    pruned = (~mask).to(score.dtype)
+    if config.without_same_sign:
+        # e may change sign, so both signs' candidates are needed
+        one = torch.ones((), dtype=score.dtype)
+        sides = [_side(score, wanda, contrib_kept, pruned, s, m) for s in (one, -one)]
     else:
-        _refine_nm(
-            dense,
-            weight,
-            mask,
-            mean,
-            error,
-            grow_pos,
-            grow_neg,
-            prune_for_pos,
-            prune_for_neg,
-            nm[1],
-            config,
-            trace,
-        )
+        # a row stops before e changes sign, so only the candidates for its initial sign matter
+        sign = torch.sign(error).to(score.dtype).unsqueeze(1)
+        sides = [_side(score, wanda, contrib_kept, pruned, sign, m)]
+    del score, contrib_kept, wanda, pruned
+    _run_cycles(dense, weight, mask, mean, error, sides, m, config, trace)
     return weight, mask
 
 
-def _ranked(keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k best (largest key) columns per row, best first, and how many of them are candidates."""
-    # A stable descending sort gives ties in column order, hence a deterministic result.
-    _, order = torch.sort(keys, dim=1, descending=True, stable=True)
-    order = order[:, :k].contiguous()
-    valid = torch.isfinite(keys).sum(dim=1).clamp_max(k)
-    return order, valid
+def _pick(side: _Side, m: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: the best growth and pruning column, and whether such a pair exists."""
+    if m is None:
+        g_val, g_idx = side.grow.max(dim=1)
+        p_val, p_idx = side.prune.max(dim=1)
+        return g_idx, p_idx, (g_val > 0) & (p_val > _PRUNABLE_FLOOR)
+    # N:M: the best growth among groups that can also prune, and the pruning in that group
+    assert side.group is not None
+    s_val, grp = side.group.max(dim=1)
+    cols = grp.unsqueeze(1) * m + torch.arange(m, device=grp.device)
+    g_idx = cols.gather(1, side.grow.gather(1, cols).argmax(dim=1, keepdim=True)).squeeze(1)
+    p_idx = cols.gather(1, side.prune.gather(1, cols).argmax(dim=1, keepdim=True)).squeeze(1)
+    return g_idx, p_idx, s_val > 0
 
 
-def _swap_step(
+def _run_cycles(
     dense: Tensor,
     weight: Tensor,
     mask: Tensor,
     mean: Tensor,
     error: Tensor,
-    active: Tensor,
-    have: Tensor,
-    grow_idx: Tensor,
-    prune_idx: Tensor,
-    positive: Tensor,
-    config: DSnoTConfig,
-) -> Tensor:
-    """Decide and apply one swap per row; returns the rows that swapped (and updates ``active``)."""
-    rows = torch.arange(dense.shape[0], device=dense.device)
-    g = dense[rows, grow_idx].double() * mean[grow_idx].double()
-    p = weight[rows, prune_idx].double() * mean[prune_idx].double()
-    after = error - g + p
-    go = active & have & (error.abs() > config.update_threshold)
-    if not config.without_same_sign:
-        # stop rather than overshoot: the error must keep its sign (or land exactly on 0)
-        go &= torch.where(positive, after >= 0, after <= 0)
-    active &= go
-    if bool(go.any()):
-        r = rows[go]
-        gi, pi = grow_idx[go], prune_idx[go]
-        mask[r, gi] = True
-        weight[r, gi] = dense[r, gi]
-        mask[r, pi] = False
-        weight[r, pi] = 0.0
-        error[go] = after[go]
-    return go
-
-
-def _refine_unstructured(
-    dense: Tensor,
-    weight: Tensor,
-    mask: Tensor,
-    mean: Tensor,
-    error: Tensor,
-    grow_pos: Tensor,
-    grow_neg: Tensor,
-    prune_for_pos: Tensor,
-    prune_for_neg: Tensor,
+    sides: list[_Side],
+    m: int | None,
     config: DSnoTConfig,
     trace: TraceFn | None,
 ) -> None:
-    # Each row makes at most max_cycles swaps and a weight changes state at most once, so the
-    # max_cycles best candidates of each of the four kinds, ranked once, are all a row can use.
-    k = min(config.max_cycles, dense.shape[1])
-    lists = [_ranked(t, k) for t in (grow_pos, grow_neg, prune_for_pos, prune_for_neg)]
-    (gp, gp_n), (gn, gn_n), (pp, pp_n), (pn, pn_n) = lists
-    out = dense.shape[0]
-    ptr = torch.zeros(4, out, dtype=torch.long, device=dense.device)  # next unused entry per list
-    active = torch.ones(out, dtype=torch.bool, device=dense.device)
+    """The prune-and-grow cycles, all active rows at once.
+
+    The candidate keys are re-examined every cycle (one arg-max per row), but only for the rows
+    still active: most rows stop after a few cycles, so the working set is compacted whenever
+    it is more than half stopped.
+    """
+    device = dense.device
+    rows = torch.arange(dense.shape[0], device=device)  # global row of each working row
+    active = error.abs() > config.update_threshold
+    thr = config.update_threshold
     for cycle in range(1, config.max_cycles + 1):
-        positive = error > 0
-        g_ptr = torch.where(positive, ptr[0], ptr[1])
-        p_ptr = torch.where(positive, ptr[2], ptr[3])
-        have = torch.where(positive, (g_ptr < gp_n) & (p_ptr < pp_n), (g_ptr < gn_n) & (p_ptr < pn_n))
-        gc, pc = g_ptr.clamp_max(k - 1).unsqueeze(1), p_ptr.clamp_max(k - 1).unsqueeze(1)
-        grow_idx = torch.where(positive, gp.gather(1, gc).squeeze(1), gn.gather(1, gc).squeeze(1))
-        prune_idx = torch.where(positive, pp.gather(1, pc).squeeze(1), pn.gather(1, pc).squeeze(1))
-        went = _swap_step(
-            dense, weight, mask, mean, error, active, have, grow_idx, prune_idx, positive, config
-        )
-        step = went.long()
-        ptr[0] += step * positive
-        ptr[1] += step * ~positive
-        ptr[2] += step * positive
-        ptr[3] += step * ~positive
+        live = active[rows]
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
+        if n_live <= rows.numel() // 2:
+            keep = live.nonzero().squeeze(1)
+            rows = rows[keep]
+            sides = [s.take(keep) for s in sides]
+            live = active[rows]
+        e = error[rows]
+        picks = [_pick(s, m) for s in sides]
+        if len(picks) == 1:
+            (g_idx, p_idx, have), which = picks[0], None
+        else:
+            which = (e < 0).long()  # side 0 serves e > 0, side 1 serves e < 0
+            g_idx, p_idx, have = (torch.where(which.bool(), picks[1][i], picks[0][i]) for i in range(3))
+        g = dense[rows, g_idx].double() * mean[g_idx].double()
+        p = weight[rows, p_idx].double() * mean[p_idx].double()
+        after = e - g + p
+        go = live & have & (e.abs() > thr)
+        if not config.without_same_sign:
+            # stop rather than overshoot: the error must keep its sign (or land exactly on 0)
+            go &= torch.where(e > 0, after >= 0, after <= 0)
+        active[rows] = go
+        if bool(go.any()):
+            loc = go.nonzero().squeeze(1)
+            r, gi, pi = rows[loc], g_idx[loc], p_idx[loc]
+            mask[r, gi] = True
+            weight[r, gi] = dense[r, gi]
+            mask[r, pi] = False
+            weight[r, pi] = 0.0
+            error[r] = after[loc]
+            # a weight changes state once: the grown one is no longer a growth candidate, the
+            # pruned one no longer a pruning candidate (for either sign)
+            for s in sides:
+                s.grow[loc, gi] = 0.0
+                s.prune[loc, pi] = -_NOT_PRUNABLE
+                if m is not None:
+                    assert s.group is not None
+                    grp = gi // m
+                    cols = grp.unsqueeze(1) * m + torch.arange(m, device=device)
+                    s.group[loc, grp] = _group_scores(
+                        s.grow[loc.unsqueeze(1), cols], s.prune[loc.unsqueeze(1), cols], m
+                    ).squeeze(1)
         if trace is not None:
             trace(cycle, error, weight, mask)
-        if not bool(active.any()):
-            break
-
-
-def _refine_nm(
-    dense: Tensor,
-    weight: Tensor,
-    mask: Tensor,
-    mean: Tensor,
-    error: Tensor,
-    grow_pos: Tensor,
-    grow_neg: Tensor,
-    prune_for_pos: Tensor,
-    prune_for_neg: Tensor,
-    m: int,
-    config: DSnoTConfig,
-    trace: TraceFn | None,
-) -> None:
-    out, n_in = dense.shape
-    groups = n_in // m
-    dev = dense.device
-    keys = (grow_pos, grow_neg, prune_for_pos, prune_for_neg)
-    g3 = [t.view(out, groups, m) for t in keys]
-
-    def group_scores(gp: Tensor, gn: Tensor, pp: Tensor, pn: Tensor) -> tuple[Tensor, Tensor]:
-        # a group offers a swap for e > 0 if it has a positive growth and a pruning candidate
-        # for e > 0; its score is its best growth key
-        best_gp = gp.amax(dim=-1)
-        best_gn = gn.amax(dim=-1)
-        ok_p = torch.isfinite(pp.amax(dim=-1))
-        ok_n = torch.isfinite(pn.amax(dim=-1))
-        return (torch.where(ok_p, best_gp, _NEG_INF), torch.where(ok_n, best_gn, _NEG_INF))
-
-    score_pos, score_neg = group_scores(*g3)
-    rows = torch.arange(out, device=dev)
-    offs = torch.arange(m, device=dev)
-    active = torch.ones(out, dtype=torch.bool, device=dev)
-    for cycle in range(1, config.max_cycles + 1):
-        positive = error > 0
-        vp, ip = score_pos.max(dim=1)
-        vn, in_ = score_neg.max(dim=1)
-        have = torch.where(positive, torch.isfinite(vp), torch.isfinite(vn))
-        grp = torch.where(positive, ip, in_)
-        cols = grp.unsqueeze(1) * m + offs  # (out, m) columns of the chosen group
-        gkey = torch.where(positive.unsqueeze(1), grow_pos.gather(1, cols), grow_neg.gather(1, cols))
-        pkey = torch.where(
-            positive.unsqueeze(1), prune_for_pos.gather(1, cols), prune_for_neg.gather(1, cols)
-        )
-        grow_idx = cols.gather(1, gkey.argmax(dim=1, keepdim=True)).squeeze(1)
-        prune_idx = cols.gather(1, pkey.argmax(dim=1, keepdim=True)).squeeze(1)
-        went = _swap_step(
-            dense, weight, mask, mean, error, active, have, grow_idx, prune_idx, positive, config
-        )
-        if bool(went.any()):
-            r, gi, pi = rows[went], grow_idx[went], prune_idx[went]
-            # each weight changes state once: the grown one stops being a growth candidate, the
-            # pruned one a pruning candidate
-            grow_pos[r, gi] = _NEG_INF
-            grow_neg[r, gi] = _NEG_INF
-            prune_for_pos[r, pi] = _NEG_INF
-            prune_for_neg[r, pi] = _NEG_INF
-            gsel = grp[went]
-            sub = [t.view(out, groups, m)[r, gsel].unsqueeze(1) for t in keys]
-            sp, sn = group_scores(*sub)
-            score_pos[r, gsel] = sp.squeeze(1)
-            score_neg[r, gsel] = sn.squeeze(1)
-        if trace is not None:
-            trace(cycle, error, weight, mask)
-        if not bool(active.any()):
-            break
