@@ -40,8 +40,14 @@ def rows() -> list[dict]:
         kw = {"sparsity": spec} if isinstance(spec, float) else {"pattern": spec}
         label = f"{int(spec * 100)}%" if isinstance(spec, float) else spec
         key = key or f"{'owl-' if profile == 'owl' else ''}{method}-{label}-n{nsamples}-{mode}"
-        return {"key": key, "method": method, "profile": profile, "nsamples": nsamples, "mode": mode,
-                "config": {**kw, **(fast if mode == "fast" else {"calib_dtype": "float32"})}}
+        return {
+            "key": key,
+            "method": method,
+            "profile": profile,
+            "nsamples": nsamples,
+            "mode": mode,
+            "config": {**kw, **(fast if mode == "fast" else {"calib_dtype": "float32"})},
+        }
 
     # most informative first
     for method, spec in [("sparsegpt", 0.5), ("wanda", 0.5), ("sparsegpt", "2:4"), ("sparsegpt", 0.7)]:
@@ -103,24 +109,48 @@ def run_row(spec: dict, model_name: str = MODEL) -> dict:
     from sparsecraft.prune import PruneConfig, prune
 
     model, tokenizer = load(model_name)
-    result = {"key": spec["key"], "model": model_name, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"}
+    result = {
+        "key": spec["key"],
+        "model": model_name,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+    }
     if spec["method"] is not None:
-        cfg = PruneConfig(method=spec["method"], profile=spec["profile"], nsamples=spec["nsamples"], seqlen=512,
-                          seed=0, batch_size=8, **spec["config"])
+        cfg = PruneConfig(
+            method=spec["method"],
+            profile=spec["profile"],
+            nsamples=spec["nsamples"],
+            seqlen=512,
+            seed=0,
+            batch_size=8,
+            **spec["config"],
+        )
         # magnitude needs no data: pruned without calibration forwards
-        calib = False if spec["method"] == "magnitude" else calibration_windows(tokenizer, "c4", spec["nsamples"], 512, 0)
+        calib = (
+            False
+            if spec["method"] == "magnitude"
+            else calibration_windows(tokenizer, "c4", spec["nsamples"], 512, 0)
+        )
         t0 = time.perf_counter()
         report = prune(model, tokenizer, cfg, calib, progress=False, model_name=model_name)
         result["prune_s"] = time.perf_counter() - t0
-        result.update(method=spec["method"], profile=spec["profile"], nsamples=spec["nsamples"],
-                      mode=spec["mode"], sparsity=report["summary"]["sparsity"], timing=report["timing"],
-                      memory=report["memory"], recipe=cfg.to_dict(),
-                      mean_rel_error=report["summary"]["mean_rel_error"], **checks(model, report, cfg))
+        result.update(
+            method=spec["method"],
+            profile=spec["profile"],
+            nsamples=spec["nsamples"],
+            mode=spec["mode"],
+            sparsity=report["summary"]["sparsity"],
+            timing=report["timing"],
+            memory=report["memory"],
+            recipe=cfg.to_dict(),
+            mean_rel_error=report["summary"]["mean_rel_error"],
+            **checks(model, report, cfg),
+        )
         if report.get("owl"):
             result["owl_block_sparsity"] = report["owl"]["block_sparsity"]
-    result["ppl"] = perplexity(model, tokenizer, "wikitext2", seqlen=512, max_windows=40, batch_size=8,
-                               progress=False)
+    result["ppl"] = perplexity(
+        model, tokenizer, "wikitext2", seqlen=512, max_windows=40, batch_size=8, progress=False
+    )
     return result
 
 
@@ -135,8 +165,11 @@ def load_done(path: Path) -> dict[str, dict]:
 
 
 def markdown(done: dict[str, dict]) -> str:
-    lines = ["| row | calib | mode | perplexity | prune time (s) | forward / stats / solve (s) | sparsity | check |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | calib | mode | perplexity | prune time (s) | forward / stats / solve (s) | sparsity "
+        "| check |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for spec in rows():
         r = done.get(spec["key"])
         if r is None:
@@ -145,14 +178,19 @@ def markdown(done: dict[str, dict]) -> str:
             lines.append(f"| dense | | | {r['ppl']:.2f} | | | | |")
             continue
         t = r["timing"]
-        check = (f"N:M valid: {r['nm_valid']}" if r.get("nm_valid") is not None
-                 else f"max dev {r['max_sparsity_deviation']:.1e}")
+        check = (
+            f"N:M valid: {r['nm_valid']}"
+            if r.get("nm_valid") is not None
+            else f"max dev {r['max_sparsity_deviation']:.1e}"
+        )
+        calib = "none" if r["method"] == "magnitude" else f"{r['nsamples']}x512"
         lines.append(
-            f"| {spec['key'].rsplit('-n', 1)[0]} | {'none' if r['method'] == 'magnitude' else str(r['nsamples']) + 'x512'} | "
+            f"| {spec['key'].rsplit('-n', 1)[0]} | {calib} | "
             f"{'' if r['method'] == 'magnitude' else r['mode']} | {r['ppl']:.2f} | "
             f"{r['prune_s']:.1f} | {t['forward_s']:.0f} / {t['statistics_s']:.0f} / {t['solve_s']:.0f}"
             f"{' + owl ' + format(t['owl_profile_s'], '.0f') if t.get('owl_profile_s') else ''} | "
-            f"{r['sparsity']:.4f} | {check} |")
+            f"{r['sparsity']:.4f} | {check} |"
+        )
     return "\n".join(lines)
 
 
@@ -180,12 +218,15 @@ def main() -> int:
     for spec in rows():
         if spec["key"] in done or (wanted and spec["key"] not in wanted):
             continue
-        with (contextlib.nullcontext() if args.no_lock else cpu_lock()):
+        with contextlib.nullcontext() if args.no_lock else cpu_lock():
             result = run_row(spec, args.model)
         with open(path, "a") as f:
             f.write(json.dumps(result) + "\n")
-        print(f"{spec['key']}: ppl {result['ppl']:.2f}" + (f", prune {result['prune_s']:.1f} s" if "prune_s" in result
-                                                          else ""), flush=True)
+        print(
+            f"{spec['key']}: ppl {result['ppl']:.2f}"
+            + (f", prune {result['prune_s']:.1f} s" if "prune_s" in result else ""),
+            flush=True,
+        )
     return 0
 
 

@@ -23,11 +23,16 @@ def add_calibration_options(p) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window offsets")
-    p.add_argument("--calib-dtype", default="model",
-                   help="dtype of the calibration forwards: model (default), float32, bfloat16 (CPU fast "
-                        "mode: ~2x faster with avx512_bf16), float16; solves are always float32")
+    p.add_argument(
+        "--calib-dtype",
+        default="model",
+        help="dtype of the calibration forwards: model (default), float32, bfloat16 (CPU fast "
+        "mode: ~2x faster with avx512_bf16), float16; solves are always float32",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
-    p.add_argument("--offload-dtype", default=None, help="dtype of block inputs kept on the CPU (e.g. float16)")
+    p.add_argument(
+        "--offload-dtype", default=None, help="dtype of block inputs kept on the CPU (e.g. float16)"
+    )
 
 
 def add_output_options(p) -> None:
@@ -37,21 +42,31 @@ def add_output_options(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint after a crash")
     p.add_argument("--no-checkpoint", action="store_true", help="no per-block checkpoint (no --resume later)")
     p.add_argument("--device", default="auto", help="compute device: auto (cuda if available), cpu, cuda:N")
-    p.add_argument("--dtype", default="float32", help="dtype the model is loaded and saved in (default float32)")
+    p.add_argument(
+        "--dtype", default="float32", help="dtype the model is loaded and saved in (default float32)"
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "prune", help="one-shot pruning: magnitude, Wanda, SparseGPT; unstructured, N:M, OWL; optional DSnoT",
-        description="Prune a causal LM layer by layer from calibration statistics.")
-    p.add_argument("model", metavar="MODEL", help="HF directory, .gguf file, alias (smollm2-135m) or random:NAME")
+        "prune",
+        help="one-shot pruning: magnitude, Wanda, SparseGPT; unstructured, N:M, OWL; optional DSnoT",
+        description="Prune a causal LM layer by layer from calibration statistics.",
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="HF directory, .gguf file, alias (smollm2-135m) or random:NAME"
+    )
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1), e.g. 0.5")
     group.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8")
-    p.add_argument("--profile", choices=["uniform", "owl"], default="uniform",
-                   help="per-layer sparsity: uniform, or OWL (outlier-weighted, mean exact)")
+    p.add_argument(
+        "--profile",
+        choices=["uniform", "owl"],
+        default="uniform",
+        help="per-layer sparsity: uniform, or OWL (outlier-weighted, mean exact)",
+    )
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x mean score)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread: block sparsities in S±λ")
     p.add_argument("--refine", choices=["dsnot"], default=None, help="refine each mask with DSnoT")
@@ -61,10 +76,15 @@ def register(subparsers) -> None:
     p.add_argument("--dsnot-without-same-sign", action="store_true", help="DSnoT: drop the same-sign check")
     p.add_argument("--magnitude-scope", choices=["layer", "row"], default="layer")
     p.add_argument("--wanda-variant", action="store_true", help="Wanda's adaptive per-row variant")
-    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening (fraction of mean diagonal)")
+    p.add_argument(
+        "--percdamp", type=float, default=0.01, help="SparseGPT dampening (fraction of mean diagonal)"
+    )
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
-    p.add_argument("--true-sequential", action="store_true",
-                   help="solve the layers of a block group by group, each seeing the solved ones' outputs")
+    p.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="solve the layers of a block group by group, each seeing the solved ones' outputs",
+    )
     p.add_argument("--targets", action="append", default=None, help="regex: prune only matching layers")
     p.add_argument("--ignore", action="append", default=None, help="regex: leave matching layers dense")
     add_calibration_options(p)
@@ -97,14 +117,24 @@ def print_table(report: dict) -> None:
     print(f"{'layer':<48} {'shape':>12} {'target':>7} {'sparsity':>8} {'rel.err':>8}")
     for r in report["layers"]:
         target = "" if r.get("target") is None else f"{r['target']:.4f}"
-        print(f"{r['name']:<48} {r['shape'][0]:>5}x{r['shape'][1]:<6} {target:>7} {r['sparsity']:>8.4f} "
-              f"{r['rel_error']:>8.4f}")
+        print(
+            f"{r['name']:<48} {r['shape'][0]:>5}x{r['shape'][1]:<6} {target:>7} {r['sparsity']:>8.4f} "
+            f"{r['rel_error']:>8.4f}"
+        )
     s, t = report["summary"], report["timing"]
-    print(f"total: {s['layers']} layers, sparsity {s['sparsity']:.4f}, mean rel. error {s['mean_rel_error']:.4f}; "
-          f"time {t['total_s']:.1f} s (forward {t['forward_s']:.1f}, statistics {t['statistics_s']:.1f}, "
-          f"solve {t['solve_s']:.1f}, checkpoint {t['checkpoint_s']:.1f}, owl {t['owl_profile_s']:.1f}); "
-          f"peak host {report['memory']['peak_host_mib']:.0f} MiB"
-          + (f", device {report['memory']['peak_device_mib']:.0f} MiB" if report['memory']['peak_device_mib'] else ""))
+    err = "n/a" if s["mean_rel_error"] is None else f"{s['mean_rel_error']:.4f}"
+    print(
+        f"total: {s['layers']} layers, sparsity {s['sparsity']:.4f}, "
+        f"mean rel. error {err}; "
+        f"time {t['total_s']:.1f} s (forward {t['forward_s']:.1f}, statistics {t['statistics_s']:.1f}, "
+        f"solve {t['solve_s']:.1f}, checkpoint {t['checkpoint_s']:.1f}, owl {t['owl_profile_s']:.1f}); "
+        f"peak host {report['memory']['peak_host_mib']:.0f} MiB"
+        + (
+            f", device {report['memory']['peak_device_mib']:.0f} MiB"
+            if report["memory"]["peak_device_mib"]
+            else ""
+        )
+    )
 
 
 def run(args) -> int:
@@ -116,23 +146,48 @@ def run(args) -> int:
     out = Path(args.out)
     check_out(out, args.overwrite, args.resume)
     config = PruneConfig(
-        method=args.method, sparsity=args.sparsity, pattern=args.pattern, profile=args.profile,
-        owl_m=args.owl_m, owl_lambda=args.owl_lambda, magnitude_scope=args.magnitude_scope,
-        wanda_variant=args.wanda_variant, blocksize=args.blocksize, percdamp=args.percdamp,
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        profile=args.profile,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
+        magnitude_scope=args.magnitude_scope,
+        wanda_variant=args.wanda_variant,
+        blocksize=args.blocksize,
+        percdamp=args.percdamp,
         refine=args.refine,
-        dsnot=DSnoTConfig(max_cycles=args.dsnot_cycles, update_threshold=args.dsnot_threshold,
-                          skip_layer=tuple(args.dsnot_skip) if args.dsnot_skip else None,
-                          without_same_sign=args.dsnot_without_same_sign),
-        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        true_sequential=args.true_sequential, device=args.device, calib_dtype=args.calib_dtype,
-        offload_dtype=args.offload_dtype, batch_size=args.batch_size,
+        dsnot=DSnoTConfig(
+            max_cycles=args.dsnot_cycles,
+            update_threshold=args.dsnot_threshold,
+            skip_layer=tuple(args.dsnot_skip) if args.dsnot_skip else None,
+            without_same_sign=args.dsnot_without_same_sign,
+        ),
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        true_sequential=args.true_sequential,
+        device=args.device,
+        calib_dtype=args.calib_dtype,
+        offload_dtype=args.offload_dtype,
+        batch_size=args.batch_size,
         targets=tuple(args.targets) if args.targets else None,
-        ignore=tuple(args.ignore) if args.ignore else None)
+        ignore=tuple(args.ignore) if args.ignore else None,
+    )
     model, tokenizer = load(args.model, dtype=args.dtype, device="cpu")
     calibration = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     ckpt = checkpoint_dir(out, args)
-    report = prune(model, tokenizer, config, calibration, checkpoint_dir=ckpt, resume=args.resume,
-                   progress=not args.no_progress, model_name=args.model)
+    report = prune(
+        model,
+        tokenizer,
+        config,
+        calibration,
+        checkpoint_dir=ckpt,
+        resume=args.resume,
+        progress=not args.no_progress,
+        model_name=args.model,
+    )
     save(model, tokenizer, out, extra_files={"sparsecraft.json": report})
     if ckpt is not None and ckpt.exists():
         shutil.rmtree(ckpt)

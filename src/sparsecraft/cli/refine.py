@@ -21,12 +21,16 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "refine", help="training-free mask refinement (DSnoT) of a pruned model",
-        description="Refine the masks of a pruned model with DSnoT prune-and-grow swaps.")
+        "refine",
+        help="training-free mask refinement (DSnoT) of a pruned model",
+        description="Refine the masks of a pruned model with DSnoT prune-and-grow swaps.",
+    )
     p.add_argument("sparse_dir", metavar="SPARSE_DIR", help="the pruned model (HF directory)")
     p.add_argument("--dense", required=True, metavar="MODEL", help="the dense model it was pruned from")
     p.add_argument("--method", choices=["dsnot"], default="dsnot")
-    p.add_argument("--pattern", default=None, help="N:M pattern of the masks (default: from sparsecraft.json)")
+    p.add_argument(
+        "--pattern", default=None, help="N:M pattern of the masks (default: from sparsecraft.json)"
+    )
     p.add_argument("--dsnot-cycles", type=int, default=50)
     p.add_argument("--dsnot-threshold", type=float, default=0.1)
     p.add_argument("--dsnot-gamma", type=float, default=1.0, help="power of the variance in the growth score")
@@ -59,32 +63,57 @@ def run(args) -> int:
     check_out(out, args.overwrite, args.resume)
     if Path(args.sparse_dir).resolve() == out.resolve():
         raise SparsecraftError("--out: must differ from SPARSE_DIR (the output is written separately)")
-    dsnot = DSnoTConfig(max_cycles=args.dsnot_cycles, update_threshold=args.dsnot_threshold,
-                        pow_of_var_regrowing=args.dsnot_gamma,
-                        skip_layer=tuple(args.dsnot_skip) if args.dsnot_skip else None,
-                        without_same_sign=args.dsnot_without_same_sign)
+    dsnot = DSnoTConfig(
+        max_cycles=args.dsnot_cycles,
+        update_threshold=args.dsnot_threshold,
+        pow_of_var_regrowing=args.dsnot_gamma,
+        skip_layer=tuple(args.dsnot_skip) if args.dsnot_skip else None,
+        without_same_sign=args.dsnot_without_same_sign,
+    )
     pattern = args.pattern or _recorded_pattern(args.sparse_dir)
     nm = parse_pattern(pattern) if pattern else None
-    config = PruneConfig(method="magnitude", sparsity=0.0, refine="dsnot", dsnot=dsnot, calib=args.calib,
-                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
-                         calib_dtype=args.calib_dtype, offload_dtype=args.offload_dtype,
-                         batch_size=args.batch_size)
+    config = PruneConfig(
+        method="magnitude",
+        sparsity=0.0,
+        refine="dsnot",
+        dsnot=dsnot,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        device=args.device,
+        calib_dtype=args.calib_dtype,
+        offload_dtype=args.offload_dtype,
+        batch_size=args.batch_size,
+    )
     sparse, tokenizer = load(args.sparse_dir, dtype=args.dtype, device="cpu")
     dense, _ = load(args.dense, dtype="float32", device="cpu")
     if nm is not None:
         from ..models import prunable_linears, weight_matrix
+
         bad = [n for n, la in prunable_linears(sparse).items() if not nm_valid(weight_matrix(la), *nm)]
         if bad:
             raise SparsecraftError(f"--pattern {pattern}: {SPARSE_DIR_HINT} {', '.join(bad[:3])}")
     calibration = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     ckpt = checkpoint_dir(out, args)
-    report = refine_model(sparse, dense, calibration, dsnot, nm, config, checkpoint_dir=ckpt,
-                          resume=args.resume, progress=not args.no_progress, model_name=args.sparse_dir)
+    report = refine_model(
+        sparse,
+        dense,
+        calibration,
+        dsnot,
+        nm,
+        config,
+        checkpoint_dir=ckpt,
+        resume=args.resume,
+        progress=not args.no_progress,
+        model_name=args.sparse_dir,
+    )
     report["dense_model"] = args.dense
     del dense
     save(sparse, tokenizer, out, extra_files={"sparsecraft.json": report})
     if ckpt is not None and ckpt.exists():
         import shutil
+
         shutil.rmtree(ckpt)
     if args.json:
         write_json(args.json, report)

@@ -5,5 +5,14 @@ from .api import PruneConfig, prune, refine_model
 from .engine import EngineOptions, EngineReport, LayerSolver, SolveResult, run_sequential
 from .stats import LayerStats
 
-__all__ = ["EngineOptions", "EngineReport", "LayerSolver", "LayerStats", "PruneConfig", "SolveResult", "prune",
-           "refine_model", "run_sequential"]
+__all__ = [
+    "EngineOptions",
+    "EngineReport",
+    "LayerSolver",
+    "LayerStats",
+    "PruneConfig",
+    "SolveResult",
+    "prune",
+    "refine_model",
+    "run_sequential",
+]

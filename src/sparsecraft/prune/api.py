@@ -35,8 +35,15 @@ log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PROFILES = ("uniform", "owl")
-DTYPES = {"model": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "model": None,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -45,25 +52,25 @@ class PruneConfig:
 
     method: str = "sparsegpt"
     sparsity: float | None = None
-    pattern: str | None = None            # "2:4": keep N of every M consecutive inputs
-    profile: str = "uniform"              # or "owl" (per-block sparsity from outlier ratios)
+    pattern: str | None = None  # "2:4": keep N of every M consecutive inputs
+    profile: str = "uniform"  # or "owl" (per-block sparsity from outlier ratios)
     owl_m: float = 5.0
     owl_lambda: float = 0.08
-    magnitude_scope: str = "layer"        # magnitude compares per "layer" or per "row"
-    wanda_variant: bool = False           # Wanda's adaptive per-row variant
-    blocksize: int = 128                  # SparseGPT column block
-    percdamp: float = 0.01                # SparseGPT dampening, fraction of the mean Hessian diagonal
-    refine: str | None = None             # "dsnot"
+    magnitude_scope: str = "layer"  # magnitude compares per "layer" or per "row"
+    wanda_variant: bool = False  # Wanda's adaptive per-row variant
+    blocksize: int = 128  # SparseGPT column block
+    percdamp: float = 0.01  # SparseGPT dampening, fraction of the mean Hessian diagonal
+    refine: str | None = None  # "dsnot"
     dsnot: DSnoTConfig = field(default_factory=DSnoTConfig)
-    calib: str = "c4"                     # recorded in the recipe; used when no calibration is given
+    calib: str = "c4"  # recorded in the recipe; used when no calibration is given
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
     true_sequential: bool = False
     device: str = "auto"
-    calib_dtype: str = "model"            # dtype of calibration forwards: model, float32, bfloat16, float16
-    offload_dtype: str | None = None      # dtype of block inputs kept on the CPU (None: calib dtype)
-    bf16_hessian: bool = False            # bf16 fast mode: Σ x xᵀ from bf16 products, fp32 sums
+    calib_dtype: str = "model"  # dtype of calibration forwards: model, float32, bfloat16, float16
+    offload_dtype: str | None = None  # dtype of block inputs kept on the CPU (None: calib dtype)
+    bf16_hessian: bool = False  # bf16 fast mode: Σ x xᵀ from bf16 products, fp32 sums
     batch_size: int = 8
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] | None = None
@@ -77,18 +84,25 @@ class PruneConfig:
         if self.sparsity is not None:
             self.sparsity = check_sparsity(self.sparsity)
         if self.pattern is not None:
-            n, m = parse_pattern(self.pattern) if isinstance(self.pattern, str) else parse_pattern(
-                f"{self.pattern[0]}:{self.pattern[1]}")
+            n, m = (
+                parse_pattern(self.pattern)
+                if isinstance(self.pattern, str)
+                else parse_pattern(f"{self.pattern[0]}:{self.pattern[1]}")
+            )
             self.pattern = f"{n}:{m}"
         if self.profile not in PROFILES:
             raise SparsecraftError(f"profile {self.profile!r}: choose one of {', '.join(PROFILES)}")
         if self.profile == "owl":
             if self.pattern is not None:
-                raise SparsecraftError("profile owl: needs an unstructured --sparsity (N:M fixes every layer's sparsity)")
+                raise SparsecraftError(
+                    "profile owl: needs an unstructured --sparsity (N:M fixes every layer's sparsity)"
+                )
             if not self.owl_m > 0:
                 raise SparsecraftError(f"owl_m {self.owl_m}: must be > 0 (the paper uses 5)")
             if not 0 <= self.owl_lambda < 1:
-                raise SparsecraftError(f"owl_lambda {self.owl_lambda}: must be in [0, 1) (the paper uses 0.08)")
+                raise SparsecraftError(
+                    f"owl_lambda {self.owl_lambda}: must be in [0, 1) (the paper uses 0.08)"
+                )
         if self.magnitude_scope not in ("layer", "row"):
             raise SparsecraftError(f"magnitude_scope {self.magnitude_scope!r}: choose layer or row")
         if self.blocksize < 1:
@@ -105,7 +119,9 @@ class PruneConfig:
         if self.calib_dtype not in DTYPES:
             raise SparsecraftError(f"calib_dtype {self.calib_dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.offload_dtype is not None and DTYPES.get(self.offload_dtype) is None:
-            raise SparsecraftError(f"offload_dtype {self.offload_dtype!r}: choose float32, bfloat16 or float16")
+            raise SparsecraftError(
+                f"offload_dtype {self.offload_dtype!r}: choose float32, bfloat16 or float16"
+            )
         for key in ("targets", "ignore"):
             pats = getattr(self, key)
             if pats is not None:
@@ -116,7 +132,9 @@ class PruneConfig:
                     try:
                         re.compile(p)
                     except re.error as e:
-                        raise SparsecraftError(f"{key} pattern {p!r}: not a regular expression ({e})") from None
+                        raise SparsecraftError(
+                            f"{key} pattern {p!r}: not a regular expression ({e})"
+                        ) from None
                 setattr(self, key, pats)
 
     @property
@@ -178,7 +196,7 @@ class DSnoTSolver:
 
 
 def _block_index(name: str, blocks_name: str) -> int:
-    rest = name[len(blocks_name) + 1:] if name.startswith(blocks_name + ".") else ""
+    rest = name[len(blocks_name) + 1 :] if name.startswith(blocks_name + ".") else ""
     head = rest.split(".", 1)[0]
     return int(head) if head.isdigit() else -1
 
@@ -199,15 +217,24 @@ def check_layers(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
     return layers
 
 
-def engine_options(config: PruneConfig, checkpoint_dir=None, resume=False, progress=True,
-                   fingerprint: dict | None = None) -> EngineOptions:
+def engine_options(
+    config: PruneConfig, checkpoint_dir=None, resume=False, progress=True, fingerprint: dict | None = None
+) -> EngineOptions:
     return EngineOptions(
-        device=config.device, forward_dtype=DTYPES[config.calib_dtype],
+        device=config.device,
+        forward_dtype=DTYPES[config.calib_dtype],
         batch_size=config.batch_size,
         offload_dtype=DTYPES[config.offload_dtype] if config.offload_dtype else None,
-        true_sequential=config.true_sequential, targets=config.targets, ignore=config.ignore,
-        checkpoint_dir=checkpoint_dir, resume=resume, fingerprint=fingerprint,
-        error_rows=config.error_rows, bf16_hessian=config.bf16_hessian, progress=progress)
+        true_sequential=config.true_sequential,
+        targets=config.targets,
+        ignore=config.ignore,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        fingerprint=fingerprint,
+        error_rows=config.error_rows,
+        bf16_hessian=config.bf16_hessian,
+        progress=progress,
+    )
 
 
 def make_solver(config: PruneConfig, target_for):
@@ -222,7 +249,9 @@ def make_solver(config: PruneConfig, target_for):
     return solver
 
 
-def _owl_profile(model, calibration, config: PruneConfig, checkpoint_dir, resume, progress) -> tuple[list[float], list[float], float]:
+def _owl_profile(
+    model, calibration, config: PruneConfig, checkpoint_dir, resume, progress
+) -> tuple[list[float], list[float], float]:
     """Per-block sparsities (and the outlier ratios) from a dense statistics walk; cached in the
     checkpoint directory so that a resumed run reuses them."""
     cache = Path(checkpoint_dir) / "owl.json" if checkpoint_dir else None
@@ -264,22 +293,34 @@ def prune(
         return _prune_data_free(model, config, model_name, t_start)
     if calibration is None:
         from ..data import calibration_windows
-        calibration = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+
+        calibration = calibration_windows(
+            tokenizer, config.calib, config.nsamples, config.seqlen, config.seed
+        )
     if not isinstance(calibration, Tensor) or calibration.dim() != 2:
         raise SparsecraftError("calibration: expected a LongTensor of shape (nsamples, seqlen)")
     check_layers(model, config)
     blocks_name, blocks = decoder_blocks(model)
-    fingerprint = {"recipe": config.recipe_fingerprint(), "model": model_name or type(model).__name__,
-                   "calibration": int(calibration.sum()) if calibration.numel() else 0,
-                   "shape": list(calibration.shape)}
+    fingerprint = {
+        "recipe": config.recipe_fingerprint(),
+        "model": model_name or type(model).__name__,
+        "calibration": int(calibration.sum()) if calibration.numel() else 0,
+        "shape": list(calibration.shape),
+    }
 
     block_sparsity: list[float] | None = None
     owl_info = None
     owl_s = 0.0
     if config.profile == "owl":
-        block_sparsity, ratios, owl_s = _owl_profile(model, calibration, config, checkpoint_dir, resume, progress)
-        owl_info = {"m": config.owl_m, "lambda": config.owl_lambda, "outlier_ratios": ratios,
-                    "block_sparsity": block_sparsity}
+        block_sparsity, ratios, owl_s = _owl_profile(
+            model, calibration, config, checkpoint_dir, resume, progress
+        )
+        owl_info = {
+            "m": config.owl_m,
+            "lambda": config.owl_lambda,
+            "outlier_ratios": ratios,
+            "block_sparsity": block_sparsity,
+        }
         log.info("OWL block sparsities: %s", " ".join(f"{s:.3f}" for s in block_sparsity))
 
     nm = config.nm
@@ -305,8 +346,10 @@ def _prune_data_free(model, config: PruneConfig, model_name, t_start: float) -> 
     from .engine import EngineReport, LayerRecord, _peak_host_mib
 
     if config.method != "magnitude" or config.profile != "uniform" or config.refine:
-        raise SparsecraftError(f"method {config.method} (profile {config.profile}, refine {config.refine}) "
-                               "needs calibration data; only uniform magnitude pruning runs without it")
+        raise SparsecraftError(
+            f"method {config.method} (profile {config.profile}, refine {config.refine}) "
+            "needs calibration data; only uniform magnitude pruning runs without it"
+        )
     layers = check_layers(model, config)
     target = LayerTarget(config.sparsity or 0.0, config.nm)
     solver = MagnitudeSolver(lambda name: target, config.magnitude_scope)
@@ -318,42 +361,78 @@ def _prune_data_free(model, config: PruneConfig, model_name, t_start: float) -> 
         w.copy_(res.weight.to(w.dtype))
         dt = time.perf_counter() - t0
         rep.solve_s += dt
-        rep.layers.append(LayerRecord(name, tuple(w.shape), float((w == 0).float().mean()), float("nan"),
-                                      "none", dt, res.info))
+        rep.layers.append(
+            LayerRecord(
+                name, tuple(w.shape), float((w == 0).float().mean()), float("nan"), "none", dt, res.info
+            )
+        )
     rep.total_s = rep.solve_s
     rep.peak_host_mib = _peak_host_mib()
-    return build_report(config, rep, model_name, torch.zeros(0, 0, dtype=torch.long), None, 0.0,
-                        time.perf_counter() - t_start)
+    return build_report(
+        config, rep, model_name, torch.zeros(0, 0, dtype=torch.long), None, 0.0, time.perf_counter() - t_start
+    )
 
 
-def build_report(config: PruneConfig, rep, model_name, calibration: Tensor, owl_info, owl_s: float,
-                 wall_s: float, kind: str = "prune") -> dict:
+def build_report(
+    config: PruneConfig,
+    rep,
+    model_name,
+    calibration: Tensor,
+    owl_info,
+    owl_s: float,
+    wall_s: float,
+    kind: str = "prune",
+) -> dict:
     layers = []
     total_w = total_zero = 0
     for r in rep.layers:
         numel = r.shape[0] * r.shape[1]
         total_w += numel
         total_zero += round(r.sparsity * numel)
-        layers.append({"name": r.name, "shape": list(r.shape), "sparsity": r.sparsity,
-                       "target": r.info.get("target"), "rel_error": r.rel_error,
-                       "error_measure": r.error_measure, "solve_s": r.solve_s,
-                       **{k: v for k, v in r.info.items() if k != "target"}})
+        layers.append(
+            {
+                "name": r.name,
+                "shape": list(r.shape),
+                "sparsity": r.sparsity,
+                "target": r.info.get("target"),
+                "rel_error": r.rel_error,
+                "error_measure": r.error_measure,
+                "solve_s": r.solve_s,
+                **{k: v for k, v in r.info.items() if k != "target"},
+            }
+        )
     errors = [r.rel_error for r in rep.layers if r.rel_error == r.rel_error]  # NaN: not measured
     return {
         "kind": kind,
         "model": model_name,
         "recipe": config.to_dict(),
-        "calibration": ({"source": config.calib, "nsamples": int(calibration.shape[0]),
-                         "seqlen": int(calibration.shape[1]), "seed": config.seed}
-                        if calibration.numel() else None),
-        "summary": {"layers": len(layers), "sparsity": total_zero / max(total_w, 1),
-                    "target_sparsity": config.target_sparsity,
-                    "mean_rel_error": sum(errors) / len(errors) if errors else None,
-                    "max_rel_error": max(errors) if errors else None},
+        "calibration": (
+            {
+                "source": config.calib,
+                "nsamples": int(calibration.shape[0]),
+                "seqlen": int(calibration.shape[1]),
+                "seed": config.seed,
+            }
+            if calibration.numel()
+            else None
+        ),
+        "summary": {
+            "layers": len(layers),
+            "sparsity": total_zero / max(total_w, 1),
+            "target_sparsity": config.target_sparsity,
+            "mean_rel_error": sum(errors) / len(errors) if errors else None,
+            "max_rel_error": max(errors) if errors else None,
+        },
         "owl": owl_info,
-        "timing": {"forward_s": rep.forward_s, "statistics_s": rep.statistics_s, "solve_s": rep.solve_s,
-                   "checkpoint_s": rep.checkpoint_s, "owl_profile_s": owl_s, "engine_s": rep.total_s,
-                   "total_s": wall_s},
+        "timing": {
+            "forward_s": rep.forward_s,
+            "statistics_s": rep.statistics_s,
+            "solve_s": rep.solve_s,
+            "checkpoint_s": rep.checkpoint_s,
+            "owl_profile_s": owl_s,
+            "engine_s": rep.total_s,
+            "total_s": wall_s,
+        },
         "memory": {"peak_host_mib": rep.peak_host_mib, "peak_device_mib": rep.peak_device_mib},
         "device": rep.device,
         "forward_dtype": rep.forward_dtype,
@@ -381,11 +460,15 @@ def refine_model(
     dense_layers = prunable_linears(dense_model)
     sparse_layers = prunable_linears(sparse_model)
     if set(dense_layers) != set(sparse_layers):
-        raise SparsecraftError("--dense: the dense model's layers do not match the sparse model's (another architecture?)")
+        raise SparsecraftError(
+            "--dense: the dense model's layers do not match the sparse model's (another architecture?)"
+        )
     for name, layer in sparse_layers.items():
         if layer_shape(layer) != layer_shape(dense_layers[name]):
-            raise SparsecraftError(f"--dense: {name} has shape {layer_shape(dense_layers[name])} in the dense "
-                                   f"model but {layer_shape(layer)} in the sparse one")
+            raise SparsecraftError(
+                f"--dense: {name} has shape {layer_shape(dense_layers[name])} in the dense "
+                f"model but {layer_shape(layer)} in the sparse one"
+            )
     from ..models.discovery import weight_matrix
 
     def dense_for(name: str) -> Tensor:
@@ -393,14 +476,28 @@ def refine_model(
 
     cfg = config or PruneConfig(method="magnitude", sparsity=0.0, refine="dsnot", dsnot=dsnot)
     solver = DSnoTSolver(dsnot, nm, base=None, dense_for=dense_for)
-    fingerprint = {"refine": asdict(dsnot), "nm": nm, "calibration": int(calibration.sum()),
-                   "shape": list(calibration.shape), "model": model_name}
-    rep = run_sequential(sparse_model, calibration, solver,
-                         engine_options(cfg, checkpoint_dir, resume, progress, fingerprint))
-    report = build_report(cfg, rep, model_name, calibration, None, 0.0, time.perf_counter() - t_start,
-                          kind="refine")
-    report["recipe"] = {"method": "dsnot", "dsnot": asdict(dsnot), "pattern": f"{nm[0]}:{nm[1]}" if nm else None,
-                        "calib": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
-                        "calib_dtype": cfg.calib_dtype}
+    fingerprint = {
+        "refine": asdict(dsnot),
+        "nm": nm,
+        "calibration": int(calibration.sum()),
+        "shape": list(calibration.shape),
+        "model": model_name,
+    }
+    rep = run_sequential(
+        sparse_model, calibration, solver, engine_options(cfg, checkpoint_dir, resume, progress, fingerprint)
+    )
+    report = build_report(
+        cfg, rep, model_name, calibration, None, 0.0, time.perf_counter() - t_start, kind="refine"
+    )
+    report["recipe"] = {
+        "method": "dsnot",
+        "dsnot": asdict(dsnot),
+        "pattern": f"{nm[0]}:{nm[1]}" if nm else None,
+        "calib": cfg.calib,
+        "nsamples": cfg.nsamples,
+        "seqlen": cfg.seqlen,
+        "seed": cfg.seed,
+        "calib_dtype": cfg.calib_dtype,
+    }
     report["summary"]["target_sparsity"] = None
     return report

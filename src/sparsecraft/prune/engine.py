@@ -72,7 +72,12 @@ from .stats import LayerStats, relative_error
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EngineOptions", "EngineReport", "LayerRecord", "LayerSolver", "SolveResult", "resolve_device",
+    "EngineOptions",
+    "EngineReport",
+    "LayerRecord",
+    "LayerSolver",
+    "SolveResult",
+    "resolve_device",
     "run_sequential",
 ]
 
@@ -94,7 +99,9 @@ class SolveResult:
 class LayerSolver(Protocol):
     needs_hessian: bool
 
-    def solve(self, name: str, layer: nn.Module, weight: Tensor, stats: LayerStats) -> Tensor | SolveResult: ...
+    def solve(
+        self, name: str, layer: nn.Module, weight: Tensor, stats: LayerStats
+    ) -> Tensor | SolveResult: ...
 
 
 @dataclass
@@ -225,8 +232,14 @@ class _Recorder(nn.Module):
 
 
 @torch.no_grad()
-def _capture(model, blocks: nn.ModuleList, batches: list[Tensor], device: torch.device,
-             fdtype: torch.dtype, store_dtype: torch.dtype):
+def _capture(
+    model,
+    blocks: nn.ModuleList,
+    batches: list[Tensor],
+    device: torch.device,
+    fdtype: torch.dtype,
+    store_dtype: torch.dtype,
+):
     """Inputs of block 0 (CPU, per batch) and each block's extra call arguments (per batch)."""
     originals = list(blocks)
     n = len(originals)
@@ -269,20 +282,27 @@ def _block_output(out):
 class _StatsCollector:
     """Pre-hooks on a block's linears: group layers by identical input tensor, accumulate."""
 
-    def __init__(self, layers: dict[str, nn.Module], needs_hessian: bool, device, error_rows: int,
-                 sample_every: int, hessian_dtype: torch.dtype | None):
+    def __init__(
+        self,
+        layers: dict[str, nn.Module],
+        needs_hessian: bool,
+        device,
+        error_rows: int,
+        sample_every: int,
+        hessian_dtype: torch.dtype | None,
+    ):
         self.layers = layers
         self.needs_hessian = needs_hessian
         self.device = device
         self.error_rows = error_rows
         self.sample_every = sample_every
         self.hessian_dtype = hessian_dtype
-        self.stats: dict[str, LayerStats] = {}   # layer -> (shared) stats
-        self.leader: dict[str, str] = {}         # layer -> name of the group's first layer
-        self.order: list[str] = []               # layers in execution order
+        self.stats: dict[str, LayerStats] = {}  # layer -> (shared) stats
+        self.leader: dict[str, str] = {}  # layer -> name of the group's first layer
+        self.order: list[str] = []  # layers in execution order
         self.discovering = True
-        self.active: set[str] | None = None      # groups (by leader) accumulating now; None = all
-        self.stop_after: str | None = None       # leader after whose update the forward stops
+        self.active: set[str] | None = None  # groups (by leader) accumulating now; None = all
+        self.stop_after: str | None = None  # leader after whose update the forward stops
         self.accumulate = True
         self.seen: list[tuple[Tensor, str]] = []
         self.time_s = 0.0
@@ -326,9 +346,12 @@ class _StatsCollector:
                     else:
                         self.leader[name] = name
                         self.stats[name] = LayerStats(
-                            x.shape[-1], with_hessian=self.needs_hessian, device=self.device,
+                            x.shape[-1],
+                            with_hessian=self.needs_hessian,
+                            device=self.device,
                             hessian_matmul_dtype=self.hessian_dtype,
-                            sample_rows=0 if self.needs_hessian else self.error_rows)
+                            sample_rows=0 if self.needs_hessian else self.error_rows,
+                        )
                     self.order.append(name)
                     self.seen.append((x, name))
             lead = self.leader.get(name)
@@ -337,7 +360,103 @@ class _StatsCollector:
             self.time_s += time.perf_counter() - t0
             if self.stop_after is not None and name == self.stop_after:
                 raise _StopForward
+
         return hook
+
+
+class _BlockRun:
+    """One block being processed: its forward copy on the device, passes and solves."""
+
+    def __init__(
+        self,
+        master: nn.Module,
+        prefix: str,
+        extra: list,
+        solver,
+        report: EngineReport,
+        opts: EngineOptions,
+        device: torch.device,
+        fdtype: torch.dtype,
+        store_dtype: torch.dtype,
+    ):
+        self.master, self.prefix, self.extra, self.solver, self.report = master, prefix, extra, solver, report
+        self.opts, self.device, self.fdtype, self.store_dtype = opts, device, fdtype, store_dtype
+        self.master_layers = block_linears(master, prefix, opts.targets, opts.ignore)
+        p = next(master.parameters())
+        same = device == p.device and fdtype == p.dtype
+        self.fwd = master if same else copy.deepcopy(master).to(device=device, dtype=fdtype)
+        self.fwd_layers = block_linears(self.fwd, prefix, opts.targets, opts.ignore)
+        self.records: list[LayerRecord] = []
+        self.new_weights: dict[str, Tensor] = {}
+        self.changed = False
+
+    def run_pass(self, xs: list[Tensor], collector: _StatsCollector | None, keep_outputs: bool):
+        outs = [] if keep_outputs else None
+        for bi, x in enumerate(xs):
+            rest, kwargs = self.extra[bi]
+            if collector is not None:
+                collector.new_batch()
+            try:
+                out = self.fwd(x.to(device=self.device, dtype=self.fdtype), *rest, **kwargs)
+            except _StopForward:
+                out = None
+            if collector is not None and collector.discovering:
+                collector.end_discovery()
+            if outs is not None and out is not None:
+                outs.append(_block_output(out).to("cpu", self.store_dtype))
+        return outs
+
+    def _call_solver(self, names, layers, dense, stats) -> list[SolveResult]:
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and self.opts.solve_threads:
+            torch.set_num_threads(self.opts.solve_threads)
+        try:
+            if len(names) > 1 and hasattr(self.solver, "solve_group"):
+                return [
+                    _as_result(r)
+                    for r in self.solver.solve_group(names, layers, [w.clone() for w in dense], stats)
+                ]
+            return [
+                _as_result(self.solver.solve(n, layer, w.clone(), stats))
+                for n, layer, w in zip(names, layers, dense)
+            ]
+        finally:
+            torch.set_num_threads(threads)
+
+    def solve_group(self, collector: _StatsCollector, group: list[str]) -> None:
+        device, prefix = self.device, self.prefix
+        stats = collector.stats[group[0]]
+        stats.check_finite(prefix + group[0])
+        t0 = time.perf_counter()
+        dense = []
+        for rel in group:
+            w = weight_matrix(self.master_layers[rel]).to(device=device, dtype=torch.float32)
+            if not torch.isfinite(w).all():
+                raise SparsecraftError(f"{prefix}{rel}: the weight contains NaN or Inf; the model is corrupt")
+            dense.append(w)
+        results = self._call_solver(
+            [prefix + rel for rel in group], [self.master_layers[rel] for rel in group], dense, stats
+        )
+        solve_s = (time.perf_counter() - t0) / len(group)
+        self.report.solve_s += time.perf_counter() - t0
+        for rel, w, res in zip(group, dense, results):
+            new = res.weight.to(device=device, dtype=torch.float32)
+            if new.shape != w.shape:
+                raise RuntimeError(f"solver returned {tuple(new.shape)} for {prefix}{rel} {tuple(w.shape)}")
+            ref = w if res.reference is None else res.reference.to(device=device, dtype=torch.float32)
+            err, how = relative_error(ref, new, stats)
+            sparsity = float((new == 0).float().mean())
+            self.records.append(
+                LayerRecord(prefix + rel, tuple(w.shape), sparsity, err, how, solve_s, res.info)
+            )
+            self.changed |= not torch.equal(new, w)
+            master_w = weight_matrix(self.master_layers[rel])
+            master_w.copy_(new.to(master_w))
+            if self.fwd is not self.master:
+                fwd_w = weight_matrix(self.fwd_layers[rel])
+                fwd_w.copy_(new.to(fwd_w))
+            self.new_weights[rel] = master_w
+        stats.release()
 
 
 def _fingerprint_hash(fp: dict | None) -> str:
@@ -414,11 +533,14 @@ def run_sequential(
     device = resolve_device(opts.device)
     model.eval()
     blocks_name, blocks = decoder_blocks(model)
-    master_dtype = next(model.parameters()).dtype
-    fdtype = opts.forward_dtype or master_dtype
+    fdtype = opts.forward_dtype or next(model.parameters()).dtype
     store_dtype = opts.offload_dtype or fdtype
-    report = EngineReport(blocks=len(blocks), tokens=int(calibration_ids.numel()), device=str(device),
-                          forward_dtype=str(fdtype).replace("torch.", ""))
+    report = EngineReport(
+        blocks=len(blocks),
+        tokens=int(calibration_ids.numel()),
+        device=str(device),
+        forward_dtype=str(fdtype).replace("torch.", ""),
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     needs_hessian = bool(getattr(solver, "needs_hessian", False))
@@ -452,111 +574,45 @@ def run_sequential(
 
     bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not opts.progress, leave=False)
     for b in bar:
-        master = blocks[b]
         prefix = f"{blocks_name}.{b}."
-        master_layers = block_linears(master, prefix, opts.targets, opts.ignore)
-        same = device == next(master.parameters()).device and fdtype == master_dtype
-        fwd = master if same else copy.deepcopy(master).to(device=device, dtype=fdtype)
-        fwd_layers = block_linears(fwd, prefix, opts.targets, opts.ignore)
-        records: list[LayerRecord] = []
-        new_weights: dict[str, Tensor] = {}
-        changed = False
-
-        def run_pass(xs: list[Tensor], collector: _StatsCollector | None, keep_outputs: bool):
-            outs = [] if keep_outputs else None
-            for bi, x in enumerate(xs):
-                rest, kwargs = extra[b][bi]
-                if collector is not None:
-                    collector.new_batch()
-                try:
-                    out = fwd(x.to(device=device, dtype=fdtype), *rest, **kwargs)
-                except _StopForward:
-                    out = None
-                if collector is not None and collector.discovering:
-                    collector.end_discovery()
-                if outs is not None and out is not None:
-                    outs.append(_block_output(out).to("cpu", store_dtype))
-            return outs
-
-        def solve_group(collector: _StatsCollector, group: list[str]) -> None:
-            nonlocal changed
-            stats = collector.stats[group[0]]
-            stats.check_finite(prefix + group[0])
-            t0 = time.perf_counter()
-            dense = []
-            for rel in group:
-                w = weight_matrix(master_layers[rel]).to(device=device, dtype=torch.float32)
-                if not torch.isfinite(w).all():
-                    raise SparsecraftError(f"{prefix}{rel}: the weight contains NaN or Inf; the model is corrupt")
-                dense.append(w)
-            names = [prefix + rel for rel in group]
-            layers = [master_layers[rel] for rel in group]
-            threads = torch.get_num_threads()
-            if device.type == "cpu" and opts.solve_threads:
-                torch.set_num_threads(opts.solve_threads)
-            try:
-                if len(group) > 1 and hasattr(solver, "solve_group"):
-                    results = [_as_result(r) for r in solver.solve_group(
-                        names, layers, [w.clone() for w in dense], stats)]
-                else:
-                    results = [_as_result(solver.solve(n, layer, w.clone(), stats))
-                               for n, layer, w in zip(names, layers, dense)]
-            finally:
-                torch.set_num_threads(threads)
-            solve_s = (time.perf_counter() - t0) / len(group)
-            report.solve_s += time.perf_counter() - t0
-            for rel, w, res in zip(group, dense, results):
-                new = res.weight.to(device=device, dtype=torch.float32)
-                if new.shape != w.shape:
-                    raise RuntimeError(f"solver returned shape {tuple(new.shape)} for {prefix}{rel} {tuple(w.shape)}")
-                ref = w if res.reference is None else res.reference.to(device=device, dtype=torch.float32)
-                err, how = relative_error(ref, new, stats)
-                sparsity = float((new == 0).float().mean())
-                records.append(LayerRecord(prefix + rel, tuple(w.shape), sparsity, err, how, solve_s, res.info))
-                if not torch.equal(new, w):
-                    changed = True
-                weight_matrix(master_layers[rel]).copy_(new.to(weight_matrix(master_layers[rel])))
-                if fwd is not master:
-                    weight_matrix(fwd_layers[rel]).copy_(new.to(weight_matrix(fwd_layers[rel])))
-                new_weights[rel] = weight_matrix(master_layers[rel])
-            stats.release()
-
+        blk = _BlockRun(blocks[b], prefix, extra[b], solver, report, opts, device, fdtype, store_dtype)
+        fwd_layers, records = blk.fwd_layers, blk.records
         t_block = time.perf_counter()
-        collector = _StatsCollector(fwd_layers, needs_hessian, device, opts.error_rows, sample_every,
-                                    hessian_dtype)
+        collector = _StatsCollector(
+            fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype
+        )
         with collector:
             t0 = time.perf_counter()
             if not opts.true_sequential:
-                outs = run_pass(inputs, collector, keep_outputs=True)
+                outs = blk.run_pass(inputs, collector, keep_outputs=True)
                 report.forward_s += time.perf_counter() - t0 - collector.time_s
                 report.statistics_s += collector.time_s
                 for group in collector.groups():
-                    solve_group(collector, group)
+                    blk.solve_group(collector, group)
             else:
                 # discover groups on one batch, then one partial pass per group
                 collector.accumulate = False
-                run_pass(inputs[:1], collector, keep_outputs=False)
+                blk.run_pass(inputs[:1], collector, keep_outputs=False)
                 collector.accumulate = True
                 report.forward_s += time.perf_counter() - t0 - collector.time_s
                 for group in collector.groups():
                     collector.time_s = 0.0
                     collector.active, collector.stop_after = {group[0]}, group[0]
                     t0 = time.perf_counter()
-                    run_pass(inputs, collector, keep_outputs=False)
+                    blk.run_pass(inputs, collector, keep_outputs=False)
                     report.forward_s += time.perf_counter() - t0 - collector.time_s
                     report.statistics_s += collector.time_s
-                    solve_group(collector, group)
+                    blk.solve_group(collector, group)
                 collector.active, collector.stop_after = None, None
                 outs = None
-                changed = True
         missing = sorted(set(fwd_layers) - set(collector.order))
         if missing:
             log.warning("block %d: layers never called in the forward pass, left unchanged: %s", b, missing)
         if hasattr(solver, "end_block"):
             solver.end_block(b)
         t0 = time.perf_counter()
-        if changed or outs is None:
-            outs = run_pass(inputs, None, keep_outputs=True)
+        if blk.changed or outs is None:
+            outs = blk.run_pass(inputs, None, keep_outputs=True)
         report.forward_s += time.perf_counter() - t0
         for o in outs:
             if not torch.isfinite(o).all():
@@ -565,23 +621,31 @@ def run_sequential(
                     "bfloat16 forward dtype"
                 )
         inputs = outs
-        del fwd, fwd_layers
         report.layers.extend(records)
         if ckpt is not None:
             t0 = time.perf_counter()
-            ckpt.save(b + 1, new_weights, inputs, report)
+            ckpt.save(b + 1, blk.new_weights, inputs, report)
             report.checkpoint_s += time.perf_counter() - t0
         extra_info = solver.block_report(b) if hasattr(solver, "block_report") else {}
         if records:
             mean_sp = sum(r.sparsity * r.shape[0] * r.shape[1] for r in records) / sum(
-                r.shape[0] * r.shape[1] for r in records)
+                r.shape[0] * r.shape[1] for r in records
+            )
             max_err = max(r.rel_error for r in records)
             bar.set_postfix(sparsity=f"{mean_sp:.3f}", max_err=f"{max_err:.3f}")
-            log.info("block %d/%d: %d layers, sparsity %.4f, max rel. error %.4f, %.1f s%s", b + 1, len(blocks),
-                     len(records), mean_sp, max_err, time.perf_counter() - t_block,
-                     "".join(f", {k} {v}" for k, v in extra_info.items()))
+            log.info(
+                "block %d/%d: %d layers, sparsity %.4f, max rel. error %.4f, %.1f s%s",
+                b + 1,
+                len(blocks),
+                len(records),
+                mean_sp,
+                max_err,
+                time.perf_counter() - t_block,
+                "".join(f", {k} {v}" for k, v in extra_info.items()),
+            )
         if on_block is not None:
             on_block(b, records)
+        del blk, fwd_layers
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()

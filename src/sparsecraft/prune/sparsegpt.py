@@ -40,10 +40,14 @@ def inverse_cholesky(hessian: Tensor, percdamp: float, name: str = "layer") -> t
     (×10) with a warning; past DAMP_MAX the layer raises instead of silently degrading.
     """
     if not (0.0 <= percdamp <= DAMP_MAX):
-        raise SparsecraftError(f"dampening {percdamp}: must be in [0, {DAMP_MAX}] (fraction of the mean diagonal)")
+        raise SparsecraftError(
+            f"dampening {percdamp}: must be in [0, {DAMP_MAX}] (fraction of the mean diagonal)"
+        )
     h = hessian.to(torch.float32).clone()
     if not torch.isfinite(h).all():
-        raise SparsecraftError(f"{name}: the Hessian contains NaN or Inf (non-finite calibration activations)")
+        raise SparsecraftError(
+            f"{name}: the Hessian contains NaN or Inf (non-finite calibration activations)"
+        )
     diag = torch.diagonal(h)
     dead = diag == 0
     diag[dead] = 1.0
@@ -113,7 +117,9 @@ def sparsegpt_prune(
     if nm is not None:
         n_keep, m = check_nm(*nm)
         if cols % m:
-            raise SparsecraftError(f"{name}: input size {cols} is not divisible by M={m}: {n_keep}:{m} does not apply")
+            raise SparsecraftError(
+                f"{name}: input size {cols} is not divisible by M={m}: {n_keep}:{m} does not apply"
+            )
         blocksize = max(m, (blocksize // m) * m)  # groups never straddle blocks
 
     upper, damp, dead = inverse_cholesky(hessian.to(w.device), percdamp, name)
@@ -132,8 +138,8 @@ def sparsegpt_prune(
             p1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % m == 0:
-                s = w1[:, i:i + m] ** 2 / d1[i:i + m].unsqueeze(0) ** 2
-                p1[:, i:i + m] = _lowest(s, m - n_keep)
+                s = w1[:, i : i + m] ** 2 / d1[i : i + m].unsqueeze(0) ** 2
+                p1[:, i : i + m] = _lowest(s, m - n_keep)
             col = w1[:, i]
             q = col.masked_fill(p1[:, i], 0.0)
             q1[:, i] = q
@@ -147,15 +153,19 @@ def sparsegpt_prune(
     keep = ~pruned
     w.masked_fill_(pruned, 0.0)
     if not torch.isfinite(w).all():
-        raise SparsecraftError(f"{name}: SparseGPT produced NaN/Inf weights (damping {damp:g}); "
-                               "raise the dampening or check the calibration data")
+        raise SparsecraftError(
+            f"{name}: SparseGPT produced NaN/Inf weights (damping {damp:g}); "
+            "raise the dampening or check the calibration data"
+        )
     return w, keep, {"damping": damp, "dead_inputs": int(dead.sum())}
 
 
 class SparseGPTSolver:
     needs_hessian = True
 
-    def __init__(self, target_for: Callable[[str], LayerTarget], blocksize: int = 128, percdamp: float = 0.01):
+    def __init__(
+        self, target_for: Callable[[str], LayerTarget], blocksize: int = 128, percdamp: float = 0.01
+    ):
         if blocksize < 1:
             raise SparsecraftError(f"SparseGPT block size {blocksize}: must be >= 1")
         self.target_for = target_for
@@ -173,8 +183,15 @@ class SparseGPTSolver:
         label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} sharing its input)"
         stacked = torch.cat(weights, 0)
         new, keep, info = sparsegpt_prune(
-            stacked, stats.hessian, [t.sparsity for t in targets], nm=targets[0].nm, blocksize=self.blocksize,
-            percdamp=self.percdamp, segments=[w.shape[0] for w in weights], name=label)
+            stacked,
+            stats.hessian,
+            [t.sparsity for t in targets],
+            nm=targets[0].nm,
+            blocksize=self.blocksize,
+            percdamp=self.percdamp,
+            segments=[w.shape[0] for w in weights],
+            name=label,
+        )
         out, start = [], 0
         for w, t in zip(weights, targets):
             stop = start + w.shape[0]

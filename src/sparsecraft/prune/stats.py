@@ -44,8 +44,9 @@ class LayerStats:
         self.sum = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         self.sumsq = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         if self.with_hessian:
-            self._hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32,
-                                        device=self.device)
+            self._hessian = torch.zeros(
+                self.in_features, self.in_features, dtype=torch.float32, device=self.device
+            )
 
     @torch.no_grad()
     def update(self, x: Tensor, sample_every: int = 0) -> None:
