@@ -115,6 +115,17 @@ def evaluate_model(model, tokenizer, config: EvalConfig, done: dict | None = Non
     return result
 
 
+def load_for_eval(source: str, dtype: str = "float32", device: str = "cpu"):
+    """A model source (HF dir, .gguf, alias, random:NAME) or a compressed checkpoint, as a dense model."""
+    from ..formats import is_compressed_dir, load_compressed
+    from ..models import load, parse_dtype
+
+    if is_compressed_dir(source):
+        model, tokenizer = load_compressed(source, dense=True)
+        return model.to(device=device, dtype=parse_dtype(dtype)), tokenizer
+    return load(source, dtype=parse_dtype(dtype), device=device)
+
+
 def run_eval(models: Sequence[str], tasks: Sequence[str] | str = (), limit: int | None = None,
              batch_size: int = 16, gsm8k_limit: int | None = 0, gsm8k_ppl_limit: int | None = 0,
              ppl: Sequence[str] = (), seqlen: int = 512, windows: int | None = 40, ppl_batch_size: int = 4,
@@ -142,11 +153,9 @@ def run_eval(models: Sequence[str], tasks: Sequence[str] | str = (), limit: int 
         if json_path is not None:
             _atomic_write_json(json_path, results)
 
-    from ..models import load, parse_dtype
-
     for source in models:
         log.info("evaluating %s", source)
-        model, tokenizer = load(source, dtype=parse_dtype(dtype), device=device)
+        model, tokenizer = load_for_eval(source, dtype, device)
 
         def on_update(res, source=source):
             results["models"][source] = res
@@ -229,8 +238,9 @@ def _fmt_ppl(value: float) -> str:
 
 
 def _short(source: str) -> str:
-    p = Path(source)
-    return p.name if p.name and len(source) > 40 else source
+    from ..report.collect import model_label
+
+    return model_label(source)
 
 
 def print_table(results: dict, markdown: bool = False) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def _read(path: Path) -> list:
 
 def _label_for(path: Path, report: dict) -> str:
     r = report.get("recipe") or {}
-    what = r.get("pattern") or (f"{100 * r['sparsity']:.0f}%" if r.get("sparsity") is not None else "")
+    sparsity = r.get("sparsity")
+    if sparsity is None and not r.get("pattern"):
+        sparsity = (report.get("summary") or {}).get("sparsity")
+    what = r.get("pattern") or (f"{100 * sparsity:.0f}%" if sparsity is not None else "")
     method = r.get("method", report.get("kind", "model"))
     prof = "OWL+" if r.get("profile") == "owl" else ""
     refine = "+DSnoT" if r.get("refine") == "dsnot" else ""
@@ -63,14 +67,25 @@ def _label_for(path: Path, report: dict) -> str:
     return name if name else path.parent.name
 
 
-def _prune_meta(model: str) -> dict | None:
-    """The sparsecraft.json of a model directory (also of a compressed/quantized child of one)."""
+def _prune_meta(model: str, depth: int = 0) -> dict | None:
+    """The sparsecraft.json of a model directory; for a later stage's output of a recipe (quantized,
+    compressed, fine-tuned) the nearest one upstream, found through the stages' records."""
     p = Path(model)
-    if p.is_dir() and (p / "sparsecraft.json").is_file():
+    if not p.is_dir() or depth > 10:
+        return None
+    if (p / "sparsecraft.json").is_file():
         try:
             return json.loads((p / "sparsecraft.json").read_text())
         except json.JSONDecodeError:
             return None
+    record = p.parent / "stage.json"
+    if record.is_file():
+        try:
+            upstream = json.loads(record.read_text()).get("input")
+        except json.JSONDecodeError:
+            return None
+        if upstream and upstream != model:
+            return _prune_meta(upstream, depth + 1)
     return None
 
 
@@ -82,6 +97,14 @@ def _ppl_row_from_meta(label: str, meta: dict | None, ppl: float, source: str) -
             "refine": recipe.get("refine"),
             "sparsity": summary.get("sparsity", 0.0 if meta is None else None),
             "ppl": ppl, "ppl_source": source}
+
+
+def model_label(model: str) -> str:
+    """Short name of a model source: a recipe stage's output is named by its stage directory."""
+    p = Path(model)
+    if p.name == "model" and p.parent.name:
+        return p.parent.name
+    return p.name if os.sep in model and p.name else model
 
 
 def _speed_rows(doc: dict) -> list[dict]:
@@ -106,7 +129,9 @@ def _classify(doc, path: Path, col: Collection) -> None:
         for model, res in doc["models"].items():
             for key, entry in (res.get("ppl") or {}).items():
                 meta = _prune_meta(model)
-                label = _label_for(Path(model) / "x", meta) if meta else Path(model).name or model
+                label = model_label(model)
+                if meta:
+                    label = f"{_label_for(Path(model) / 'x', meta)} ({label})"
                 col.ppl_rows.append(_ppl_row_from_meta(label, meta, entry["ppl"], key))
         return
     if "stages" in doc and "recipe" in doc:
