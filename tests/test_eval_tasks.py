@@ -197,7 +197,8 @@ def test_reference_answer_and_prompt():
 
 def test_gsm8k_on_tiny_model(tiny):
     model, tok = tiny("tiny-llama")
-    res = g.evaluate_gsm8k(model, tok, g.GSM8KConfig(limit=2, ppl_limit=3, max_new_tokens=4, batch_size=2),
+    res = g.evaluate_gsm8k(model, tok, g.GSM8KConfig(limit=2, ppl_limit=3, max_new_tokens=4, batch_size=2,
+                                                     num_fewshot=1),
                            progress=False, samples=True)
     assert res["n"] == 2 and 0.0 <= res["exact_match"] <= 1.0
     assert res["ppl_n"] == 3 and res["answer_ppl"] > 1.0 and res["answer_tokens"] > 0

@@ -109,7 +109,8 @@ def test_run_skips_finished_stages_and_reruns_changed_ones(tmp_path):
     assert next(iter(ev["models"].values()))["tasks"]["piqa"]["n"] == 3
     ppl_before = next(iter(ev["models"].values()))["ppl"][f"{text}@16x1"]["ppl"]
     # A changed prune stage reruns everything after it, and the eval measures the new model.
-    path = write(tmp_path, GOOD.format(out=out, limit=3, text=text).replace("sparsity: 0.5", "sparsity: 0.75"))
+    changed = GOOD.format(out=out, limit=3, text=text).replace("sparsity: 0.5", "sparsity: 0.75")
+    path = write(tmp_path, changed)
     s4 = run_recipe(path)
     assert [st["status"] for st in s4["stages"].values()] == ["done"] * 3
     assert s4["stages"]["01-prune"]["figures"]["sparsity"] == pytest.approx(0.75, abs=0.01)
