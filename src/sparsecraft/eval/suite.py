@@ -245,3 +245,41 @@ def _short(source: str) -> str:
 
 def print_table(results: dict, markdown: bool = False) -> None:
     print(format_table(results, markdown=markdown))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sparsecraft.eval.suite MODEL... --tasks ... [--json PATH --resume]``: the suite
+    without the ``sparsecraft eval`` command (scripts and benchmarks use it)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m sparsecraft.eval.suite", description=main.__doc__)
+    p.add_argument("models", nargs="+")
+    p.add_argument("--tasks", default="", help=f"comma-separated: {', '.join(TASKS)}, all, NAME=PATH")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ppl", default="", help="comma-separated perplexity sources")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--gsm8k", type=int, default=0, help="GSM8K questions to generate for (0: none)")
+    p.add_argument("--gsm8k-ppl", type=int, default=0, help="GSM8K answers for perplexity (0: none)")
+    p.add_argument("--gsm8k-max-new-tokens", type=int, default=256)
+    p.add_argument("--json", dest="json_path")
+    p.add_argument("--resume", action="store_true", help="keep the measurements already in --json")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        res = run_eval(args.models, args.tasks, args.limit, args.batch_size, args.gsm8k, args.gsm8k_ppl,
+                       [s for s in args.ppl.split(",") if s], args.seqlen, args.windows,
+                       json_path=args.json_path, resume=args.resume,
+                       gsm8k_max_new_tokens=args.gsm8k_max_new_tokens)
+    except SparsecraftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(res, markdown=args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
