@@ -6,7 +6,7 @@ throwaway venv and pass its ``lm_eval`` executable with ``--lm-eval``. The examp
 as local lm-eval tasks (``sc_<task>``, see ``sparsecraft.eval.tasks.export_lm_eval_tasks``), so
 nothing is downloaded.
 
-    python scripts/check_lm_eval.py MODEL_DIR --lm-eval /tmp/lmeval-venv/bin/lm_eval \
+    python scripts/check_lm_eval.py MODEL --lm-eval /tmp/lmeval-venv/bin/lm_eval \
         --tasks piqa,arc_easy,arc_challenge,boolq,winogrande,lambada_openai --limit 500 \
         --out docs/results/lm_eval_check.json
 
@@ -37,9 +37,24 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def run_lm_eval(lm_eval: str, model_dir: str, include: Path, task: str, batch_size: int, out: Path) -> dict:
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [lm_eval, "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
-           "--include_path", str(include), "--tasks", task, "--batch_size", str(batch_size),
-           "--device", "cpu", "--log_samples", "--output_path", str(out)]
+    cmd = [
+        lm_eval,
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir},dtype=float32",
+        "--include_path",
+        str(include),
+        "--tasks",
+        task,
+        "--batch_size",
+        str(batch_size),
+        "--device",
+        "cpu",
+        "--log_samples",
+        "--output_path",
+        str(out),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -56,7 +71,7 @@ def run_lm_eval(lm_eval: str, model_dir: str, include: Path, task: str, batch_si
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model_dir")
+    ap.add_argument("model_dir", metavar="MODEL", help="HF directory (or alias/.gguf: saved as one first)")
     ap.add_argument("--lm-eval", required=True, help="path of the lm_eval executable (its own venv)")
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,boolq,winogrande,lambada_openai")
     ap.add_argument("--limit", type=int, default=500)
@@ -70,14 +85,22 @@ def main() -> int:
     done = json.load(open(args.out)) if args.out.exists() else {"tasks": {}}
     done.update(model=args.model_dir, limit=args.limit, command=" ".join(sys.argv))
     model, tokenizer = load(args.model_dir)
+    if not Path(args.model_dir).is_dir():
+        # lm-eval needs a HF directory: save what we loaded (an alias, a .gguf) as one.
+        from sparsecraft.models import save
+
+        hf_dir = Path(tempfile.mkdtemp(prefix="sc_lmeval_model_"))
+        save(model, tokenizer, hf_dir)
+        args.model_dir = str(hf_dir)
     work = Path(tempfile.mkdtemp(prefix="sc_lmeval_"))
     for name, path in parse_task_list(args.tasks):
         if name in done["tasks"]:
             print(f"{name}: done already", flush=True)
             continue
         export_lm_eval_tasks(work / "tasks", [f"{name}={path}"], args.limit)
-        theirs = run_lm_eval(args.lm_eval, args.model_dir, work / "tasks", f"sc_{name}", args.batch_size,
-                             work / f"out_{name}")
+        theirs = run_lm_eval(
+            args.lm_eval, args.model_dir, work / "tasks", f"sc_{name}", args.batch_size, work / f"out_{name}"
+        )
         ours = evaluate_task(model, tokenizer, name, path, args.limit, args.batch_size, samples=True)
         our_lls = [r["ll"] for r in ours.pop("samples")]
         diffs = [abs(a - b) for x, y in zip(our_lls, theirs["lls"]) for a, b in zip(x, y)]
@@ -86,7 +109,11 @@ def main() -> int:
         def pred(lls):
             return max(range(len(lls)), key=lambda i: (lls[i], -i))
 
-        flips = sum(pred(a) != pred(b) for a, b in zip(our_lls, theirs["lls"])) if spec.kind != "loglikelihood" else None
+        flips = (
+            sum(pred(a) != pred(b) for a, b in zip(our_lls, theirs["lls"]))
+            if spec.kind != "loglikelihood"
+            else None
+        )
         row = {
             "n": len(our_lls),
             "ours": {k: v for k, v in ours.items()},
