@@ -29,7 +29,12 @@ def add_calibration_options(p) -> None:
         help="dtype of the calibration forwards: model (default), float32, bfloat16 (CPU fast "
         "mode: ~2x faster with avx512_bf16), float16; solves are always float32",
     )
+    p.add_argument(
+        "--fast", action="store_true",
+        help="CPU fast mode: bfloat16 calibration forwards and bf16 products for the Hessian (fp32 sums)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    p.add_argument("--inputs-on", choices=["auto", "cpu", "device"], default="auto",
+                   help="where block inputs live between passes (auto: the device if they fit)")
     p.add_argument(
         "--offload-dtype", default=None, help="dtype of block inputs kept on the CPU (e.g. float16)"
     )
@@ -169,9 +174,11 @@ def run(args) -> int:
         seed=args.seed,
         true_sequential=args.true_sequential,
         device=args.device,
-        calib_dtype=args.calib_dtype,
+        calib_dtype="bfloat16" if args.fast else args.calib_dtype,
+        bf16_hessian=args.fast,
         offload_dtype=args.offload_dtype,
         batch_size=args.batch_size,
+        inputs_on=args.inputs_on,
         targets=tuple(args.targets) if args.targets else None,
         ignore=tuple(args.ignore) if args.ignore else None,
     )

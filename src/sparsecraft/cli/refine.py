@@ -82,9 +82,11 @@ def run(args) -> int:
         seqlen=args.seqlen,
         seed=args.seed,
         device=args.device,
-        calib_dtype=args.calib_dtype,
+        calib_dtype="bfloat16" if args.fast else args.calib_dtype,
+        bf16_hessian=args.fast,
         offload_dtype=args.offload_dtype,
         batch_size=args.batch_size,
+        inputs_on=args.inputs_on,
     )
     sparse, tokenizer = load(args.sparse_dir, dtype=args.dtype, device="cpu")
     dense, _ = load(args.dense, dtype="float32", device="cpu")

@@ -72,6 +72,7 @@ class PruneConfig:
     offload_dtype: str | None = None  # dtype of block inputs kept on the CPU (None: calib dtype)
     bf16_hessian: bool = False  # bf16 fast mode: Σ x xᵀ from bf16 products, fp32 sums
     batch_size: int = 8
+    inputs_on: str = "auto"  # block inputs between passes: cpu, device, auto (device if they fit)
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] | None = None
     error_rows: int = 4096
@@ -116,6 +117,8 @@ class PruneConfig:
                 raise SparsecraftError(f"{key} {getattr(self, key)}: must be >= 1")
         if self.seqlen < 2:
             raise SparsecraftError(f"seqlen {self.seqlen}: must be >= 2")
+        if self.inputs_on not in ("cpu", "device", "auto"):
+            raise SparsecraftError(f"inputs_on {self.inputs_on!r}: choose cpu, device or auto")
         if self.calib_dtype not in DTYPES:
             raise SparsecraftError(f"calib_dtype {self.calib_dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.offload_dtype is not None and DTYPES.get(self.offload_dtype) is None:
@@ -153,7 +156,7 @@ class PruneConfig:
     def recipe_fingerprint(self) -> dict:
         """Fields that change the result (a checkpoint made with other values is refused)."""
         d = self.to_dict()
-        for key in ("device", "batch_size", "error_rows"):
+        for key in ("device", "batch_size", "error_rows", "inputs_on"):
             d.pop(key)
         return d
 
@@ -232,6 +235,7 @@ def engine_options(
         resume=resume,
         fingerprint=fingerprint,
         error_rows=config.error_rows,
+        inputs_on=config.inputs_on,
         bf16_hessian=config.bf16_hessian,
         progress=progress,
     )

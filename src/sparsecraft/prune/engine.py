@@ -122,6 +122,11 @@ class EngineOptions:
     resume: bool = False
     # identifies the run in a checkpoint: resuming with another recipe is refused
     fingerprint: dict | None = None
+    # where block inputs/outputs live between passes: "cpu", "device", or "auto" (the device when
+    # two copies fit in a quarter of its free memory, else the CPU)
+    inputs_on: str = "auto"
+    # TF32 tensor cores for the Σ x xᵀ product on CUDA (statistics only; solves stay fp32)
+    tf32_stats: bool = True
     # tokens kept per layer to measure the reconstruction error when no Hessian is collected
     error_rows: int = 4096
     # In the bf16 fast mode, accumulate Σ x xᵀ with bf16 products (exact for bf16 inputs) and
@@ -158,6 +163,7 @@ class EngineReport:
     peak_device_mib: float | None = None
     device: str = "cpu"
     forward_dtype: str = "float32"
+    inputs_on: str = "cpu"
     resumed_from_block: int | None = None
 
     def to_dict(self) -> dict:
@@ -239,6 +245,7 @@ def _capture(
     device: torch.device,
     fdtype: torch.dtype,
     store_dtype: torch.dtype,
+    store_device: torch.device,
 ):
     """Inputs of block 0 (CPU, per batch) and each block's extra call arguments (per batch)."""
     originals = list(blocks)
@@ -265,7 +272,7 @@ def _capture(
                 )
             for index, hidden, rest, kwargs in sink:
                 if index == 0:
-                    inputs.append(hidden.to("cpu", store_dtype))
+                    inputs.append(hidden.to(store_device, store_dtype))
                 extra[index].append(_to((rest, kwargs), device, fdtype, memo))
     finally:
         for i, b in enumerate(originals):
@@ -273,6 +280,15 @@ def _capture(
         model.to(home)
         sink.clear()
     return inputs, extra
+
+
+def _inputs_placement(ids: Tensor, model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
+    need = 2 * ids.numel() * int(hidden) * torch.tensor([], dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if need < free / 4 else "cpu"
 
 
 def _block_output(out):
@@ -290,6 +306,7 @@ class _StatsCollector:
         error_rows: int,
         sample_every: int,
         hessian_dtype: torch.dtype | None,
+        tf32: bool = False,
     ):
         self.layers = layers
         self.needs_hessian = needs_hessian
@@ -297,6 +314,7 @@ class _StatsCollector:
         self.error_rows = error_rows
         self.sample_every = sample_every
         self.hessian_dtype = hessian_dtype
+        self.tf32 = tf32
         self.stats: dict[str, LayerStats] = {}  # layer -> (shared) stats
         self.leader: dict[str, str] = {}  # layer -> name of the group's first layer
         self.order: list[str] = []  # layers in execution order
@@ -349,7 +367,7 @@ class _StatsCollector:
                             x.shape[-1],
                             with_hessian=self.needs_hessian,
                             device=self.device,
-                            hessian_matmul_dtype=self.hessian_dtype,
+                            hessian_matmul_dtype=self.hessian_dtype, tf32=self.tf32,
                             sample_rows=0 if self.needs_hessian else self.error_rows,
                         )
                     self.order.append(name)
@@ -381,6 +399,7 @@ class _BlockRun:
     ):
         self.master, self.prefix, self.extra, self.solver, self.report = master, prefix, extra, solver, report
         self.opts, self.device, self.fdtype, self.store_dtype = opts, device, fdtype, store_dtype
+        self.store_device = torch.device("cpu") if opts.inputs_on == "cpu" else device
         self.master_layers = block_linears(master, prefix, opts.targets, opts.ignore)
         p = next(master.parameters())
         same = device == p.device and fdtype == p.dtype
@@ -403,7 +422,7 @@ class _BlockRun:
             if collector is not None and collector.discovering:
                 collector.end_discovery()
             if outs is not None and out is not None:
-                outs.append(_block_output(out).to("cpu", self.store_dtype))
+                outs.append(_block_output(out).to(self.store_device, self.store_dtype))
         return outs
 
     def _call_solver(self, names, layers, dense, stats) -> list[SolveResult]:
@@ -549,7 +568,14 @@ def run_sequential(
     sample_every = max(1, report.tokens // max(opts.error_rows, 1))
 
     t0 = time.perf_counter()
-    inputs, extra = _capture(model, blocks, batches, device, fdtype, store_dtype)
+    if opts.inputs_on not in ("cpu", "device", "auto"):
+        raise SparsecraftError(f"inputs_on {opts.inputs_on!r}: choose cpu, device or auto")
+    if opts.inputs_on == "auto":
+        opts = copy.copy(opts)
+        opts.inputs_on = _inputs_placement(calibration_ids, model, device, store_dtype)
+    store_device = torch.device("cpu") if opts.inputs_on == "cpu" else device
+    report.inputs_on = opts.inputs_on
+    inputs, extra = _capture(model, blocks, batches, device, fdtype, store_dtype, store_device)
     report.forward_s += time.perf_counter() - t0
 
     ckpt = _Checkpoint(opts.checkpoint_dir, opts.fingerprint) if opts.checkpoint_dir else None
@@ -579,7 +605,7 @@ def run_sequential(
         fwd_layers, records = blk.fwd_layers, blk.records
         t_block = time.perf_counter()
         collector = _StatsCollector(
-            fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype
+            fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype, opts.tf32_stats
         )
         with collector:
             t0 = time.perf_counter()

@@ -35,6 +35,8 @@ class LayerStats:
     # Lower precision for the Σ x xᵀ product (None: float32). Only used for the bf16 fast mode,
     # where the inputs are already bf16 values so every product is exact in float32.
     hessian_matmul_dtype: torch.dtype | None = None
+    # On CUDA, let the Σ x xᵀ product use TF32 tensor cores.
+    tf32: bool = False
     # A few evenly spread input rows kept to measure the reconstruction error when no Hessian
     # is collected (see ``sample_rows``).
     sample_rows: int = 0
@@ -63,6 +65,14 @@ class LayerStats:
             if self.hessian_matmul_dtype is not None and low.dtype == self.hessian_matmul_dtype:
                 # bf16 inputs: products are exact; the block's partial sum is rounded once.
                 self._hessian += (low.t() @ low).to(device=self._hessian.device, dtype=torch.float32)
+            elif self.tf32 and x.is_cuda:
+                # TF32 tensor cores for this product only (inputs ~10-bit mantissa, fp32 sums)
+                prev = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = True
+                try:
+                    self._hessian.addmm_(x.t(), x)
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = prev
             else:
                 self._hessian.addmm_(x.t(), x)
         if sample_every > 0 and self.sample_rows > 0:
