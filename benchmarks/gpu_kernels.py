@@ -144,8 +144,33 @@ def check(args) -> int:
         ("nm", 18, 256, torch.float16, 4, 64, False, 4, 8),
         ("nm", 64, 1024, torch.bfloat16, 4, 128, False, 2, 4),
     ]
-    gen = torch.Generator().manual_seed(0)
     bad = 0
+    # CUDA graph capture and torch.compile of a decode step
+    obj = make_compressed("bitmask_70", 512, 1024, 1)
+    tw = layout.prepare(obj, "cuda")
+    ref_w = obj.to_dense().cuda().float()
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+
+    def step():
+        return sparse_linear(x, tw)
+
+    ms, graphed = time_graph(step, reps=3)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = step()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    e1 = rel_err(yg, x.float() @ ref_w.t())
+    comp = torch.compile(lambda a: sparse_linear(a, tw) * 2, fullgraph=True)
+    e2 = rel_err(comp(x) / 2, x.float() @ ref_w.t())
+    ok = e1 < 3e-3 and e2 < 3e-3 and graphed
+    bad += not ok
+    print(
+        f"check cuda-graph replay err {e1:.1e}, torch.compile(fullgraph) err {e2:.1e}: "
+        f"{'OK' if ok else 'FAIL'}"
+    )
+    gen = torch.Generator().manual_seed(0)
     for fmt, out_f, in_f, dtype, bits, g, sym, n, m in cases:
         if fmt == "bitmask":
             keep = torch.rand(out_f, in_f, generator=gen) >= 0.6
@@ -189,38 +214,13 @@ def check(args) -> int:
         dense = decompress(tw, torch.float32).double()
         derr = rel_err(dense, ref_w)
         tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
-        ok = worst < tol and derr < 1e-3
+        ok = worst < tol and derr < (4e-3 if dtype == torch.bfloat16 else 1e-3)
         bad += not ok
         print(
             f"check {fmt:8s} {out_f}x{in_f} {str(dtype)[6:]:8s} q{bits} g{g} {'sym' if sym else 'asym'} "
             f"{n}:{m}  max rel err {worst:.2e}  decompress {derr:.1e}  {'OK' if ok else 'FAIL'}",
             flush=True,
         )
-    # CUDA graph capture and torch.compile of a decode step
-    obj = make_compressed("bitmask_70", 512, 1024, 1)
-    tw = layout.prepare(obj, "cuda")
-    ref_w = obj.to_dense().cuda().float()
-    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
-
-    def step():
-        return sparse_linear(x, tw)
-
-    ms, graphed = time_graph(step, reps=3)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        yg = step()
-    x.copy_(torch.randn_like(x))
-    g.replay()
-    torch.cuda.synchronize()
-    e1 = rel_err(yg, x.float() @ ref_w.t())
-    comp = torch.compile(lambda a: sparse_linear(a, tw) * 2, fullgraph=True)
-    e2 = rel_err(comp(x) / 2, x.float() @ ref_w.t())
-    ok = e1 < 3e-3 and e2 < 3e-3 and graphed
-    bad += not ok
-    print(
-        f"check cuda-graph replay err {e1:.1e}, torch.compile(fullgraph) err {e2:.1e}: "
-        f"{'OK' if ok else 'FAIL'}"
-    )
     print(f"check: {'all OK' if not bad else f'{bad} FAILED'}", flush=True)
     return 1 if bad else 0
 
@@ -243,7 +243,7 @@ def build_chain(fmt: str, templates: dict):
     layers = []
     for _ in range(BLOCKS):
         for name in BLOCK_ORDER:
-            t = templates[name]
+            t = templates.get(name)
             if fmt == "dense":
                 w = torch.randn(*SHAPES[name], device="cuda", dtype=torch.float16) * 0.02
             elif fmt == "semi24":
@@ -313,19 +313,19 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     K = KernelConfig
     if batch == 1:
         if fmt.startswith("bitmask"):
-            return [K(4, 256, 1, 1), K(2, 512, 1, 1), K(8, 256, 1, 2), K(8, 256, 1, 4)]
+            return [K(4, 256, 1, 1), K(8, 256, 1, 1), K(2, 256, 1, 1), K(8, 256, 1, 2)]
         if fmt == "nm24_int4":
-            return [K(32, 128, 1, 4), K(64, 128, 1, 8), K(16, 512, 1, 8), K(16, 256, 1, 4)]
-        return [K(16, 512, 1, 8), K(32, 256, 1, 8), K(16, 256, 1, 4), K(8, 512, 1, 4)]
+            return [K(16, 256, 1, 4), K(8, 512, 1, 4), K(8, 256, 1, 2), K(16, 128, 1, 2), K(4, 512, 1, 2)]
+        return [K(8, 512, 1, 4), K(4, 1024, 1, 4), K(4, 512, 1, 2), K(8, 1024, 1, 8), K(16, 512, 1, 8)]
     if batch <= 16:
         if fmt.startswith("bitmask"):
-            return [K(16, 256, 16, 4), K(32, 256, 16, 4), K(16, 256, 16, 2)]
+            return [K(32, 256, 16, 4), K(16, 256, 16, 4)]
         if fmt == "nm24_int4":
-            return [K(32, 128, 16, 4), K(16, 128, 16, 4), K(16, 256, 16, 4)]
-        return [K(16, 256, 16, 4), K(32, 256, 16, 4), K(32, 128, 16, 4)]
+            return [K(16, 256, 16, 4), K(16, 128, 16, 4)]
+        return [K(32, 256, 16, 4), K(32, 128, 16, 4)]
     if fmt == "nm24_int4":
-        return [K(32, 128, 64, 4), K(64, 128, 64, 8)]
-    return [K(32, 256, 64, 4), K(64, 256, 64, 8)]
+        return [K(32, 128, 64, 4)]
+    return [K(64, 256, 64, 8)]
 
 
 def tune(fmt, layers, batch, xs, reps):

@@ -22,7 +22,7 @@ from .layout import TILE, TritonWeight
 
 # read once at import, like triton itself does: the interpreter cannot multiply bf16 in tl.dot
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DOT_MAX_BATCH = 64  # above this, decode + cuBLAS (chosen by measurement, docs/results/gpu_kernels.md)
+DOT_MAX_BATCH = 16  # above this, decode + cuBLAS (chosen by measurement, docs/results/gpu_kernels.md)
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def default_config(tw: TritonWeight, batch: int, device: torch.device) -> Kernel
         else:
             bn, bk, warps = 16, 512, 8
     else:
-        bb = 16 if batch <= 16 else DOT_MAX_BATCH
+        bb = 16 if batch <= 16 else 64
         if q4:
             bn, bk, warps = 32, 128, 4
         else:
@@ -141,19 +141,22 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     return out.to(x.dtype) if cfg.split_k > 1 else out
 
 
-def decompress(tw: TritonWeight, dtype: torch.dtype | None = None, bn: int = 32,
+def decompress(tw: TritonWeight, dtype: torch.dtype | None = None, bn: int | None = None,
                bk: int = 256) -> torch.Tensor:
     """Dense (out, in) weight decoded on the device of ``tw``."""
     from .sparse_mm import decompress_kernel
 
     out_f, in_f = tw.shape
+    # bitmask: one warp per program keeps the prefix sum inside the warp (as in the GEMV kernel)
+    warps = 1 if tw.fmt == "bitmask" else 4
+    bn = bn or (4 if tw.fmt == "bitmask" else 32)
     bk = _bk_for(tw, bk)
     dense = torch.empty(out_f, in_f, device=tw.values.device, dtype=dtype or tw.dtype)
     grid = (triton_cdiv(out_f, bn), triton_cdiv(in_f, bk))
     decompress_kernel[grid](
         dense, *_launch_args(tw, tw.meta), out_f, in_f, tw.vals_stride, _meta_stride(tw),
         tw.tile_offsets.shape[1] if tw.tile_offsets is not None else 1, tw.n_groups,
-        **_constexprs(tw, bk), BN=bn, BK=bk, num_warps=4,
+        **_constexprs(tw, bk), BN=bn, BK=bk, num_warps=warps,
     )
     return dense
 
