@@ -154,6 +154,86 @@ def run_row(spec: dict, model_name: str = MODEL) -> dict:
     return result
 
 
+def gpu_runs(model_name: str, nsamples: int, seqlen: int, cap_gib: float, device: str,
+             out: Path) -> list[dict]:
+    """The GPU target: SparseGPT 50% from loaded model to pruned model, (a) with the model on the
+    GPU, (b) with the model on the host and the GPU memory capped below the model's size."""
+    import copy
+
+    import transformers
+
+    from sparsecraft.data import calibration_windows
+    from sparsecraft.models import load
+    from sparsecraft.prune import PruneConfig, prune
+    from sparsecraft.prune.sparsegpt import sparsegpt_prune
+    from sparsecraft.prune.stats import LayerStats, relative_error
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    dtype = "float16" if cuda else "float32"
+    results = []
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "gpu": torch.cuda.get_device_name(dev) if cuda else "cpu"}
+    print(env, flush=True)
+
+    # single-layer check: TF32 statistics vs fp32 give the same SparseGPT error
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(8192, 64, device=dev, generator=g) @ torch.randn(64, 1024, device=dev, generator=g)
+    x += 0.3 * torch.randn(8192, 1024, device=dev, generator=g)
+    w = torch.randn(1024, 1024, device=dev, generator=g)
+    errs = {}
+    for tf32 in (False, True):
+        st = LayerStats(1024, with_hessian=True, device=dev, tf32=tf32)
+        st.update(x)
+        ref = LayerStats(1024, with_hessian=True, device=dev)
+        ref.update(x)
+        errs[tf32] = relative_error(w, sparsegpt_prune(w, st.hessian, 0.5)[0], ref)[0]
+    results.append({"key": "gpu-tf32-check", "rel_error_fp32_stats": errs[False],
+                    "rel_error_tf32_stats": errs[True]})
+    print(results[-1], flush=True)
+
+    t0 = time.perf_counter()
+    model, tok = load(model_name, dtype=dtype, device=device)
+    if cuda:
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    dense_host = copy.deepcopy(model).to("cpu") if cuda else copy.deepcopy(model)
+    model_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    calib = calibration_windows(tok, "c4", nsamples, seqlen, 0)
+
+    def one(label: str, m, inputs_on: str, cap: float | None) -> dict:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            total = torch.cuda.get_device_properties(dev).total_memory
+            torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap * 2**30 / total, dev)
+        cfg = PruneConfig(method="sparsegpt", sparsity=0.5, nsamples=nsamples, seqlen=seqlen, batch_size=8,
+                          device=device, inputs_on=inputs_on)
+        t = time.perf_counter()
+        rep = prune(m, tok, cfg, calib, progress=False, model_name=model_name)
+        if cuda:
+            torch.cuda.synchronize()
+        r = {"key": label, "model": model_name, "model_gib": model_gib, "load_s": load_s,
+             "prune_s": time.perf_counter() - t, "timing": rep["timing"], "memory": rep["memory"],
+             "gpu_cap_gib": cap, "inputs_on": inputs_on, "calibration": f"{nsamples}x{seqlen}",
+             "sparsity": rep["summary"]["sparsity"], "mean_rel_error": rep["summary"]["mean_rel_error"],
+             "max_rel_error": rep["summary"]["max_rel_error"],
+             "max_layer_dev": max(abs(x["sparsity"] - 0.5) for x in rep["layers"]), **env}
+        print({k: v for k, v in r.items() if k != "timing"}, r["timing"], flush=True)
+        return r
+
+    results.append(one("gpu-sparsegpt-50%-model-on-gpu", model, "auto", None))
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    cap = cap_gib if cap_gib > 0 else max(1.0, model_gib * 0.75)
+    results.append(one("gpu-sparsegpt-50%-capped", dense_host, "cpu", cap))
+    with open(out, "a") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    return results
+
+
 def load_done(path: Path) -> dict[str, dict]:
     done = {}
     if path.exists():
@@ -202,12 +282,23 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--no-lock", action="store_true")
     ap.add_argument("--model", default=MODEL, help="(smoke tests only) another model")
+    ap.add_argument("--gpu", action="store_true", help="run the GPU target (random:llama-7b, 128x2048)")
+    ap.add_argument("--gpu-model", default="random:llama-7b")
+    ap.add_argument("--gpu-nsamples", type=int, default=128)
+    ap.add_argument("--gpu-seqlen", type=int, default=2048)
+    ap.add_argument("--gpu-cap-gib", type=float, default=10.0, help="GPU memory cap of the second run")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     path = Path(args.out)
     done = load_done(path)
     if args.list:
         for spec in rows():
             print(("done " if spec["key"] in done else "todo ") + spec["key"])
+        return 0
+    if args.gpu:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print("command:", " ".join([sys.executable, *sys.argv]), flush=True)
+        gpu_runs(args.gpu_model, args.gpu_nsamples, args.gpu_seqlen, args.gpu_cap_gib, args.device, path)
         return 0
     if args.markdown:
         print(markdown(done))
