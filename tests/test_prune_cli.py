@@ -9,7 +9,17 @@ from sparsecraft.cli import main
 from sparsecraft.models import prunable_linears, weight_matrix
 from sparsecraft.prune.masks import nm_valid
 
-COMMON = ["--calib", "c4", "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--no-progress"]
+TEXT = " ".join(f"The {i}th sentence of a small calibration text about sparse models." for i in range(60))
+
+
+@pytest.fixture(autouse=True)
+def _small_calibration_text(tmp_path, monkeypatch):
+    """A short .txt calibration source: tokenizing the bundled C4 slice takes seconds per call."""
+    (tmp_path / "calib.txt").write_text(TEXT)
+    monkeypatch.chdir(tmp_path)
+
+
+COMMON = ["--calib", "calib.txt", "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--no-progress"]
 
 
 def _load(path):
@@ -41,6 +51,7 @@ def test_prune_cli_end_to_end(tmp_path, capsys):
     meta = json.loads((out / "sparsecraft.json").read_text())
     assert meta == json.loads((tmp_path / "r.json").read_text())
     assert meta["recipe"]["method"] == "sparsegpt" and meta["calibration"]["nsamples"] == 4
+    assert meta["calibration"]["source"] == "calib.txt"
     assert {"forward_s", "statistics_s", "solve_s"} <= set(meta["timing"])
     assert meta["memory"]["peak_host_mib"] > 0
     assert all(abs(r["sparsity"] - 0.5) < 1e-3 and r["rel_error"] >= 0 for r in meta["layers"])
