@@ -41,6 +41,7 @@ Anything with these members plugs in (pruning methods here, GPTQ in ``sparsecraf
             # factors the Hessian once for q/k/v).
         def end_block(self, index: int) -> None: ...  # after every layer of block `index` is solved
         def block_report(self, index: int) -> dict: ...  # merged into the block's progress line
+        modifies_weights: bool  # False for read-only walks (statistics only): outputs are reused
 
 The engine returns an :class:`EngineReport` (per-layer records, wall-time split into forward
 passes / statistics / solve, peak host and device memory).
@@ -409,7 +410,10 @@ class _BlockRun:
         self.new_weights: dict[str, Tensor] = {}
         self.changed = False
 
-    def run_pass(self, xs: list[Tensor], collector: _StatsCollector | None, keep_outputs: bool):
+    def run_pass(self, xs: list[Tensor], collector: _StatsCollector | None, keep_outputs: bool,
+                 stop_early: bool = False):
+        """Run the block on every batch. ``stop_early``: a statistics-only pass that ends each
+        forward at the last linear layer's input (the rest of the block is not needed)."""
         outs = [] if keep_outputs else None
         for bi, x in enumerate(xs):
             rest, kwargs = self.extra[bi]
@@ -421,6 +425,8 @@ class _BlockRun:
                 out = None
             if collector is not None and collector.discovering:
                 collector.end_discovery()
+                if stop_early and collector.order:
+                    collector.stop_after = collector.leader[collector.order[-1]]
             if outs is not None and out is not None:
                 outs.append(_block_output(out).to(self.store_device, self.store_dtype))
         return outs
@@ -610,7 +616,11 @@ def run_sequential(
         with collector:
             t0 = time.perf_counter()
             if not opts.true_sequential:
-                outs = blk.run_pass(inputs, collector, keep_outputs=True)
+                # a solver that changes weights needs the re-run anyway: its statistics pass
+                # stops at the last linear's input; a read-only one (OWL's profile) keeps outputs
+                modifies = bool(getattr(solver, "modifies_weights", True))
+                outs = blk.run_pass(inputs, collector, keep_outputs=not modifies, stop_early=modifies)
+                collector.stop_after = None
                 report.forward_s += time.perf_counter() - t0 - collector.time_s
                 report.statistics_s += collector.time_s
                 for group in collector.groups():
@@ -637,7 +647,9 @@ def run_sequential(
         if hasattr(solver, "end_block"):
             solver.end_block(b)
         t0 = time.perf_counter()
-        if blk.changed or outs is None:
+        if b == len(blocks) - 1:
+            outs = []  # nothing reads the last block's outputs
+        elif blk.changed or outs is None:
             outs = blk.run_pass(inputs, None, keep_outputs=True)
         report.forward_s += time.perf_counter() - t0
         for o in outs:

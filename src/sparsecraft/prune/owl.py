@@ -56,6 +56,7 @@ class OutlierSolver:
     """Dense statistics walk: leaves weights unchanged, records each block's outlier ratio."""
 
     needs_hessian = False
+    modifies_weights = False  # the dense walk reuses its statistics pass outputs
 
     def __init__(self, m: float = 5.0):
         if not m > 0:
