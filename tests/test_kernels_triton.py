@@ -130,3 +130,32 @@ def test_layout_rejects_bad_shapes():
         layout.from_nm(torch.zeros(2, 6), torch.zeros(2, 2, dtype=torch.uint8), 3, 4, (2, 8))
     with pytest.raises(SparsecraftError, match="mask"):
         layout.from_bitmask(torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(0), torch.zeros(3), (2, 8))
+
+
+def test_cuda_forward_dispatch_policy_on_cpu_tensors():
+    """The SparseLinear entry point: kernels at batch 1, dense paths above, None where it must not run."""
+    from types import SimpleNamespace
+
+    for fmt in ("nm", "bitmask"):
+        obj, ref_w = _make(fmt, 24, 256, torch.float16, seed=7)
+        bias = torch.randn(24).half()
+        mod = SimpleNamespace(weight_compressed=obj, bias=bias, _cuda_weight=None)
+        for batch in (1, 4, 20):
+            x = torch.randn(batch, 256).half()
+            y = dispatch.cuda_forward(mod, x)
+            assert mod._cuda_weight is not None and y.shape == (batch, 24)
+            _check(y, x.double() @ ref_w.t() + bias.double(), 4e-3)
+        assert dispatch.use_kernel(mod._cuda_weight, 4) == (fmt == "nm")
+        # a cached dense copy serves every batch above 1 (then never slower than dense)
+        assert dispatch.prepare_module(mod, "cpu", keep_dense=True)
+        assert torch.allclose(mod._cuda_dense.double(), ref_w)
+        x = torch.randn(3, 256).half()
+        _check(dispatch.cuda_forward(mod, x), x.double() @ ref_w.t() + bias.double(), 4e-3)
+        # autograd needs the module's own dense path
+        xg = torch.randn(1, 256, requires_grad=True)
+        assert dispatch.cuda_forward(mod, xg) is None
+    qd = formats.QuantizedDenseTensor.from_codes(
+        torch.randint(-8, 8, (4, 32)), formats.QuantInfo(4, 32, True, torch.ones(4, 1).half()), torch.float16
+    )
+    assert not dispatch.supports(qd)
+    assert dispatch.cuda_forward(SimpleNamespace(weight_compressed=qd, bias=None), torch.randn(1, 32)) is None

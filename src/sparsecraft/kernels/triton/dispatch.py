@@ -1,14 +1,16 @@
 """Pick the kernel and its tile shape for one product y = x @ W^T, W a :class:`TritonWeight`.
 
-* batch 1: the multiply-add kernel (``USE_DOT=False``);
-* batch 2..``DOT_MAX_BATCH``: the decode-then-``tl.dot`` kernel, batch padded to 16/32/64;
-* larger batches (prefill): decode W to a dense temporary once and call cuBLAS — the product is
-  compute-bound there and cuBLAS beats anything we decode on the fly (see docs/results/gpu_kernels.md;
-  torch's semi-structured 2:4 only wins from about batch 8192, so it is not used).
+* batch 1: the GEMV kernels (``USE_DOT=False``): the case where sparsity pays on a GPU;
+* batch 2..``DOT_MAX_BATCH``: N:M runs the decode-then-``tl.dot`` kernel (batch padded to 16);
+* otherwise (bitmask above batch 1, anything above 16 rows, prefill): a dense weight and cuBLAS;
+  the dense weight is a cached copy when the model was prepared with ``keep_dense=True`` (then no
+  batch is slower than dense), else it is decoded on the fly by :func:`decompress`. On the
+  measured H100 chain neither our batched kernels nor torch's semi-structured 2:4 beat dense
+  cuBLAS above batch 1 (docs/results/gpu_kernels.md), so those paths only save memory.
 
 Everything here depends on shapes only (no host syncs, no data-dependent choices), so a decode
 step can be captured in a CUDA graph; :func:`sparse_linear` is registered as the custom op
-``sparsecraft::triton_sparse_mm`` so torch.compile treats it as one opaque call.
+``sparsecraft::triton_sparse_linear`` so torch.compile treats it as one opaque call.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import TILE, TritonWeight
+from .layout import TILE, TritonWeight, prepare
 
 # read once at import, like triton itself does: the interpreter cannot multiply bf16 in tl.dot
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DOT_MAX_BATCH = 16  # above this, decode + cuBLAS (chosen by measurement, docs/results/gpu_kernels.md)
+DOT_MAX_BATCH = 16  # N:M rows up to which the dot kernel beats decode + cuBLAS (measured)
 
 
 @dataclass(frozen=True)
@@ -59,23 +61,22 @@ def _bk_for(tw: TritonWeight, want: int) -> int:
 
 
 def default_config(tw: TritonWeight, batch: int, device: torch.device) -> KernelConfig:
-    """Shape-only choice of tile shape, from the tuning runs on an H100 (docs/results/gpu_kernels.md)."""
+    """Shape-only tile choice: the per-shape winners of the H100 tuning run (docs/results/gpu_kernels.md)."""
     out_f, in_f = tw.shape
-    q4 = tw.bits == 4
     if batch == 1:
         bb = 1
         if tw.fmt == "bitmask":
-            bn, bk, warps = 4, 256, 1  # one warp: the prefix sum stays inside the warp
-        elif q4:
-            bn, bk, warps = 32, 128, 4
+            # one warp per program: the prefix sum stays inside the warp; 2 rows won on the 4096-row
+            # layers, 4 on the 11008-row ones
+            bn, bk, warps = (2 if out_f <= 8192 else 4), 256, 1
         else:
-            bn, bk, warps = 16, 512, 8
+            bn, bk, warps = 4, 512, 2  # fp16 and int4 alike
     else:
         bb = 16 if batch <= 16 else 64
-        if q4:
-            bn, bk, warps = 32, 128, 4
+        if tw.fmt == "nm" and tw.bits == 4:
+            bn, bk, warps = 16, 256, 4
         else:
-            bn, bk, warps = (16, 256, 4) if bb == 16 else (32, 256, 4)
+            bn, bk, warps = (32, 256, 4) if bb == 16 else (64, 256, 8)
     bk = _bk_for(tw, bk)
     if tw.bits and tw.group_size < bk and bk % tw.group_size:
         bk = tw.group_size
@@ -165,42 +166,115 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _sparse_linear_impl(x2: torch.Tensor, tw: TritonWeight) -> torch.Tensor:
-    if x2.shape[0] <= DOT_MAX_BATCH:
+def use_kernel(tw: TritonWeight, batch: int) -> bool:
+    """Whether a product of ``batch`` rows runs our kernels (else: dense weight + cuBLAS).
+
+    Measured on the llama-7b chain (H100, docs/results/gpu_kernels.md): batch 1 runs the GEMV
+    kernels; for 2..16 rows the decode-then-dot kernel beats decoding to a dense temporary only
+    for N:M; above 16 rows nothing we decode on the fly beats cuBLAS.
+    """
+    return batch == 1 or (batch <= DOT_MAX_BATCH and tw.fmt == "nm")
+
+
+def _sparse_linear_impl(x2: torch.Tensor, tw: TritonWeight, dense: torch.Tensor | None) -> torch.Tensor:
+    batch = x2.shape[0]
+    if batch == 1 or (dense is None and use_kernel(tw, batch)):
         return sparse_mm(x2, tw)
-    return x2 @ decompress(tw, x2.dtype).t()
+    w = dense if dense is not None else decompress(tw, x2.dtype)
+    return x2 @ w.to(x2.dtype).t()
 
 
 @torch.library.custom_op("sparsecraft::triton_sparse_linear", mutates_args=())
 def _triton_sparse_linear(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, row_offsets: torch.Tensor | None,
     tile_offsets: torch.Tensor | None, scales: torch.Tensor | None, zeros: torch.Tensor | None,
-    is_bitmask: bool, out_features: int, in_features: int, n: int, m: int, bits: int, group_size: int,
-    symmetric: bool,
+    dense: torch.Tensor | None, is_bitmask: bool, out_features: int, in_features: int, n: int, m: int,
+    bits: int, group_size: int, symmetric: bool,
 ) -> torch.Tensor:
     tw = TritonWeight("bitmask" if is_bitmask else "nm", (out_features, in_features), x.dtype, values, meta,
                       row_offsets, tile_offsets, n, m, bits, group_size, symmetric, scales, zeros)
-    return _sparse_linear_impl(x, tw)
+    return _sparse_linear_impl(x, tw, dense)
 
 
 @_triton_sparse_linear.register_fake
-def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, is_bitmask, out_features, in_features,
-      n, m, bits, group_size, symmetric):
+def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, dense, is_bitmask, out_features,
+      in_features, n, m, bits, group_size, symmetric):
     return x.new_empty(x.shape[0], out_features)
 
 
-def sparse_linear(x: torch.Tensor, tw: TritonWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for x (..., in) on CUDA with W compressed: the SparseLinear entry point.
+def sparse_linear(x: torch.Tensor, tw: TritonWeight, bias: torch.Tensor | None = None,
+                  dense: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for x (..., in) on CUDA with W compressed.
 
-    One custom op (opaque to torch.compile, capturable in a CUDA graph): batch <= DOT_MAX_BATCH runs
-    the Triton kernels, larger batches decode W once and use cuBLAS.
+    One custom op (opaque to torch.compile, capturable in a CUDA graph). Batch 1 always runs our
+    kernels; larger batches use ``dense`` (a cached dense copy of W) with cuBLAS when given, so they
+    are never slower than dense; without it see :func:`use_kernel`.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.ops.sparsecraft.triton_sparse_linear(
-        x2, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets, tw.scales, tw.zeros,
+        x2, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets, tw.scales, tw.zeros, dense,
         tw.fmt == "bitmask", tw.shape[0], tw.shape[1], tw.n, tw.m, tw.bits, tw.group_size, tw.symmetric,
     )
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, tw.shape[0])
+
+
+# ---------------------------------------------------------------------------------- SparseLinear
+def supports(weight) -> bool:
+    """Whether the Triton kernels take this compressed tensor (bitmask, or N:M with N, M powers of 2)."""
+    fmt = getattr(weight, "FORMAT", None)
+    if fmt == "bitmask":
+        q = weight.quant
+        return q is None or q.group_size in (16, 32, 64, 128, 256, 512)
+    if fmt == "nm":
+        n, m, q = weight.n, weight.m, weight.quant
+        pow2 = n & (n - 1) == 0 and m & (m - 1) == 0
+        return pow2 and (q is None or (q.group_size in (16, 32, 64, 128, 256, 512) and q.group_size % m == 0))
+    return False
+
+
+def prepare_module(module, device, keep_dense: bool = False) -> bool:
+    """Put a ``SparseLinear``'s weight on ``device`` in the Triton layout (once, at load time).
+
+    ``keep_dense`` also keeps a dense copy for batches above 1 (cuBLAS: never slower than dense,
+    at the cost of the dense weight's memory). Returns False for formats the kernels do not take.
+    """
+    if not supports(module.weight_compressed):
+        return False
+    module._cuda_weight = prepare(module.weight_compressed, device)
+    module._cuda_dense = (decompress(module._cuda_weight).contiguous() if keep_dense else None)
+    module._cuda_bias = module.bias.detach().to(device) if module.bias is not None else None
+    return True
+
+
+def prepare_model(model: torch.nn.Module, device, keep_dense: bool = False) -> int:
+    """:func:`prepare_module` on every SparseLinear of ``model``; returns how many use the kernels.
+
+    Call before capturing CUDA graphs or compiling, so the one-time preparation stays outside.
+    """
+    n = 0
+    for mod in model.modules():
+        if hasattr(mod, "weight_compressed") and hasattr(mod, "_cuda_weight"):
+            n += prepare_module(mod, device, keep_dense)
+    return n
+
+
+def cuda_forward(module, x: torch.Tensor) -> torch.Tensor | None:
+    """``SparseLinear`` forward on a CUDA tensor, or None where the caller's dense path must run
+    (triton missing, format the kernels do not take, autograd needed)."""
+    if (x.requires_grad and torch.is_grad_enabled()) or not supports(module.weight_compressed):
+        return None
+    tw = getattr(module, "_cuda_weight", None)
+    if tw is None or tw.values.device != x.device:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return None
+        prepare_module(module, x.device, keep_dense=False)
+        tw = module._cuda_weight
+    bias = getattr(module, "_cuda_bias", None)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return sparse_linear(x, tw, bias, getattr(module, "_cuda_dense", None))
