@@ -2,65 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.prune.dsnot import DSnoTConfig, dsnot_refine, expected_error
+from sparsecraft.prune.stats import LayerStats
 
 
-@dataclass
-class _Stats:
-    """Test double with the LayerStats fields DSnoT reads, built straight from activations."""
-
-    count: int
-    sum: torch.Tensor
-    sumsq: torch.Tensor
-
-    @classmethod
-    def of(cls, x: torch.Tensor) -> _Stats:
-        x = x.double()
-        return cls(x.shape[0], x.sum(0).float(), (x * x).sum(0).float())
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / self.count
-
-    @property
-    def var(self) -> torch.Tensor:
-        return (self.sumsq / self.count - self.mean**2).clamp_min(0)
-
-    @property
-    def sqnorm(self) -> torch.Tensor:
-        return self.sumsq
-
-
-def _stats(x: torch.Tensor):
-    """The engine's LayerStats when it exists (so the contract is exercised), else the double."""
-    try:
-        from sparsecraft.prune.stats import LayerStats  # noqa: PLC0415
-    except ImportError:
-        return _Stats.of(x)
-    st = _Stats.of(x)
-    for build in (
-        lambda: LayerStats(count=st.count, sum=st.sum, sumsq=st.sumsq),
-        lambda: _accumulated(LayerStats, x),
-    ):
-        try:
-            real = build()
-            if torch.allclose(real.mean.float(), st.mean, atol=1e-5):
-                return real
-        except Exception:  # noqa: BLE001 - constructor shape unknown to this test
-            continue
-    return st
-
-
-def _accumulated(cls, x):
-    s = cls.empty(x.shape[1]) if hasattr(cls, "empty") else cls(x.shape[1])
-    s.add(x)
-    return s
+def _stats(x: torch.Tensor) -> LayerStats:
+    """The engine's statistics object, accumulated in batches as the engine does."""
+    stats = LayerStats(x.shape[1])
+    for chunk in x.split(16):
+        stats.update(chunk)
+    return stats
 
 
 def _layer(out=12, n_in=32, nsamples=64, seed=0, offset=1.0):
@@ -85,11 +40,10 @@ def _wanda_mask(w, x, sparsity=None, nm=None):
     return torch.ones_like(g, dtype=torch.bool).scatter_(-1, idx, False).view_as(w)
 
 
-def _brute(dense, sparse, mask, x, cfg: DSnoTConfig, nm=None):
+def _brute(dense, sparse, mask, stats, cfg: DSnoTConfig, nm=None):
     """One row at a time, every candidate re-examined every cycle: the rule written plainly."""
-    dense, sparse, x = dense.double(), sparse.double(), x.double()
-    mean, var = x.mean(0), x.var(0, unbiased=False)
-    norm = x.norm(dim=0)
+    dense, sparse = dense.double(), sparse.double()
+    mean, var, norm = stats.mean.double(), stats.var.double(), stats.sqnorm.double().sqrt()
     m = nm[1] if nm else dense.shape[1]
     weight = torch.where(mask, sparse, torch.zeros_like(sparse))
     new_mask = mask.clone()
@@ -155,20 +109,25 @@ def test_matches_brute_force(nm, seed):
     sparse = (w + 0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(9))) * mask
     cfg = DSnoTConfig(max_cycles=6, update_threshold=1e-3)
     got_w, got_m = dsnot_refine(w, sparse, mask, _stats(x), cfg, nm)
-    ref_w, ref_m = _brute(w, sparse, mask, x, cfg, nm)
+    ref_w, ref_m = _brute(w, sparse, mask, _stats(x), cfg, nm)
     assert torch.equal(got_m, ref_m)
     torch.testing.assert_close(got_w, ref_w)
     assert not torch.equal(got_m, mask)
 
 
-def test_without_same_sign_matches_brute_force():
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_without_same_sign_matches_brute_force(nm):
     w, x = _layer(out=16, n_in=24, seed=3)
-    mask = _wanda_mask(w, x, 0.5)
+    mask = _wanda_mask(w, x, 0.5, nm)
     cfg = DSnoTConfig(max_cycles=10, update_threshold=1e-3, without_same_sign=True)
-    got_w, got_m = dsnot_refine(w, w * mask, mask, _stats(x), cfg)
-    ref_w, ref_m = _brute(w, w * mask, mask, x, cfg)
+    got_w, got_m = dsnot_refine(w, w * mask, mask, _stats(x), cfg, nm)
+    ref_w, ref_m = _brute(w, w * mask, mask, _stats(x), cfg, nm)
     assert torch.equal(got_m, ref_m)
     torch.testing.assert_close(got_w, ref_w)
+    # without the check the error is allowed to change sign, and here it does in some row
+    e0 = expected_error(w, w * mask, _stats(x).mean)
+    e1 = expected_error(w, got_w, _stats(x).mean)
+    assert bool((e0 * e1 < 0).any())
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
