@@ -1,0 +1,19 @@
+"""Sparse inference: SparseLinear modules on compressed weights, model conversion, decode measurement."""
+
+from .convert import ConvertConfig, convert, sparse_layers
+from .linear import DEFAULT_MAX_KERNEL_BATCH, SparseLinear
+from .measure import decode_speed, greedy_identity, greedy_tokens, layer_timer, rss_bytes, weight_bytes
+
+__all__ = [
+    "DEFAULT_MAX_KERNEL_BATCH",
+    "ConvertConfig",
+    "SparseLinear",
+    "convert",
+    "decode_speed",
+    "greedy_identity",
+    "greedy_tokens",
+    "layer_timer",
+    "rss_bytes",
+    "sparse_layers",
+    "weight_bytes",
+]

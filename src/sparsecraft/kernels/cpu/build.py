@@ -27,7 +27,7 @@ import torch  # noqa: F401  (loads torch's libgomp first, see module docstring)
 from ...errors import SparsecraftError
 
 SOURCE = Path(__file__).with_name("sc_kernels.c")
-ABI_VERSION = 3  # must match sc_abi_version() in the C file
+ABI_VERSION = 4  # must match sc_abi_version() in the C file
 
 # "native": every instruction this CPU has (AVX-512 path when present);
 # "portable": baseline x86-64 / generic code, i.e. the scalar path (used by tests and as a fallback)
@@ -67,7 +67,9 @@ def _cpu_flags() -> str:
 
 def _compiler_version(cc: str) -> str:
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+        return subprocess.run(
+            [cc, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return cc
 
@@ -112,26 +114,103 @@ def library_path(variant: str = "native") -> Path:
     raise SparsecraftError(f"could not compile the CPU sparse kernels ({SOURCE.name}):\n" + "\n".join(errors))
 
 
+class Desc(ctypes.Structure):
+    """Mirror of ``sc_desc`` in the C file: everything about one weight that is constant per call."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("vt", ctypes.c_int32),
+        ("out", ctypes.c_int64),
+        ("in_", ctypes.c_int64),
+        ("meta", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+        ("row_offsets", ctypes.c_void_p),
+        ("n", ctypes.c_int32),
+        ("m", ctypes.c_int32),
+        ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("group_size", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
+        ("nthreads", ctypes.c_int32),
+        ("force_scalar", ctypes.c_int32),
+    ]
+
+
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_library(variant: str = "native") -> ctypes.CDLL:
     """The loaded kernel library (built on first use, then cached on disk and in this process)."""
     lib = ctypes.CDLL(str(library_path(variant)))
     if lib.sc_abi_version() != ABI_VERSION:
-        raise SparsecraftError(f"stale kernel library (ABI {lib.sc_abi_version()} != {ABI_VERSION}); "
-                               f"delete {cache_dir()} and retry")
-    lib.sc_bitmask_matmul.argtypes = [_P, _P, _P, _I64, _I64, _INT, _P, _P, _I64,
-                                      _P, _I64, _I64, _P, _I64, _P, _INT, _INT]
+        raise SparsecraftError(
+            f"stale kernel library (ABI {lib.sc_abi_version()} != {ABI_VERSION}); "
+            f"delete {cache_dir()} and retry"
+        )
+    lib.sc_bitmask_matmul.argtypes = [
+        _P,
+        _P,
+        _P,
+        _I64,
+        _I64,
+        _INT,
+        _P,
+        _P,
+        _I64,
+        _P,
+        _I64,
+        _I64,
+        _P,
+        _I64,
+        _P,
+        _INT,
+        _INT,
+    ]
     lib.sc_bitmask_matmul.restype = _INT
-    lib.sc_nm_matmul.argtypes = [_P, _P, _I64, _I64, _INT, _INT, _INT, _P, _P, _I64,
-                                 _P, _I64, _I64, _P, _I64, _P, _INT, _INT]
+    lib.sc_nm_matmul.argtypes = [
+        _P,
+        _P,
+        _I64,
+        _I64,
+        _INT,
+        _INT,
+        _INT,
+        _P,
+        _P,
+        _I64,
+        _P,
+        _I64,
+        _I64,
+        _P,
+        _I64,
+        _P,
+        _INT,
+        _INT,
+    ]
     lib.sc_nm_matmul.restype = _INT
-    lib.sc_qdense_matmul.argtypes = [_P, _I64, _I64, _INT, _P, _P, _I64, _P, _I64, _I64, _P, _I64, _P, _INT, _INT]
+    lib.sc_qdense_matmul.argtypes = [
+        _P,
+        _I64,
+        _I64,
+        _INT,
+        _P,
+        _P,
+        _I64,
+        _P,
+        _I64,
+        _I64,
+        _P,
+        _I64,
+        _P,
+        _INT,
+        _INT,
+    ]
     lib.sc_qdense_matmul.restype = _INT
+    lib.sc_matmul.argtypes = [ctypes.POINTER(Desc), _P, _I64, _I64, _P, _I64]
+    lib.sc_matmul.restype = _INT
     lib.sc_stream_copy.argtypes = [_P, _P, _I64, _INT]
     lib.sc_stream_copy.restype = None
     lib.sc_stream_read.argtypes = [_P, _I64, _INT]

@@ -9,37 +9,51 @@ one-shot conveniences (bind + call) used by tests and benchmarks.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 
 from ...errors import SparsecraftError
-from .build import load_library
+from .build import Desc, load_library
 
 VT_F32, VT_BF16, VT_F16, VT_I8, VT_U8, VT_I4, VT_U4 = range(7)
 _FLOAT_VT = {torch.float32: VT_F32, torch.bfloat16: VT_BF16, torch.float16: VT_F16}
-VT_NAMES = {VT_F32: "fp32", VT_BF16: "bf16", VT_F16: "fp16", VT_I8: "int8", VT_U8: "uint8",
-            VT_I4: "int4", VT_U4: "uint4"}
+VT_NAMES = {
+    VT_F32: "fp32",
+    VT_BF16: "bf16",
+    VT_F16: "fp16",
+    VT_I8: "int8",
+    VT_U8: "uint8",
+    VT_I4: "int4",
+    VT_U4: "uint4",
+}
 
 
 def value_type(values: torch.Tensor, bits: int | None, symmetric: bool = True, name: str = "values") -> int:
     """Kernel value-type code for a values tensor (float values, or int8/int4 codes)."""
     if bits is None:
         if values.dtype not in _FLOAT_VT:
-            raise SparsecraftError(f"{name}: dtype {values.dtype} is not a float type; quantized codes need "
-                                   "bits=8 or bits=4 (with scales)")
+            raise SparsecraftError(
+                f"{name}: dtype {values.dtype} is not a float type; quantized codes need "
+                "bits=8 or bits=4 (with scales)"
+            )
         return _FLOAT_VT[values.dtype]
     if bits == 8:
         want = torch.int8 if symmetric else torch.uint8
         if values.dtype != want:
-            raise SparsecraftError(f"{name}: int8 {'symmetric' if symmetric else 'asymmetric'} codes must be "
-                                   f"{want}, got {values.dtype}")
+            raise SparsecraftError(
+                f"{name}: int8 {'symmetric' if symmetric else 'asymmetric'} codes must be "
+                f"{want}, got {values.dtype}"
+            )
         return VT_I8 if symmetric else VT_U8
     if bits == 4:
         if values.dtype != torch.uint8:
             raise SparsecraftError(f"{name}: int4 codes must be uint8 nibble pairs, got {values.dtype}")
         return VT_I4 if symmetric else VT_U4
-    raise SparsecraftError(f"{name}: bits={bits} not supported by the CPU kernels; use 8 or 4 (or None for floats)")
+    raise SparsecraftError(
+        f"{name}: bits={bits} not supported by the CPU kernels; use 8 or 4 (or None for floats)"
+    )
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -61,8 +75,11 @@ def _check_quant(name: str, out: int, in_features: int, vt: int, scales, zeros, 
     _need(scales is not None, f"{name}: quantized codes need scales of shape (out, ceil(in/group_size))")
     _need(group_size > 0, f"{name}: group_size must be positive, got {group_size}")
     ng = -(-in_features // group_size)
-    _need(tuple(scales.shape) == (out, ng),
-          f"{name}: scales shape {tuple(scales.shape)} != {(out, ng)} for in={in_features}, group_size={group_size}")
+    _need(
+        tuple(scales.shape) == (out, ng),
+        f"{name}: scales shape {tuple(scales.shape)} != {(out, ng)} "
+        f"for in={in_features}, group_size={group_size}",
+    )
     _need(scales.dtype == torch.float16, f"{name}: scales must be float16, got {scales.dtype}")
     _check_cpu_contig(f"{name}.scales", scales)
     asym = vt in (VT_U8, VT_U4)
@@ -70,21 +87,36 @@ def _check_quant(name: str, out: int, in_features: int, vt: int, scales, zeros, 
         _need(zeros is not None, f"{name}: asymmetric codes need zeros of shape {(out, ng)}")
     if zeros is not None:
         _need(asym, f"{name}: zeros given for symmetric codes")
-        _need(tuple(zeros.shape) == (out, ng) and zeros.dtype == torch.uint8,
-              f"{name}: zeros must be uint8 {(out, ng)}, got {zeros.dtype} {tuple(zeros.shape)}")
+        _need(
+            tuple(zeros.shape) == (out, ng) and zeros.dtype == torch.uint8,
+            f"{name}: zeros must be uint8 {(out, ng)}, got {zeros.dtype} {tuple(zeros.shape)}",
+        )
         _check_cpu_contig(f"{name}.zeros", zeros)
 
 
-def check_bitmask(mask, values, row_offsets, shape, vt, scales=None, zeros=None, group_size=128,
-                  name: str = "bitmask tensor") -> None:
+def check_bitmask(
+    mask,
+    values,
+    row_offsets,
+    shape,
+    vt,
+    scales=None,
+    zeros=None,
+    group_size=128,
+    name: str = "bitmask tensor",
+) -> None:
     """Raise SparsecraftError unless the tensors follow the bitmask layout contract for ``shape``."""
     out, in_features = (int(s) for s in shape)
     mb = -(-in_features // 8)
-    _need(mask.dtype == torch.uint8 and tuple(mask.shape) == (out, mb),
-          f"{name}: mask must be uint8 {(out, mb)} for a {(out, in_features)} weight, got "
-          f"{mask.dtype} {tuple(mask.shape)}")
-    _need(row_offsets.dtype == torch.int64 and tuple(row_offsets.shape) == (out + 1,),
-          f"{name}: row_offsets must be int64 ({out + 1},), got {row_offsets.dtype} {tuple(row_offsets.shape)}")
+    _need(
+        mask.dtype == torch.uint8 and tuple(mask.shape) == (out, mb),
+        f"{name}: mask must be uint8 {(out, mb)} for a {(out, in_features)} weight, got "
+        f"{mask.dtype} {tuple(mask.shape)}",
+    )
+    _need(
+        row_offsets.dtype == torch.int64 and tuple(row_offsets.shape) == (out + 1,),
+        f"{name}: row_offsets must be int64 ({out + 1},), got {row_offsets.dtype} {tuple(row_offsets.shape)}",
+    )
     _need(values.dim() == 1, f"{name}: values must be 1-D, got shape {tuple(values.shape)}")
     for n, t in (("mask", mask), ("values", values), ("row_offsets", row_offsets)):
         _check_cpu_contig(f"{name}.{n}", t)
@@ -102,28 +134,38 @@ def check_bitmask(mask, values, row_offsets, shape, vt, scales=None, zeros=None,
         want = counts
         slots = values.numel()
     bad = (diffs != want).nonzero()
-    _need(bad.numel() == 0,
-          f"{name}: row {int(bad[0]) if bad.numel() else 0} has {int(diffs[bad[0]]) if bad.numel() else 0} "
-          f"values but its mask keeps {int(want[bad[0]]) if bad.numel() else 0}: mask and values do not match")
-    _need(int(row_offsets[-1]) == slots,
-          f"{name}: row_offsets[-1]={int(row_offsets[-1])} but values hold {slots} slots")
+    _need(
+        bad.numel() == 0,
+        f"{name}: row {int(bad[0]) if bad.numel() else 0} has {int(diffs[bad[0]]) if bad.numel() else 0} "
+        f"values but its mask keeps {int(want[bad[0]]) if bad.numel() else 0}: mask and values do not match",
+    )
+    _need(
+        int(row_offsets[-1]) == slots,
+        f"{name}: row_offsets[-1]={int(row_offsets[-1])} but values hold {slots} slots",
+    )
     _check_quant(name, out, in_features, vt, scales, zeros, group_size)
 
 
-def check_nm(values, indices, shape, n, m, vt, scales=None, zeros=None, group_size=128,
-             name: str = "N:M tensor") -> None:
+def check_nm(
+    values, indices, shape, n, m, vt, scales=None, zeros=None, group_size=128, name: str = "N:M tensor"
+) -> None:
     """Raise SparsecraftError unless the tensors follow the packed N:M layout contract."""
     out, in_features = (int(s) for s in shape)
     _need(1 <= n <= m <= 16, f"{name}: need 1 <= N <= M <= 16, got {n}:{m}")
     _need(in_features % m == 0, f"{name}: in_features={in_features} is not a multiple of M={m}")
     L = in_features // m * n
     cols = (L + 1) // 2 if vt in (VT_I4, VT_U4) else L
-    _need(tuple(values.shape) == (out, cols),
-          f"{name}: values shape {tuple(values.shape)} != {(out, cols)} for {n}:{m} of {(out, in_features)}")
+    _need(
+        tuple(values.shape) == (out, cols),
+        f"{name}: values shape {tuple(values.shape)} != {(out, cols)} for {n}:{m} of {(out, in_features)}",
+    )
     bits = 2 if m <= 4 else 4
     ib = -(-L * bits // 8)
-    _need(indices.dtype == torch.uint8 and tuple(indices.shape) == (out, ib),
-          f"{name}: indices must be uint8 {(out, ib)} ({bits}-bit packed), got {indices.dtype} {tuple(indices.shape)}")
+    _need(
+        indices.dtype == torch.uint8 and tuple(indices.shape) == (out, ib),
+        f"{name}: indices must be uint8 {(out, ib)} ({bits}-bit packed), "
+        f"got {indices.dtype} {tuple(indices.shape)}",
+    )
     for nm_, t in (("values", values), ("indices", indices)):
         _check_cpu_contig(f"{name}.{nm_}", t)
     if out and L:
@@ -134,31 +176,44 @@ def check_nm(values, indices, shape, n, m, vt, scales=None, zeros=None, group_si
         grp = pos.reshape(out, L // n, n)
         if n > 1:
             srt = grp.sort(dim=-1).values
-            _need(bool((srt[..., 1:] != srt[..., :-1]).all()),
-                  f"{name}: a group repeats a position; each of the N kept values needs its own column")
+            _need(
+                bool((srt[..., 1:] != srt[..., :-1]).all()),
+                f"{name}: a group repeats a position; each of the N kept values needs its own column",
+            )
     _check_quant(name, out, in_features, vt, scales, zeros, group_size)
 
 
 @dataclass(eq=False)
 class BoundKernel:
-    """A validated compressed weight ready to multiply: ``y = kernel(x)`` for x (B, in) fp32."""
+    """A validated compressed weight ready to multiply: ``y = kernel(x)`` for x (B, in) fp32.
 
-    fn: object  # ctypes function
-    head: tuple  # arguments before x
-    keep: tuple  # tensors whose memory the pointers refer to
+    The weight's constant arguments sit in a C descriptor built once, so a call is one ctypes
+    call with six arguments (a few µs: the model calls 210 of these per token)."""
+
+    fn: object  # ctypes sc_matmul
+    desc: Desc
+    keep: tuple  # tensors whose memory the descriptor points into
     out_features: int
     in_features: int
     bias: torch.Tensor | None
-    threads: int = 0
-    portable: bool = False
+
+    def __post_init__(self) -> None:
+        self._ref = ctypes.byref(self.desc)
+
+    @property
+    def threads(self) -> int:
+        return int(self.desc.nthreads)
+
+    @property
+    def portable(self) -> bool:
+        return bool(self.desc.force_scalar)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, in) float32 CPU, contiguous rows. Returns (B, out) float32."""
         B = x.shape[0]
         if out is None:
             out = torch.empty((B, self.out_features), dtype=torch.float32)
-        rc = self.fn(*self.head, x.data_ptr(), B, x.stride(0), out.data_ptr(), out.stride(0),
-                     self.bias.data_ptr() if self.bias is not None else None, self.threads, self.portable)
+        rc = self.fn(self._ref, x.data_ptr(), B, x.stride(0), out.data_ptr(), out.stride(0))
         if rc != 0:
             raise SparsecraftError(f"CPU kernel rejected its arguments (code {rc})")
         return out
@@ -175,56 +230,117 @@ def _ptr(t):
     return t.data_ptr() if t is not None else None
 
 
-def bind_bitmask(mask, values, row_offsets, shape, *, bits=None, symmetric=True, scales=None, zeros=None,
-                 group_size=128, bias=None, threads=0, variant="native", check=True) -> BoundKernel:
+def _bound(
+    kind, vt, shape, meta, values, row_offsets, n, m, scales, zeros, group_size, bias, threads, variant
+):
+    out, in_features = (int(s) for s in shape)
+    lib = load_library(variant)
+    b = _prep_bias(bias, out)
+    desc = Desc(
+        kind=kind,
+        vt=vt,
+        out=out,
+        in_=in_features,
+        meta=_ptr(meta),
+        values=_ptr(values),
+        row_offsets=_ptr(row_offsets),
+        n=n,
+        m=m,
+        scales=_ptr(scales),
+        zeros=_ptr(zeros),
+        group_size=int(group_size) if vt >= VT_I8 else 0,
+        bias=_ptr(b),
+        nthreads=int(threads),
+        force_scalar=int(variant == "portable"),
+    )
+    return BoundKernel(
+        lib.sc_matmul, desc, (meta, values, row_offsets, scales, zeros, b), out, in_features, b
+    )
+
+
+def bind_bitmask(
+    mask,
+    values,
+    row_offsets,
+    shape,
+    *,
+    bits=None,
+    symmetric=True,
+    scales=None,
+    zeros=None,
+    group_size=128,
+    bias=None,
+    threads=0,
+    variant="native",
+    check=True,
+) -> BoundKernel:
     vt = value_type(values, bits, symmetric)
     if check:
         check_bitmask(mask, values, row_offsets, shape, vt, scales, zeros, group_size)
-    out, in_features = (int(s) for s in shape)
-    lib = load_library(variant)
-    b = _prep_bias(bias, out)
-    head = (_ptr(mask), _ptr(values), _ptr(row_offsets), out, in_features, vt, _ptr(scales), _ptr(zeros),
-            int(group_size) if vt >= VT_I8 else 0)
-    return BoundKernel(lib.sc_bitmask_matmul, head, (mask, values, row_offsets, scales, zeros), out,
-                       in_features, b, int(threads), variant == "portable")
+    return _bound(
+        0, vt, shape, mask, values, row_offsets, 0, 0, scales, zeros, group_size, bias, threads, variant
+    )
 
 
-def bind_nm(values, indices, shape, n, m, *, bits=None, symmetric=True, scales=None, zeros=None,
-            group_size=128, bias=None, threads=0, variant="native", check=True) -> BoundKernel:
+def bind_nm(
+    values,
+    indices,
+    shape,
+    n,
+    m,
+    *,
+    bits=None,
+    symmetric=True,
+    scales=None,
+    zeros=None,
+    group_size=128,
+    bias=None,
+    threads=0,
+    variant="native",
+    check=True,
+) -> BoundKernel:
     vt = value_type(values, bits, symmetric)
     if check:
         check_nm(values, indices, shape, n, m, vt, scales, zeros, group_size)
-    out, in_features = (int(s) for s in shape)
-    lib = load_library(variant)
-    b = _prep_bias(bias, out)
-    head = (_ptr(indices), _ptr(values), out, in_features, int(n), int(m), vt, _ptr(scales), _ptr(zeros),
-            int(group_size) if vt >= VT_I8 else 0)
-    return BoundKernel(lib.sc_nm_matmul, head, (values, indices, scales, zeros), out, in_features, b,
-                       int(threads), variant == "portable")
+    return _bound(
+        1, vt, shape, indices, values, None, int(n), int(m), scales, zeros, group_size, bias, threads, variant
+    )
 
 
-def check_qdense(values, shape, vt, scales=None, zeros=None, group_size=128,
-                 name: str = "quantized dense tensor") -> None:
+def check_qdense(
+    values, shape, vt, scales=None, zeros=None, group_size=128, name: str = "quantized dense tensor"
+) -> None:
     """Raise SparsecraftError unless the tensors follow the quantized dense layout contract."""
     out, in_features = (int(s) for s in shape)
-    _need(vt >= VT_I8, f"{name}: dense weights need integer codes (bits=8 or 4); float dense weights "
-          "run through torch directly")
+    _need(
+        vt >= VT_I8,
+        f"{name}: dense weights need integer codes (bits=8 or 4); float dense weights "
+        "run through torch directly",
+    )
     cols = (in_features + 1) // 2 if vt in (VT_I4, VT_U4) else in_features
     _need(tuple(values.shape) == (out, cols), f"{name}: values shape {tuple(values.shape)} != {(out, cols)}")
     _check_cpu_contig(f"{name}.values", values)
     _check_quant(name, out, in_features, vt, scales, zeros, group_size)
 
 
-def bind_qdense(values, shape, *, bits, symmetric=True, scales=None, zeros=None, group_size=128, bias=None,
-                threads=0, variant="native", check=True) -> BoundKernel:
+def bind_qdense(
+    values,
+    shape,
+    *,
+    bits,
+    symmetric=True,
+    scales=None,
+    zeros=None,
+    group_size=128,
+    bias=None,
+    threads=0,
+    variant="native",
+    check=True,
+) -> BoundKernel:
     vt = value_type(values, bits, symmetric)
     if check:
         check_qdense(values, shape, vt, scales, zeros, group_size)
-    out, in_features = (int(s) for s in shape)
-    lib = load_library(variant)
-    head = (_ptr(values), out, in_features, vt, _ptr(scales), _ptr(zeros), int(group_size))
-    return BoundKernel(lib.sc_qdense_matmul, head, (values, scales, zeros), out, in_features,
-                       _prep_bias(bias, out), int(threads), variant == "portable")
+    return _bound(2, vt, shape, None, values, None, 0, 0, scales, zeros, group_size, bias, threads, variant)
 
 
 def bind(ct, *, bias=None, threads: int = 0, variant: str = "native", check: bool = True) -> BoundKernel:
@@ -233,8 +349,17 @@ def bind(ct, *, bias=None, threads: int = 0, variant: str = "native", check: boo
     from ...formats import BitmaskTensor, NMTensor, QuantizedDenseTensor
 
     q = getattr(ct, "quant", None)
-    qkw = {} if q is None else {"bits": q.bits, "symmetric": q.symmetric, "scales": q.scales, "zeros": q.zeros,
-                                "group_size": q.group_size}
+    qkw = (
+        {}
+        if q is None
+        else {
+            "bits": q.bits,
+            "symmetric": q.symmetric,
+            "scales": q.scales,
+            "zeros": q.zeros,
+            "group_size": q.group_size,
+        }
+    )
     common = {"bias": bias, "threads": threads, "variant": variant, "check": check}
     if isinstance(ct, BitmaskTensor):
         return bind_bitmask(ct.mask, ct.values, ct.row_offsets, ct.shape, **qkw, **common)
@@ -242,8 +367,10 @@ def bind(ct, *, bias=None, threads: int = 0, variant: str = "native", check: boo
         return bind_nm(ct.values, ct.indices, ct.shape, ct.n, ct.m, **qkw, **common)
     if isinstance(ct, QuantizedDenseTensor):
         return bind_qdense(ct.values, ct.shape, **qkw, **common)
-    raise SparsecraftError(f"no CPU kernel for {type(ct).__name__}; expected BitmaskTensor, NMTensor or "
-                           "QuantizedDenseTensor from sparsecraft.formats")
+    raise SparsecraftError(
+        f"no CPU kernel for {type(ct).__name__}; expected BitmaskTensor, NMTensor or "
+        "QuantizedDenseTensor from sparsecraft.formats"
+    )
 
 
 def _as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:

@@ -28,6 +28,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#include <stdlib.h>
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -43,7 +44,7 @@
 enum { VT_F32 = 0, VT_BF16 = 1, VT_F16 = 2, VT_I8 = 3, VT_U8 = 4, VT_I4 = 5, VT_U4 = 6 };
 
 int sc_has_avx512(void) { return SC_AVX512; }
-int sc_abi_version(void) { return 3; }
+int sc_abi_version(void) { return 4; }
 
 /* ------------------------------------------------------------------ scalar helpers */
 static inline float f16_to_f32(uint16_t h) {
@@ -540,6 +541,175 @@ static void qd_rows_avx512(const void* values, int64_t in, int vt, const quant_t
         default: qd_rows_vt(values, in, VT_U4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
     }
 }
+
+/* ---- batched path (B >= SC_NZ_MIN_B): weights decoded once per row into a list of (column, fp32
+ * value) pairs, then one FMA per kept weight against x transposed to (in, 16): 16 batch rows fill
+ * one vector, so the work scales with the kept weights rather than with the dense width. */
+#ifndef SC_NZ_MIN_B
+#define SC_NZ_MIN_B 5
+#endif
+
+SC_INLINE int64_t bm_row_list(const uint8_t* mr, const void* values, int64_t s, int64_t safe, int64_t in, int vt,
+                              const quant_t* q, int64_t i, float* wl, int32_t* il) {
+    int64_t n = 0;
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t j = 0; j < in; j += 16) {
+        __mmask16 m = load_mask16(mr, j, in);
+        __m512 w = apply_quant(vt, bm_decode(vt, m, values, &s, safe), m, q, i, j);
+        _mm512_storeu_ps(wl + n, _mm512_maskz_compress_ps(m, w));
+        _mm512_storeu_si512(il + n, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(iota, _mm512_set1_epi32((int)j))));
+        n += __builtin_popcount((unsigned)m);
+    }
+    return n;
+}
+
+SC_INLINE int64_t nm_row_list(const uint8_t* ir, int64_t ib, const void* vrow, int64_t L, int N, int M, int bits,
+                              __m512i base, int vt, const quant_t* q, int64_t i, float* wl, int32_t* il) {
+    for (int64_t k0 = 0; k0 < L; k0 += 16) {
+        int64_t rem = L - k0;
+        __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
+        int64_t c0 = (k0 / N) * M;
+        __m512 w = nm_decode(vt, vm, vrow, k0);
+        if (is_quant(vt)) {
+            int64_t g = i * q->ngroups + c0 / q->G;
+            if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
+            w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
+        }
+        _mm512_storeu_ps(wl + k0, w);
+        _mm512_storeu_si512(il + k0, _mm512_add_epi32(nm_lanes(ir, ib, k0, bits, base), _mm512_set1_epi32((int)c0)));
+    }
+    return L;
+}
+
+SC_INLINE int64_t qd_row_list(const void* vrow, int64_t in, int vt, const quant_t* q, int64_t i, float* wl, int32_t* il) {
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t k0 = 0; k0 < in; k0 += 16) {
+        int64_t rem = in - k0;
+        __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
+        __m512 w = nm_decode(vt, vm, vrow, k0);
+        int64_t g = i * q->ngroups + k0 / q->G;
+        if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
+        w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
+        _mm512_storeu_ps(wl + k0, w);
+        _mm512_storeu_si512(il + k0, _mm512_add_epi32(iota, _mm512_set1_epi32((int)k0)));
+    }
+    return in;
+}
+
+/* y[b, i] = bias + sum_k wl[k] * x[b, il[k]] for all B rows, x given as xT (nblk, in, 16) */
+static inline void nz_fma(const float* wl, const int32_t* il, int64_t n, const float* xT, int64_t in, int64_t B,
+                          float* y, int64_t ldy, int64_t i, float bias) {
+    for (int64_t b0 = 0; b0 < B; b0 += 16) {
+        const float* xb = xT + (b0 / 16) * in * 16;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 4 <= n; k += 4) {
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(wl[k]), _mm512_load_ps(xb + (int64_t)il[k] * 16), a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(wl[k + 1]), _mm512_load_ps(xb + (int64_t)il[k + 1] * 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_set1_ps(wl[k + 2]), _mm512_load_ps(xb + (int64_t)il[k + 2] * 16), a2);
+            a3 = _mm512_fmadd_ps(_mm512_set1_ps(wl[k + 3]), _mm512_load_ps(xb + (int64_t)il[k + 3] * 16), a3);
+        }
+        for (; k < n; k++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(wl[k]), _mm512_load_ps(xb + (int64_t)il[k] * 16), a0);
+        __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        float lanes[16] __attribute__((aligned(64)));
+        _mm512_store_ps(lanes, acc);
+        int64_t nb = B - b0 < 16 ? B - b0 : 16;
+        for (int64_t b = 0; b < nb; b++) y[(b0 + b) * ldy + i] = lanes[b] + bias;
+    }
+}
+
+/* x (B, in) -> xT (ceil(B/16), in, 16), zero-padded batch lanes; 64-byte aligned */
+static float* make_xT(const float* x, int64_t B, int64_t ldx, int64_t in) {
+    int64_t nblk = (B + 15) / 16;
+    size_t bytes = (size_t)(nblk * in * 16 * sizeof(float));
+    float* xT = (float*)aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!xT) return NULL;
+    memset(xT, 0, bytes);
+    for (int64_t b = 0; b < B; b++) {
+        float* dst = xT + (b / 16) * in * 16 + (b % 16);
+        const float* src = x + b * ldx;
+        for (int64_t j = 0; j < in; j++) dst[j * 16] = src[j];
+    }
+    return xT;
+}
+
+SC_INLINE void bm_rows_nz_vt(const uint8_t* mask, const void* values, const int64_t* ro, int64_t nslots, int64_t in,
+                             int vt, const quant_t* q, const float* xT, int64_t B, float* y, int64_t ldy,
+                             const float* bias, int64_t r0, int64_t r1, float* wl, int32_t* il) {
+    int64_t mb = (in + 7) / 8;
+    int64_t safe = safe_slot(vt, nslots);
+    for (int64_t i = r0; i < r1; i++) {
+        int64_t n = bm_row_list(mask + i * mb, values, ro[i], safe, in, vt, q, i, wl, il);
+        nz_fma(wl, il, n, xT, in, B, y, ldy, i, bias ? bias[i] : 0.0f);
+    }
+}
+
+static void bm_rows_nz(const uint8_t* mask, const void* values, const int64_t* ro, int64_t nslots, int64_t in, int vt,
+                       const quant_t* q, const float* xT, int64_t B, float* y, int64_t ldy, const float* bias,
+                       int64_t r0, int64_t r1, float* wl, int32_t* il) {
+    switch (vt) {
+        case VT_F32: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_F32, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_BF16: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_BF16, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_F16: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_F16, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_I8: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_I8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_U8: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_U8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_I4: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_I4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        default: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_U4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+    }
+}
+
+SC_INLINE void nm_rows_nz_vt(const uint8_t* idx, const void* values, int64_t in, int N, int M, int vt, const quant_t* q,
+                             const float* xT, int64_t B, float* y, int64_t ldy, const float* bias, int64_t r0,
+                             int64_t r1, float* wl, int32_t* il) {
+    int64_t L = in / M * N;
+    int64_t Lpad = is_int4(vt) ? (L + 1) / 2 * 2 : L;
+    int bits = M <= 4 ? 2 : 4;
+    int64_t ib = (L * bits + 7) / 8;
+    int lane_base[16];
+    for (int l = 0; l < 16; l++) lane_base[l] = (l / N) * M;
+    __m512i base = _mm512_loadu_si512(lane_base);
+    int esize = vt == VT_F32 ? 4 : (vt == VT_BF16 || vt == VT_F16) ? 2 : 1;
+    for (int64_t i = r0; i < r1; i++) {
+        const void* vrow = is_int4(vt) ? (const void*)((const uint8_t*)values + i * Lpad / 2)
+                                       : (const void*)((const uint8_t*)values + i * Lpad * esize);
+        int64_t n = nm_row_list(idx + i * ib, ib, vrow, L, N, M, bits, base, vt, q, i, wl, il);
+        nz_fma(wl, il, n, xT, in, B, y, ldy, i, bias ? bias[i] : 0.0f);
+    }
+}
+
+static void nm_rows_nz(const uint8_t* idx, const void* values, int64_t in, int N, int M, int vt, const quant_t* q,
+                       const float* xT, int64_t B, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1,
+                       float* wl, int32_t* il) {
+    switch (vt) {
+        case VT_F32: nm_rows_nz_vt(idx, values, in, N, M, VT_F32, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_BF16: nm_rows_nz_vt(idx, values, in, N, M, VT_BF16, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_F16: nm_rows_nz_vt(idx, values, in, N, M, VT_F16, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_I8: nm_rows_nz_vt(idx, values, in, N, M, VT_I8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_U8: nm_rows_nz_vt(idx, values, in, N, M, VT_U8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_I4: nm_rows_nz_vt(idx, values, in, N, M, VT_I4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        default: nm_rows_nz_vt(idx, values, in, N, M, VT_U4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+    }
+}
+
+SC_INLINE void qd_rows_nz_vt(const void* values, int64_t in, int vt, const quant_t* q, const float* xT, int64_t B,
+                             float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1, float* wl, int32_t* il) {
+    int64_t Lpad = is_int4(vt) ? (in + 1) / 2 * 2 : in;
+    for (int64_t i = r0; i < r1; i++) {
+        const void* vrow = (const uint8_t*)values + (is_int4(vt) ? i * Lpad / 2 : i * Lpad);
+        int64_t n = qd_row_list(vrow, in, vt, q, i, wl, il);
+        nz_fma(wl, il, n, xT, in, B, y, ldy, i, bias ? bias[i] : 0.0f);
+    }
+}
+
+static void qd_rows_nz(const void* values, int64_t in, int vt, const quant_t* q, const float* xT, int64_t B, float* y,
+                       int64_t ldy, const float* bias, int64_t r0, int64_t r1, float* wl, int32_t* il) {
+    switch (vt) {
+        case VT_I8: qd_rows_nz_vt(values, in, VT_I8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_U8: qd_rows_nz_vt(values, in, VT_U8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        case VT_I4: qd_rows_nz_vt(values, in, VT_I4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+        default: qd_rows_nz_vt(values, in, VT_U4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+    }
+}
 #endif /* SC_AVX512 */
 
 /* ------------------------------------------------------------------ entry points */
@@ -554,6 +724,17 @@ static int pick_threads(int nthreads, int64_t work_bytes) {
 #endif
     if (work_bytes < (int64_t)48 * 1024) nt = 1;
     return nt < 1 ? 1 : nt;
+}
+
+/* x transposed for the batched path, or NULL for the per-row path */
+static float* batched_input(int vec, const float* x, int64_t B, int64_t ldx, int64_t in) {
+#if SC_AVX512
+    if (vec && B >= SC_NZ_MIN_B) return make_xT(x, B, ldx, in);
+#else
+    (void)x; (void)ldx; (void)in;
+#endif
+    (void)vec; (void)B;
+    return NULL;
 }
 
 static int64_t value_bytes(int vt, int64_t slots) {
@@ -572,6 +753,8 @@ int sc_bitmask_matmul(const uint8_t* mask, const void* values, const int64_t* ro
     int64_t work = value_bytes(vt, row_offsets[out] - row_offsets[0]) + out * ((in + 7) / 8);
     int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
     int64_t per_row = (in + 7) / 8; /* mask bytes, in value-slot units it is close enough for balance */
+    float* xT = batched_input(vec, x, B, ldx, in);
+    int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int t = 0, n = 1;
@@ -582,13 +765,21 @@ int sc_bitmask_matmul(const uint8_t* mask, const void* values, const int64_t* ro
         int64_t r0, r1;
         split_rows(row_offsets, out, per_row, t, n, &r0, &r1);
 #if SC_AVX512
-        if (vec) bm_rows_avx512(mask, values, row_offsets, row_offsets[out], in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        if (vec && xT) {
+            float* wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
+            int32_t* il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
+            if (wl && il) bm_rows_nz(mask, values, row_offsets, row_offsets[out], in, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
+            else failed = 1;
+            free(wl);
+            free(il);
+        } else if (vec) bm_rows_avx512(mask, values, row_offsets, row_offsets[out], in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
         else
 #endif
         bm_rows_scalar(mask, values, row_offsets, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
     }
     (void)vec;
-    return 0;
+    free(xT);
+    return failed ? -4 : 0;
 }
 
 int sc_nm_matmul(const uint8_t* indices, const void* values, int64_t out, int64_t in, int N, int M,
@@ -605,6 +796,8 @@ int sc_nm_matmul(const uint8_t* indices, const void* values, int64_t out, int64_
     int64_t L = in / M * N;
     int64_t work = value_bytes(vt, out * L) + out * ((L * (M <= 4 ? 2 : 4) + 7) / 8);
     int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
+    float* xT = batched_input(vec, x, B, ldx, in);
+    int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int t = 0, n = 1;
@@ -615,13 +808,21 @@ int sc_nm_matmul(const uint8_t* indices, const void* values, int64_t out, int64_
         int64_t r0, r1;
         split_rows(NULL, out, 0, t, n, &r0, &r1);
 #if SC_AVX512
-        if (vec) nm_rows_avx512(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        if (vec && xT) {
+            float* wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
+            int32_t* il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
+            if (wl && il) nm_rows_nz(indices, values, in, N, M, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
+            else failed = 1;
+            free(wl);
+            free(il);
+        } else if (vec) nm_rows_avx512(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
         else
 #endif
         nm_rows_scalar(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
     }
     (void)vec;
-    return 0;
+    free(xT);
+    return failed ? -4 : 0;
 }
 
 /* quantized dense weight (codes only, no sparsity metadata), e.g. an int8 lm_head */
@@ -635,6 +836,8 @@ int sc_qdense_matmul(const void* values, int64_t out, int64_t in, int vt, const 
     int vec = SC_AVX512 && !force_scalar && group_size % 16 == 0;
     int64_t work = value_bytes(vt, out * ((in + 1) / 2 * 2));
     int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
+    float* xT = batched_input(vec, x, B, ldx, in);
+    int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int t = 0, n = 1;
@@ -645,13 +848,54 @@ int sc_qdense_matmul(const void* values, int64_t out, int64_t in, int vt, const 
         int64_t r0, r1;
         split_rows(NULL, out, 0, t, n, &r0, &r1);
 #if SC_AVX512
-        if (vec) qd_rows_avx512(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        if (vec && xT) {
+            float* wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
+            int32_t* il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
+            if (wl && il) qd_rows_nz(values, in, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
+            else failed = 1;
+            free(wl);
+            free(il);
+        } else if (vec) qd_rows_avx512(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
         else
 #endif
         qd_rows_scalar(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
     }
     (void)vec;
-    return 0;
+    free(xT);
+    return failed ? -4 : 0;
+}
+
+/* One call for any format: the constant arguments live in a descriptor built once per weight,
+ * so a Python call passes 6 arguments instead of 18 (ctypes converts each one, ~0.3 us apiece). */
+typedef struct {
+    int32_t kind; /* 0 bitmask, 1 N:M, 2 quantized dense */
+    int32_t vt;
+    int64_t out, in;
+    const void* meta; /* bitmask: mask; N:M: indices; dense: unused */
+    const void* values;
+    const int64_t* row_offsets;
+    int32_t n, m;
+    const uint16_t* scales;
+    const uint8_t* zeros;
+    int64_t group_size;
+    const float* bias;
+    int32_t nthreads, force_scalar;
+} sc_desc;
+
+int sc_matmul(const sc_desc* d, const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy) {
+    switch (d->kind) {
+        case 0:
+            return sc_bitmask_matmul((const uint8_t*)d->meta, d->values, d->row_offsets, d->out, d->in, d->vt, d->scales,
+                                     d->zeros, d->group_size, x, B, ldx, y, ldy, d->bias, d->nthreads, d->force_scalar);
+        case 1:
+            return sc_nm_matmul((const uint8_t*)d->meta, d->values, d->out, d->in, d->n, d->m, d->vt, d->scales, d->zeros,
+                                d->group_size, x, B, ldx, y, ldy, d->bias, d->nthreads, d->force_scalar);
+        case 2:
+            return sc_qdense_matmul(d->values, d->out, d->in, d->vt, d->scales, d->zeros, d->group_size, x, B, ldx, y,
+                                    ldy, d->bias, d->nthreads, d->force_scalar);
+        default:
+            return -5;
+    }
 }
 
 /* STREAM-like copy used by the benchmark for the machine's bandwidth bound: bytes moved = 2 * n * 4 */

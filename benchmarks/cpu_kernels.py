@@ -1,0 +1,247 @@
+"""CPU kernel and decode benchmarks for issue 7 (run it under the machine-wide lock):
+
+    flock /tmp/sparsecraft-cpu.lock .venv/bin/python benchmarks/cpu_kernels.py --part chain --threads 2
+    flock /tmp/sparsecraft-cpu.lock .venv/bin/python benchmarks/cpu_kernels.py --part e2e --threads 2
+
+chain: 30 x (1536x576, 576x1536) fp32 matrices (212 MB, far beyond the 32 MB L3), applied in sequence
+to a batch of 1 or 16 rows; torch fp32 dense (F.linear) against the compressed formats on the same
+magnitude-pruned matrices. Variants are timed interleaved (one chain pass each, in turn, ``repeats``
+times) so background load hits all of them alike; the table reports medians.
+
+e2e: SmolLM2-135M pruned 70% by magnitude in place (per layer), greedy decode of ``--new-tokens``
+after a ``--prompt-len`` prompt through transformers' ``generate`` (KV cache), dense vs the sparse
+runtime with fp32 values, int8 values, and int8 values + int8 lm_head; plus the 64-token greedy
+identity check of the sparse runtime against the same sparse model run densely.
+
+Every row is printed and appended to ``--jsonl`` as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsecraft.formats.checkpoint import compress_weight
+from sparsecraft.kernels.cpu import bind, stream_bandwidth
+from sparsecraft.prune.masks import layer_mask, nm_mask
+from sparsecraft.quant import rtn_quantize
+
+IN, HID = 576, 1536
+
+
+def _emit(row: dict, jsonl: Path | None) -> None:
+    print(json.dumps(row), flush=True)
+    if jsonl is not None:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+# ------------------------------------------------------------------------------------------ chain
+def chain_weights(seed: int = 0, layers: int = 30) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ws = []
+    for _ in range(layers):
+        ws.append(torch.randn(HID, IN, generator=g) / IN**0.5)
+        ws.append(torch.randn(IN, HID, generator=g) / HID**0.5)
+    return ws
+
+
+def _variant_tensor(w: torch.Tensor, fmt: str, sparsity: float, bits: int | None):
+    if fmt == "nm":
+        keep = nm_mask(w.abs(), 2, 4)
+    else:
+        keep = layer_mask(w.abs(), sparsity)
+    w = w * keep
+    qw = None
+    if bits is not None:
+        qw = rtn_quantize(w, keep, bits=bits, group_size=128)
+        w = qw.dequantize()
+    return compress_weight(w, fmt, 2, 4, qw)
+
+
+CHAIN_VARIANTS = {
+    # name: (format, sparsity, bits)
+    "bitmask 50% fp32": ("bitmask", 0.5, None),
+    "bitmask 70% fp32": ("bitmask", 0.7, None),
+    "2:4 fp32": ("nm", 0.5, None),
+    "bitmask 50% int8": ("bitmask", 0.5, 8),
+    "bitmask 70% int8": ("bitmask", 0.7, 8),
+    "2:4 int8": ("nm", 0.5, 8),
+    "bitmask 70% int4": ("bitmask", 0.7, 4),
+}
+
+
+def run_chain(args, jsonl: Path | None) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    ws = chain_weights()
+    dense_bytes = sum(w.numel() * 4 for w in ws)
+    kernels: dict[str, list] = {}
+    nbytes: dict[str, int] = {"dense fp32 (torch)": dense_bytes}
+    names = [n for n in CHAIN_VARIANTS if not args.variants or n in args.variants]
+    for name in names:
+        fmt, sp, bits = CHAIN_VARIANTS[name]
+        cts = [_variant_tensor(w, fmt, sp, bits) for w in ws]
+        kernels[name] = [bind(ct, threads=args.threads) for ct in cts]
+        nbytes[name] = sum(ct.nbytes() for ct in cts)
+    bw = stream_bandwidth(threads=args.threads)
+    rows = []
+    for batch in args.batches:
+        x0 = torch.randn(batch, IN)
+
+        def dense_pass(x=x0):
+            for w in ws:
+                x = F.linear(x, w)
+            return x
+
+        def sparse_pass(ks, x=x0):
+            for k in ks:
+                x = k(x)
+            return x
+
+        fns = {"dense fp32 (torch)": dense_pass}
+        for name, ks in kernels.items():
+            fns[name] = lambda ks=ks: sparse_pass(ks)
+        times: dict[str, list[float]] = {n: [] for n in fns}
+        for f in fns.values():  # warm-up
+            f()
+        for _ in range(args.repeats):
+            for n, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[n].append(time.perf_counter() - t)
+        base = statistics.median(times["dense fp32 (torch)"])
+        for n, ts in times.items():
+            med = statistics.median(ts)
+            row = {
+                "part": "chain",
+                "batch": batch,
+                "threads": args.threads,
+                "variant": n,
+                "median_ms": round(med * 1e3, 3),
+                "min_ms": round(min(ts) * 1e3, 3),
+                "speedup_vs_dense": round(base / med, 3),
+                "weight_mb": round(nbytes[n] / 1e6, 1),
+                "byte_bound_speedup": round(dense_bytes / nbytes[n], 2),
+                "gbs": round(nbytes[n] / med / 1e9, 1),
+                "stream_read_gbs": round(bw["read_gbs"], 1),
+                "stream_copy_gbs": round(bw["copy_gbs"], 1),
+                "repeats": args.repeats,
+            }
+            rows.append(row)
+            _emit(row, jsonl)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ e2e
+def prune_in_place(model, sparsity: float) -> None:
+    """Per-layer magnitude pruning of the decoder linears (a stand-in for any pruning method:
+    the runtime only sees zeros)."""
+    from sparsecraft.models.discovery import prunable_linears, set_weight_matrix, weight_matrix
+
+    with torch.no_grad():
+        for layer in prunable_linears(model).values():
+            w = weight_matrix(layer)
+            set_weight_matrix(layer, w * layer_mask(w.abs().float(), sparsity))
+
+
+def run_e2e(args, jsonl: Path | None) -> list[dict]:
+    from sparsecraft.models import load
+    from sparsecraft.runtime import convert, decode_speed, greedy_identity
+
+    torch.set_num_threads(args.threads)
+    model, tok = load(args.model)
+    model.eval()
+    prompt = torch.randint(100, 10000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    dense = model
+    sparse_dense = copy.deepcopy(model)
+    prune_in_place(sparse_dense, args.sparsity)
+    variants = {"dense fp32 (torch)": dense, f"{int(args.sparsity * 100)}% sparse, run densely": sparse_dense}
+    variants[f"bitmask {int(args.sparsity * 100)}% fp32"] = convert(
+        copy.deepcopy(sparse_dense), format="bitmask", threads=args.threads
+    )
+    variants[f"bitmask {int(args.sparsity * 100)}% int8"] = convert(
+        copy.deepcopy(sparse_dense), format="bitmask", bits=8, threads=args.threads
+    )
+    variants[f"bitmask {int(args.sparsity * 100)}% int8 + int8 lm_head"] = convert(
+        copy.deepcopy(sparse_dense), format="bitmask", bits=8, lm_head_int8=True, threads=args.threads
+    )
+    rows = []
+    ident = greedy_identity(
+        sparse_dense, variants[f"bitmask {int(args.sparsity * 100)}% fp32"], prompt[:, :16], new_tokens=64
+    )
+    row = {"part": "e2e-identity", "new_tokens": 64, **ident}
+    rows.append(row)
+    _emit(row, jsonl)
+    results = decode_speed(variants, prompt, args.new_tokens, repeats=args.repeats_e2e)
+    base = results["dense fp32 (torch)"]["tokens_per_s"]
+    for name, r in results.items():
+        row = {
+            "part": "e2e",
+            "model": args.model,
+            "batch": 1,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "threads": args.threads,
+            "variant": name,
+            **r,
+            "speedup_vs_dense": round(r["tokens_per_s"] / base, 3),
+        }
+        rows.append(row)
+        _emit(row, jsonl)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["chain", "e2e", "all"], default="all")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--repeats", type=int, default=31)
+    p.add_argument("--variants", nargs="*", default=None, help="chain variants to run (default all)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sparsity", type=float, default=0.7)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats-e2e", type=int, default=5)
+    p.add_argument("--jsonl", type=Path, default=None)
+    args = p.parse_args(argv)
+    head = {
+        "part": "meta",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    _emit(head, args.jsonl)
+    if args.part in ("chain", "all"):
+        run_chain(args, args.jsonl)
+    if args.part in ("e2e", "all"):
+        run_e2e(args, args.jsonl)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

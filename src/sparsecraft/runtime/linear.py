@@ -1,0 +1,144 @@
+"""``SparseLinear``: an ``nn.Linear`` (or GPT-2 ``Conv1D``) whose weight stays compressed.
+
+``y = x @ W.T + b`` with W (out, in) held as a :mod:`sparsecraft.formats` tensor (bitmask, packed
+N:M or quantized dense). Dispatch, per call:
+
+* CPU tensor, at most ``max_kernel_batch`` rows, no autograd needed -> the CPU kernels
+  (:mod:`sparsecraft.kernels.cpu`), which read the compressed bytes directly;
+* CUDA tensor -> :meth:`SparseLinear._forward_cuda` (the place for the Triton kernels);
+* anything else (large batches such as perplexity windows, gradients) -> decompress and
+  ``F.linear``: exact, and compute-bound work gains nothing from sparsity on this hardware.
+
+Inference only: parameters are frozen and the kernel path has no backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SparsecraftError
+from ..formats import BitmaskTensor, NMTensor, QuantizedDenseTensor
+
+# Rows up to which the CPU kernel beats decompress + F.linear (prefill of a 64-token prompt stays on
+# the kernel); measured in docs/results/cpu_runtime.md.
+DEFAULT_MAX_KERNEL_BATCH = 256
+KERNEL_CHOICES = ("auto", "cpu", "torch")
+
+
+class SparseLinear(nn.Module):
+    def __init__(
+        self,
+        weight: BitmaskTensor | NMTensor | QuantizedDenseTensor,
+        bias: torch.Tensor | None = None,
+        layer_type: str = "linear",
+        threads: int = 0,
+        max_kernel_batch: int = DEFAULT_MAX_KERNEL_BATCH,
+        kernels: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(weight, BitmaskTensor | NMTensor | QuantizedDenseTensor):
+            raise SparsecraftError(
+                "SparseLinear needs a compressed tensor from sparsecraft.formats, "
+                f"got {type(weight).__name__}"
+            )
+        if kernels not in KERNEL_CHOICES:
+            raise SparsecraftError(f"kernels={kernels!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+        if max_kernel_batch < 0:
+            raise SparsecraftError(f"max_kernel_batch must be >= 0, got {max_kernel_batch}")
+        self.weight_compressed = weight
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.layer_type = layer_type
+        self.max_kernel_batch = int(max_kernel_batch)
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise SparsecraftError(
+                    f"bias shape {tuple(bias.shape)} does not match {self.out_features} outputs"
+                )
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._kernel = None
+        if kernels in ("auto", "cpu"):
+            from ..kernels.cpu import bind
+
+            try:  # validates the compressed tensor against the layout contract, builds the library
+                self._kernel = bind(weight, bias=bias, threads=threads)
+            except SparsecraftError as e:
+                if kernels == "cpu" or "compile" not in str(e) and "compiler" not in str(e):
+                    raise
+                # no C compiler: stay correct through the dense path (slow, but never wrong)
+                self._kernel = None
+        # the accelerator backend's prepared weight (e.g. a Triton layout), built on first use
+        self._cuda_weight = None
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # hot path (decode: 210 calls per token): as few Python operations as possible
+        k = self._kernel
+        if k is not None and x.is_cpu and x.dtype == torch.float32 and x.is_contiguous():
+            shape = x.shape
+            if shape[-1] != self.in_features:
+                raise SparsecraftError(
+                    f"SparseLinear: input has {shape[-1]} features, expected {self.in_features}"
+                )
+            rows = x.numel() // self.in_features
+            if rows <= self.max_kernel_batch and not (x.requires_grad and torch.is_grad_enabled()):
+                return k(x.view(rows, self.in_features)).view(*shape[:-1], self.out_features)
+        return self._forward_other(x)
+
+    def _forward_other(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise SparsecraftError(
+                f"SparseLinear: input has {x.shape[-1]} features, expected {self.in_features}"
+            )
+        if x.device.type == "cuda":
+            return self._forward_cuda(x)
+        rows = x.numel() // self.in_features
+        if (
+            x.is_cpu
+            and self._kernel is not None
+            and rows <= self.max_kernel_batch
+            and not (x.requires_grad and torch.is_grad_enabled())
+        ):
+            y = self._kernel(x.reshape(rows, self.in_features).to(torch.float32).contiguous())
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self._forward_dense(x)
+
+    def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """CUDA dispatch: the Triton kernels (weight prepared once into ``self._cuda_weight``,
+        see sparsecraft.kernels.triton.dispatch); decompress on the device where they do not apply."""
+        from ..kernels.triton.dispatch import cuda_forward
+
+        y = cuda_forward(self, x)
+        return self._forward_dense(x) if y is None else y
+
+    def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense_weight(dtype=x.dtype, device=x.device)
+        b = self.bias.to(device=x.device, dtype=x.dtype) if self.bias is not None else None
+        return F.linear(x, w, b)
+
+    # ------------------------------------------------------------------------------ helpers
+    def dense_weight(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """The (out, in) weight decompressed (a new tensor each call)."""
+        w = self.weight_compressed.to_dense()
+        return w.to(device=device or "cpu", dtype=dtype or w.dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the compressed weight (mask/indices, values, scales, zeros) plus bias."""
+        b = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return int(self.weight_compressed.nbytes()) + b
+
+    @property
+    def uses_cpu_kernel(self) -> bool:
+        return self._kernel is not None
+
+    def extra_repr(self) -> str:
+        t = self.weight_compressed
+        fmt = t.FORMAT if not isinstance(t, NMTensor) else f"{t.n}:{t.m}"
+        q = f", int{t.quant.bits} g{t.quant.group_size}" if t.quant is not None else f", {str(t.dtype)[6:]}"
+        kern = "cpu-kernel" if self._kernel is not None else "dense-fallback"
+        return (
+            f"in={self.in_features}, out={self.out_features}, {fmt}{q}, bias={self.bias is not None}, {kern}"
+        )
