@@ -15,6 +15,7 @@ step can be captured in a CUDA graph; :func:`sparse_linear` is registered as the
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -22,8 +23,6 @@ import torch
 
 from .layout import TILE, TritonWeight, prepare
 
-# read once at import, like triton itself does: the interpreter cannot multiply bf16 in tl.dot
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_MAX_BATCH = 16  # N:M rows up to which the dot kernel beats decode + cuBLAS (measured)
 
 
@@ -44,6 +43,7 @@ def _pow2_at_least(v: int, lo: int) -> int:
     return p
 
 
+@functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
@@ -136,7 +136,8 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         tw.vals_stride, _meta_stride(tw), tw.tile_offsets.shape[1] if tw.tile_offsets is not None else 1,
         tw.n_groups, cfg.split_k,
         **_constexprs(tw, cfg.bk), BN=cfg.bn, BK=cfg.bk, BB=bb, USE_DOT=use_dot, ATOMIC=cfg.split_k > 1,
-        DOT_F32=_INTERPRET and x.dtype == torch.bfloat16,
+        # the interpreter cannot multiply bf16 in tl.dot
+        DOT_F32=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype) if cfg.split_k > 1 else out
