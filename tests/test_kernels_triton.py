@@ -159,3 +159,17 @@ def test_cuda_forward_dispatch_policy_on_cpu_tensors():
     )
     assert not dispatch.supports(qd)
     assert dispatch.cuda_forward(SimpleNamespace(weight_compressed=qd, bias=None), torch.randn(1, 32)) is None
+
+
+def test_custom_op_traces_under_torch_compile_fullgraph():
+    """The decode call is one opaque op for torch.compile (checked here with the aot_eager backend)."""
+    obj, ref_w = _make("nm", 24, 256, torch.float16, bits=4, g=128, seed=9)
+    tw = layout.prepare(obj)
+    dense = dispatch.decompress(tw, torch.float16)
+    fn = torch.compile(
+        lambda a: dispatch.sparse_linear(a, tw) + dispatch.sparse_linear(a.repeat(3, 1), tw, dense=dense)[:1],
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    x = torch.randn(1, 256).half()
+    _check(fn(x), 2 * (x.double() @ ref_w.t()), 4e-3)
