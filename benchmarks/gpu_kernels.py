@@ -313,13 +313,20 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     K = KernelConfig
     if batch == 1:
         if fmt.startswith("bitmask"):
-            return [K(4, 256, 1, 1), K(8, 256, 1, 1), K(2, 256, 1, 1), K(8, 256, 1, 2)]
+            return [
+                K(4, 256, 1, 1),
+                K(2, 256, 1, 1),
+                K(8, 256, 1, 2),
+                K(2, 256, 1, 1, rg=True),
+                K(4, 256, 1, 1, rg=True),
+                K(8, 256, 1, 2, rg=True),
+            ]
         if fmt == "nm24_int4":
             return [K(16, 256, 1, 4), K(8, 512, 1, 4), K(8, 256, 1, 2), K(16, 128, 1, 2), K(4, 512, 1, 2)]
         return [K(8, 512, 1, 4), K(4, 1024, 1, 4), K(4, 512, 1, 2), K(8, 1024, 1, 8), K(16, 512, 1, 8)]
     if batch <= 16:
         if fmt.startswith("bitmask"):
-            return [K(32, 256, 16, 4), K(16, 256, 16, 4)]
+            return [K(32, 256, 16, 4), K(16, 256, 16, 4), K(32, 256, 16, 4, rg=True)]
         if fmt == "nm24_int4":
             return [K(16, 256, 16, 4), K(16, 128, 16, 4)]
         return [K(32, 256, 16, 4), K(32, 128, 16, 4)]
@@ -346,8 +353,8 @@ def tune(fmt, layers, batch, xs, reps):
             log(f"  {fmt} b={batch} {cfg}: {type(e).__name__}: {str(e)[:100]}")
             continue
         log(
-            f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:3d} bb={cfg.bb:2d} w={cfg.num_warps}  "
-            + " ".join(f"{n} {res[n] * 1000:6.1f}us" for n in SHAPES)
+            f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:3d} bb={cfg.bb:2d} w={cfg.num_warps}"
+            f"{' rg' if cfg.rg else ''}  " + " ".join(f"{n} {res[n] * 1000:6.1f}us" for n in SHAPES)
         )
         for n, shp in SHAPES.items():
             if shp not in best or res[n] < best[shp][1]:

@@ -96,6 +96,8 @@ def test_kernels_match_dense_reference(case):
         (1, KernelConfig(bn=8, bk=bk, bb=1, num_warps=4)),
         (1, KernelConfig(bn=16, bk=bk, bb=1, num_warps=4, split_k=2)),  # split K, atomic adds
         (1, KernelConfig(bn=4, bk=bk, bb=1, num_warps=4, split_k=3)),  # uneven split
+        (1, KernelConfig(bn=4, bk=bk, bb=1, num_warps=1, split_k=2, rg=True)),  # register gather (bitmask)
+        (3, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4, rg=True)),
         (5, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4)),
         (19, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4, split_k=2)),  # two batch tiles
     ]:

@@ -34,6 +34,7 @@ class KernelConfig:
     num_warps: int
     split_k: int = 1
     num_stages: int = 2
+    rg: bool = False  # bitmask, float/int8 values: contiguous block load + register gather (unmeasured)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -138,6 +139,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         **_constexprs(tw, cfg.bk), BN=cfg.bn, BK=cfg.bk, BB=bb, USE_DOT=use_dot, ATOMIC=cfg.split_k > 1,
         # the interpreter cannot multiply bf16 in tl.dot
         DOT_F32=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+        RG=cfg.rg and tw.fmt == "bitmask" and tw.bits in (0, 8),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype) if cfg.split_k > 1 else out
