@@ -1,0 +1,156 @@
+"""SparseLinear / convert: the sparse runtime must compute what the dense-with-zeros model computes."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sparsecraft.errors import SparsecraftError
+from sparsecraft.formats import BitmaskTensor, NMTensor
+from sparsecraft.models import load
+from sparsecraft.models.discovery import prunable_linears, set_weight_matrix, weight_matrix
+from sparsecraft.prune.masks import layer_mask, nm_mask
+from sparsecraft.runtime import SparseLinear, convert, greedy_identity, sparse_layers, weight_bytes
+
+
+def _pruned(name: str, sparsity: float = 0.6, nm: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    model, _ = load(f"random:{name}")
+    model.eval()
+    with torch.no_grad():
+        for layer in prunable_linears(model).values():
+            w = weight_matrix(layer)
+            keep = nm_mask(w.abs(), 2, 4) if nm else layer_mask(w.abs(), sparsity)
+            set_weight_matrix(layer, w * keep)
+    return model
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+IDS = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
+@pytest.mark.parametrize("fmt", ["bitmask", "nm"])
+def test_converted_model_matches_dense_with_zeros(name, fmt):
+    dense = _pruned(name, nm=fmt == "nm")
+    sparse = convert(copy.deepcopy(dense), format=fmt)
+    layers = sparse_layers(sparse)
+    assert len(layers) == len(prunable_linears(dense)) > 0
+    assert all(layer.uses_cpu_kernel for layer in layers.values())
+    a, b = _logits(dense, IDS), _logits(sparse, IDS)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    # single-token decode steps with KV cache, greedy: identical tokens
+    ident = greedy_identity(dense, sparse, IDS[:1, :5], new_tokens=12)
+    assert ident["identical"], ident
+
+
+def test_quantized_values_match_dequantized_dense():
+    dense = _pruned("tiny-llama", 0.7)
+    sparse = convert(copy.deepcopy(dense), format="bitmask", bits=8, group_size=32)
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():  # the dense model holding exactly the dequantized weights
+        for name, layer in prunable_linears(ref).items():
+            set_weight_matrix(layer, sparse.get_submodule(name).dense_weight())
+    a, b = _logits(ref, IDS), _logits(sparse, IDS)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    # zeros stay zeros through quantization
+    for name, layer in prunable_linears(dense).items():
+        assert torch.equal(sparse.get_submodule(name).dense_weight() != 0, weight_matrix(layer) != 0)
+
+
+def test_int8_lm_head_and_weight_bytes():
+    dense = _pruned("tiny-llama", 0.7)
+    sparse = convert(copy.deepcopy(dense), format="bitmask", bits=8, lm_head_int8=True)
+    head = sparse.get_output_embeddings()
+    assert isinstance(head, SparseLinear) and head.weight_compressed.quant.bits == 8
+    a, b = _logits(dense, IDS), _logits(sparse, IDS)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    assert weight_bytes(sparse)["linear_bytes"] < weight_bytes(dense)["linear_bytes"] / 3
+
+
+def test_dense_fallback_for_large_batches_and_gradients():
+    w = torch.randn(24, 40)
+    w[w.abs() < 0.8] = 0
+    bias = torch.randn(24)
+    layer = SparseLinear(BitmaskTensor.from_dense(w), bias, max_kernel_batch=4)
+    x = torch.randn(3, 5, 40)  # 15 rows > 4: dense path
+    ref = x @ w.T + bias
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    assert torch.allclose(layer(x[:1, :3]), ref[:1, :3], atol=1e-5)  # kernel path
+    xg = x.clone().requires_grad_(True)
+    layer.max_kernel_batch = 64
+    layer(xg).sum().backward()  # gradient flows through the dense path
+    assert torch.allclose(xg.grad, w.sum(0).expand_as(x), atol=1e-5)
+    # non-contiguous and bf16 inputs take the general path, same numbers
+    xt = torch.randn(40, 2).T
+    assert torch.allclose(layer(xt), xt @ w.T + bias, atol=1e-5)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_refuses_bad_and_mismatched_inputs():
+    w = torch.randn(8, 16)
+    w[w.abs() < 1] = 0
+    ct = BitmaskTensor.from_dense(w)
+    with pytest.raises(SparsecraftError, match="compressed tensor"):
+        SparseLinear(w)
+    broken = BitmaskTensor(ct.shape, ct.dtype, ct.mask, ct.values[:-1].clone(), ct.row_offsets)
+    with pytest.raises(SparsecraftError, match="do not match|row_offsets"):
+        SparseLinear(broken)
+    layer = SparseLinear(ct)
+    with pytest.raises(SparsecraftError, match="features"):
+        layer(torch.randn(2, 17))
+    with pytest.raises(SparsecraftError, match="bias"):
+        SparseLinear(ct, torch.zeros(9))
+    model = _pruned("tiny-llama", 0.5)  # unstructured: not 2:4
+    with pytest.raises(SparsecraftError, match="not 2:4"):
+        convert(copy.deepcopy(model), format="nm")
+    with pytest.raises(SparsecraftError, match="format"):
+        convert(copy.deepcopy(model), format="csr")
+    with pytest.raises(SparsecraftError, match="bits"):
+        convert(copy.deepcopy(model), bits=3)
+    with pytest.raises(SparsecraftError, match="group_size"):
+        convert(copy.deepcopy(model), bits=8, group_size=100)
+
+
+def test_convert_wraps_compressed_linear_and_keeps_dtype_choice():
+    from sparsecraft.formats.checkpoint import CompressedLinear
+
+    dense = _pruned("tiny-llama", 0.5, nm=True)
+    name, layer = next(iter(prunable_linears(dense).items()))
+    holder = copy.deepcopy(dense)
+    parent, _, child = name.rpartition(".")
+    setattr(
+        holder.get_submodule(parent), child, CompressedLinear(NMTensor.from_dense(weight_matrix(layer)), None)
+    )
+    out = convert(holder, format="bitmask", dtype=torch.bfloat16)
+    assert isinstance(out.get_submodule(name).weight_compressed, NMTensor)  # kept as stored
+    others = [m for n, m in sparse_layers(out).items() if n != name]
+    assert others and all(m.weight_compressed.values.dtype == torch.bfloat16 for m in others)
+
+
+@pytest.mark.slow
+def test_smollm2_sparse_runtime_is_token_identical():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cpu_kernels import prune_in_place
+
+    model, tok = load("smollm2-135m")
+    prune_in_place(model, 0.7)
+    sparse = convert(copy.deepcopy(model), format="bitmask")
+    prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    ident = greedy_identity(model, sparse, prompt, new_tokens=64)
+    assert ident["identical"], ident
+
+
+def test_module_tree_is_plain_torch():
+    model = convert(_pruned("tiny-llama", 0.5), format="bitmask")
+    assert isinstance(model, nn.Module)
+    assert "SparseLinear(in=" in repr(model)
