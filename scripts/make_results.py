@@ -56,7 +56,7 @@ def tables(data: Path) -> list[Table]:
     return [
         Table(
             "eval-dense",
-            "Dense SmolLM2-135M: zero-shot tasks (lm-eval rules), WikiText-2, GSM8K answer ppl",
+            "Dense SmolLM2-135M: zero-shot tasks (lm-eval rules), WikiText-2, GSM8K",
             [
                 locked(
                     [
@@ -70,6 +70,8 @@ def tables(data: Path) -> list[Table]:
                         "500",
                         "--ppl",
                         "wikitext2",
+                        "--gsm8k",
+                        "20",
                         "--gsm8k-ppl",
                         "250",
                         "--json",
