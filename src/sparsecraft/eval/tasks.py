@@ -483,8 +483,9 @@ def export_lm_eval_tasks(directory: str | Path, tasks: str | Sequence[str] = DEF
                 rows.append({"context": ex.requests[0][0], "choices": list(ex.norm_texts), "gold": ex.gold})
         data = directory / f"sc_{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        data_yaml = json.dumps(str(data.resolve()))  # quoted: any path is a valid YAML string
         lines = [f"task: sc_{name}", "dataset_path: json",
-                 f"dataset_kwargs:\n  data_files:\n    test: {data.resolve()}", "test_split: test"]
+                 f"dataset_kwargs:\n  data_files:\n    test: {data_yaml}", "test_split: test"]
         if spec.kind == "loglikelihood":
             lines += ["output_type: loglikelihood", 'doc_to_text: "{{context}}"',
                       'doc_to_target: "{{target}}"']

@@ -78,7 +78,10 @@ def _prune_meta(model: str, depth: int = 0) -> dict | None:
             return json.loads((p / "sparsecraft.json").read_text())
         except json.JSONDecodeError:
             return None
-    record = p.parent / "stage.json"
+    # The stage record sits in the stage directory: the model's parent, or its grandparent for
+    # stages that keep the model in OUT/model (finetune).
+    record = next((q / "stage.json" for q in (p.parent, p.parent.parent) if (q / "stage.json").is_file()),
+                  p.parent / "stage.json")
     if record.is_file():
         try:
             upstream = json.loads(record.read_text()).get("input")
