@@ -52,12 +52,18 @@ def write_inputs(tmp_path):
               for v, t in (("dense", 20.0), ("bitmask 70% fp32", 35.0), ("bitmask 70% int8", 60.0))]
     speed.append({"part": "e2e-identity", "new_tokens": 64, "identical": True})  # not a speed row
     (tmp_path / "speed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in speed))
+    for batch in (1, 4):  # `sparsecraft bench --json` files, one per batch
+        bench = {"model": "m", "device": "cpu", "batch": batch,
+                 "variants": {"dense": {"tokens_per_s": 20.0 * batch},
+                              "bitmask": {"tokens_per_s": 30.0 * batch, "speedup_vs_dense": 1.5}}}
+        (tmp_path / f"bench{batch}.json").write_text(json.dumps(bench))
     ev = {"config": {}, "models": {str(tmp_path / "pruned"): {
         "ppl": {"wikitext2@512x40": {"ppl": 51.0}},
         "tasks": {"piqa": {"n": 10, "acc": 0.6, "acc_stderr": 0.1, "acc_norm": 0.55,
                            "acc_norm_stderr": 0.1}}}}}
     (tmp_path / "eval.json").write_text(json.dumps(ev))
-    return [tmp_path / "pruned", tmp_path / "oneshot.jsonl", tmp_path / "speed.jsonl", tmp_path / "eval.json"]
+    return [tmp_path / "pruned", tmp_path / "oneshot.jsonl", tmp_path / "speed.jsonl", tmp_path / "eval.json",
+            tmp_path / "bench1.json", tmp_path / "bench4.json"]
 
 
 def test_report_builds_tables_and_figures(tmp_path):
@@ -73,6 +79,9 @@ def test_report_builds_tables_and_figures(tmp_path):
     assert "ppl_vs_sparsity.png" in names
     assert any(n.startswith("layers_") for n in names)
     assert "speed_chain_speedup-vs-dense.png" in names and "speed_e2e_tokens-per-s.png" in names
+    assert "speed_bench-cpu_tokens-per-s.png" in names
+    bench = [r for r in col.speed_rows if r["part"] == "bench cpu"]
+    assert sorted((r["format"], r["batch"], r["value"]) for r in bench)[0] == ("bitmask", 1, 30.0)
     for f in res["figures"]:
         data = open(f, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -372,10 +372,10 @@ def _figures(kind: str, result: dict | None) -> dict:
                     }
                 )
     elif kind == "bench":
-        rows = result if isinstance(result, list) else result.get("results", result.get("rows", []))
-        for r in rows if isinstance(rows, list) else []:
-            if isinstance(r, dict) and "tokens_per_s" in r:
-                out[f"{r.get('format') or r.get('variant')} tok/s"] = r["tokens_per_s"]
+        for name, v in (result.get("variants") or {}).items():
+            out[f"{name} tok/s"] = v.get("tokens_per_s")
+            if v.get("speedup_vs_dense") is not None and name != "dense":
+                out[f"{name} x dense"] = v["speedup_vs_dense"]
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -7,8 +7,9 @@ by its shape, not by its file name:
 - prune/refine report (``sparsecraft.json``, ``prune --json``): ``{"kind", "recipe", "layers": [...]}``
 - evaluation (``run_eval`` / ``sparsecraft eval --json``): ``{"models": {name: {ppl, tasks, gsm8k}}}``
 - perplexity rows (``benchmarks/oneshot.py``): records with ``ppl`` and ``method``/``sparsity``
-- speed rows (``bench``, ``benchmarks/cpu_kernels.py``): records with ``batch`` and a
-  ``variant``/``format`` and ``tokens_per_s``/``speedup_vs_dense``/``median_ms``
+- speed rows: ``sparsecraft bench --json`` (``{"batch", "variants": {format: {tokens_per_s}}}``) and
+  ``benchmarks/cpu_kernels.py`` records with ``batch``, a ``variant``/``format`` and
+  ``tokens_per_s``/``speedup_vs_dense``/``median_ms``
 - recipe summary (``sparsecraft run``): ``{"recipe", "stages": {...}}``
 """
 
@@ -113,6 +114,10 @@ def model_label(model: str) -> str:
 def _speed_rows(doc: dict) -> list[dict]:
     if "batch" not in doc:
         return []
+    if isinstance(doc.get("variants"), dict):  # `sparsecraft bench --json`: one batch, several formats
+        return [{"format": name, "batch": int(doc["batch"]), "value": float(v["tokens_per_s"]),
+                 "metric": "tokens_per_s", "part": f"bench {doc.get('device', '')}".strip()}
+                for name, v in doc["variants"].items() if isinstance(v.get("tokens_per_s"), int | float)]
     fmt = doc.get("format") or doc.get("variant")
     for metric in ("tokens_per_s", "speedup_vs_dense", "median_ms"):
         if isinstance(doc.get(metric), int | float):
