@@ -51,25 +51,41 @@ def greedy_identity(
 
 
 def decode_speed(
-    models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, repeats: int = 5, warmup: int = 1
+    models: dict[str, nn.Module],
+    prompt: torch.Tensor,
+    new_tokens: int,
+    repeats: int = 5,
+    warmup: int = 1,
+    torch_threads: dict[str, int] | None = None,
 ) -> dict[str, dict]:
     """Decode tokens/s of each model: (new_tokens - 1) / (t(generate N) - t(generate 1)), i.e. the
-    prefill and first token excluded; medians over ``repeats`` interleaved runs."""
+    prefill and first token excluded; medians over ``repeats`` interleaved runs. ``torch_threads``
+    optionally sets torch's intra-op threads per model while it runs (the sparse kernels keep
+    their own thread count)."""
+    torch_threads = torch_threads or {}
+    default_threads = torch.get_num_threads()
+
+    def threads_for(name):
+        torch.set_num_threads(torch_threads.get(name, default_threads))
+
     if new_tokens < 2:
         raise ValueError("new_tokens must be >= 2 to separate decode from prefill")
     full: dict[str, list[float]] = defaultdict(list)
     first: dict[str, list[float]] = defaultdict(list)
     for _ in range(warmup):
-        for m in models.values():
+        for name, m in models.items():
+            threads_for(name)
             _generate(m, prompt, 4)
     for _ in range(repeats):
         for name, m in models.items():
+            threads_for(name)
             t = time.perf_counter()
             _generate(m, prompt, 1)
             first[name].append(time.perf_counter() - t)
             t = time.perf_counter()
             _generate(m, prompt, new_tokens)
             full[name].append(time.perf_counter() - t)
+    torch.set_num_threads(default_threads)
     out = {}
     for name in models:
         t1, tn = statistics.median(first[name]), statistics.median(full[name])
@@ -80,6 +96,7 @@ def decode_speed(
             "prefill_ms": round(t1 * 1e3, 2),
             "generate_s_median": round(tn, 3),
             "repeats": repeats,
+            "torch_threads": torch_threads.get(name, default_threads),
         }
     return out
 

@@ -101,7 +101,16 @@ typedef struct {
     const uint8_t* zeros;   /* (out, ngroups) or NULL */
     int64_t ngroups;
     int64_t G;
+    int gshift; /* log2(G) when G is a power of two (the contract's 32/64/128), else -1 */
 } quant_t;
+
+static inline int log2_exact(int64_t v) {
+    for (int k = 0; k < 62; k++)
+        if (((int64_t)1 << k) == v) return k;
+    return -1;
+}
+/* group of column col without a division on the hot path */
+static inline int64_t group_of(const quant_t* q, int64_t col) { return q->gshift >= 0 ? col >> q->gshift : col / q->G; }
 
 static inline float deq(int vt, float raw, const quant_t* q, int64_t row, int64_t col) {
     if (!is_quant(vt)) return raw;
@@ -212,6 +221,7 @@ SC_INLINE __m512 bm_decode(int vt, __mmask16 m, const void* values, int64_t* s, 
     int pc = __builtin_popcount((unsigned)m);
     int64_t s0 = *s;
     int full = s0 <= safe;
+    __mmask16 low = (__mmask16)((1u << pc) - 1);
     __m512 w;
     switch (vt) {
         case VT_F32: {
@@ -221,21 +231,22 @@ SC_INLINE __m512 bm_decode(int vt, __mmask16 m, const void* values, int64_t* s, 
             break;
         }
         case VT_BF16:
-        case VT_F16: {
+        case VT_F16: { /* convert the packed values, then expand 32-bit lanes (fast on every AVX-512 core) */
             const uint16_t* p = (const uint16_t*)values + s0;
             _mm_prefetch((const char*)p + SC_PF_BYTES, _MM_HINT_T0);
-            __m256i h = full ? _mm256_maskz_expand_epi16(m, _mm256_loadu_si256((const __m256i*)p))
-                             : _mm256_maskz_expandloadu_epi16(m, p);
-            if (vt == VT_BF16) w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-            else w = _mm512_cvtph_ps(h);
+            __m256i h = full ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(low, p);
+            __m512 f = vt == VT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                                     : _mm512_cvtph_ps(h);
+            w = _mm512_maskz_expand_ps(m, f);
             break;
         }
         case VT_I8:
         case VT_U8: {
             const uint8_t* p = (const uint8_t*)values + s0;
             _mm_prefetch((const char*)p + SC_PF_BYTES / 2, _MM_HINT_T0);
-            __m128i c = full ? _mm_maskz_expand_epi8(m, _mm_loadu_si128((const __m128i*)p)) : _mm_maskz_expandloadu_epi8(m, p);
-            w = _mm512_cvtepi32_ps(vt == VT_I8 ? _mm512_cvtepi8_epi32(c) : _mm512_cvtepu8_epi32(c));
+            __m128i c = full ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8(low, p);
+            __m512i c32 = vt == VT_I8 ? _mm512_cvtepi8_epi32(c) : _mm512_cvtepu8_epi32(c);
+            w = _mm512_maskz_expand_ps(m, _mm512_cvtepi32_ps(c32));
             break;
         }
         default: { /* int4 / uint4: pc nibbles starting at nibble s0 */
@@ -246,18 +257,20 @@ SC_INLINE __m512 bm_decode(int vt, __mmask16 m, const void* values, int64_t* s, 
             __m128i raw = full ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8((__mmask16)((1u << nbytes) - 1), p);
             uint64_t lo = (uint64_t)_mm_cvtsi128_si64(raw);
             uint64_t hi = (uint64_t)_mm_extract_epi64(raw, 1);
-            uint64_t nib = odd ? (lo >> 4) | (hi << 60) : lo;
+            /* branch-free: a data-dependent branch on the nibble phase mispredicts half the time */
+            unsigned __int128 both = ((unsigned __int128)hi << 64) | lo;
+            uint64_t nib = (uint64_t)(both >> (4 * odd));
             uint64_t b0 = _pdep_u64(nib & 0xffffffffu, 0x0f0f0f0f0f0f0f0full);
             uint64_t b1 = _pdep_u64(nib >> 32, 0x0f0f0f0f0f0f0f0full);
             __m128i c = _mm_set_epi64x((long long)b1, (long long)b0);
+            __m512i c32;
             if (vt == VT_I4) { /* sign-extend 4-bit two's complement */
                 c = _mm_sub_epi8(_mm_xor_si128(c, _mm_set1_epi8(8)), _mm_set1_epi8(8));
-                c = _mm_maskz_expand_epi8(m, c);
-                w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c));
+                c32 = _mm512_cvtepi8_epi32(c);
             } else {
-                c = _mm_maskz_expand_epi8(m, c);
-                w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c));
+                c32 = _mm512_cvtepu8_epi32(c);
             }
+            w = _mm512_maskz_expand_ps(m, _mm512_cvtepi32_ps(c32));
             break;
         }
     }
@@ -273,7 +286,7 @@ static inline int64_t safe_slot(int vt, int64_t nslots) {
 /* scale (and zero point) of the group holding column j of row i, applied to raw w under mask m */
 SC_INLINE __m512 apply_quant(int vt, __m512 w, __mmask16 m, const quant_t* q, int64_t i, int64_t j) {
     if (!is_quant(vt)) return w;
-    int64_t g = i * q->ngroups + j / q->G;
+    int64_t g = i * q->ngroups + group_of(q, j);
     __m512 sc = _mm512_set1_ps(_cvtsh_ss(q->scales[g]));
     if (q->zeros) w = _mm512_maskz_sub_ps(m, w, _mm512_set1_ps((float)q->zeros[g]));
     return _mm512_mul_ps(w, sc);
@@ -359,18 +372,35 @@ static void bm_rows_avx512(const uint8_t* mask, const void* values, const int64_
 
 /* 16 raw values of an N:M row (value slots k0.., lanes under vm) as fp32 */
 SC_INLINE __m512 nm_decode(int vt, __mmask16 vm, const void* vrow, int64_t k0) {
+    /* masked loads are slow when the line comes from DRAM: use them only for a row's last chunk */
+    const int full = vm == (__mmask16)0xffff;
     switch (vt) {
-        case VT_F32: return _mm512_maskz_loadu_ps(vm, (const float*)vrow + k0);
+        case VT_F32: {
+            const float* p = (const float*)vrow + k0;
+            return full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(vm, p);
+        }
         case VT_BF16:
-            return _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(vm, (const uint16_t*)vrow + k0)), 16));
-        case VT_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(vm, (const uint16_t*)vrow + k0));
-        case VT_I8: return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(vm, (const int8_t*)vrow + k0)));
-        case VT_U8: return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(vm, (const uint8_t*)vrow + k0)));
+        case VT_F16: {
+            const uint16_t* p = (const uint16_t*)vrow + k0;
+            __m256i h = full ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(vm, p);
+            return vt == VT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+        }
+        case VT_I8:
+        case VT_U8: {
+            const uint8_t* p = (const uint8_t*)vrow + k0;
+            __m128i c = full ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8(vm, p);
+            return _mm512_cvtepi32_ps(vt == VT_I8 ? _mm512_cvtepi8_epi32(c) : _mm512_cvtepu8_epi32(c));
+        }
         default: {
-            int n = __builtin_popcount((unsigned)vm);
-            __m128i raw = _mm_maskz_loadu_epi8((__mmask16)((1u << ((n + 1) >> 1)) - 1), (const uint8_t*)vrow + (k0 >> 1));
-            uint64_t nib = (uint64_t)_mm_cvtsi128_si64(raw);
+            const uint8_t* p = (const uint8_t*)vrow + (k0 >> 1);
+            uint64_t nib;
+            if (full) {
+                memcpy(&nib, p, 8);
+            } else {
+                int n = __builtin_popcount((unsigned)vm);
+                __m128i raw = _mm_maskz_loadu_epi8((__mmask16)((1u << ((n + 1) >> 1)) - 1), p);
+                nib = (uint64_t)_mm_cvtsi128_si64(raw);
+            }
             __m128i c = _mm_set_epi64x((long long)_pdep_u64(nib >> 32, 0x0f0f0f0f0f0f0f0full),
                                        (long long)_pdep_u64(nib & 0xffffffffu, 0x0f0f0f0f0f0f0f0full));
             if (vt == VT_I4) {
@@ -386,15 +416,17 @@ SC_INLINE __m512 nm_decode(int vt, __mmask16 vm, const void* vrow, int64_t k0) {
 SC_INLINE __m512i nm_lanes(const uint8_t* ir, int64_t ib, int64_t k0, int bits, __m512i base) {
     if (bits == 2) {
         uint32_t wv = 0;
-        int64_t off = k0 >> 2, n = ib - off < 4 ? ib - off : 4;
-        memcpy(&wv, ir + off, (size_t)n);
+        int64_t off = k0 >> 2;
+        if (off + 4 <= ib) memcpy(&wv, ir + off, 4); /* fixed size: one load */
+        else for (int64_t t = 0; off + t < ib; t++) wv |= (uint32_t)ir[off + t] << (8 * t);
         __m512i sh = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
         __m512i p = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)wv), sh), _mm512_set1_epi32(3));
         return _mm512_add_epi32(p, base);
     } else {
         uint64_t wv = 0;
-        int64_t off = k0 >> 1, n = ib - off < 8 ? ib - off : 8;
-        memcpy(&wv, ir + off, (size_t)n);
+        int64_t off = k0 >> 1;
+        if (off + 8 <= ib) memcpy(&wv, ir + off, 8);
+        else for (int64_t t = 0; off + t < ib; t++) wv |= (uint64_t)ir[off + t] << (8 * t);
         __m512i sh = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
         __m512i v = _mm512_inserti64x4(_mm512_set1_epi32((int)(uint32_t)wv), _mm256_set1_epi32((int)(uint32_t)(wv >> 32)), 1);
         __m512i p = _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(15));
@@ -420,14 +452,15 @@ SC_INLINE void nm_row_tile(const uint8_t* ir, int64_t ib, const void* vrow, int6
     for (int b = 0; b < (NB > 1 ? NB : 2); b++) acc[b] = _mm512_setzero_ps();
     int64_t k0 = 0;
     int odd = 0;
+    const int nshift = log2_exact(N);
     for (; k0 < L; k0 += 16) {
         int64_t rem = L - k0;
         __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
-        int64_t c0 = (k0 / N) * M;
+        int64_t c0 = (k0 >> nshift) * M;
         __m512i lanes = nm_lanes(ir, ib, k0, bits, base);
         __m512 w = nm_decode(vt, vm, vrow, k0);
         if (is_quant(vt)) {
-            int64_t g = i * q->ngroups + c0 / q->G;
+            int64_t g = i * q->ngroups + group_of(q, c0);
             if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
             w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
         }
@@ -498,7 +531,7 @@ SC_INLINE void qd_row_tile(const void* vrow, int64_t in, int vt, const quant_t* 
         int64_t rem = in - k0;
         __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
         __m512 w = nm_decode(vt, vm, vrow, k0);
-        int64_t g = i * q->ngroups + k0 / q->G;
+        int64_t g = i * q->ngroups + group_of(q, k0);
         if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
         w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
         if (NB == 1) {
@@ -565,13 +598,14 @@ SC_INLINE int64_t bm_row_list(const uint8_t* mr, const void* values, int64_t s, 
 
 SC_INLINE int64_t nm_row_list(const uint8_t* ir, int64_t ib, const void* vrow, int64_t L, int N, int M, int bits,
                               __m512i base, int vt, const quant_t* q, int64_t i, float* wl, int32_t* il) {
+    const int nshift = log2_exact(N);
     for (int64_t k0 = 0; k0 < L; k0 += 16) {
         int64_t rem = L - k0;
         __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
-        int64_t c0 = (k0 / N) * M;
+        int64_t c0 = (k0 >> nshift) * M;
         __m512 w = nm_decode(vt, vm, vrow, k0);
         if (is_quant(vt)) {
-            int64_t g = i * q->ngroups + c0 / q->G;
+            int64_t g = i * q->ngroups + group_of(q, c0);
             if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
             w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
         }
@@ -587,7 +621,7 @@ SC_INLINE int64_t qd_row_list(const void* vrow, int64_t in, int vt, const quant_
         int64_t rem = in - k0;
         __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
         __m512 w = nm_decode(vt, vm, vrow, k0);
-        int64_t g = i * q->ngroups + k0 / q->G;
+        int64_t g = i * q->ngroups + group_of(q, k0);
         if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
         w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
         _mm512_storeu_ps(wl + k0, w);
@@ -748,7 +782,8 @@ int sc_bitmask_matmul(const uint8_t* mask, const void* values, const int64_t* ro
     if (out <= 0 || B <= 0) return 0;
     if (vt < 0 || vt > VT_U4) return -1;
     if (is_quant(vt) && (!scales || group_size <= 0)) return -2;
-    quant_t q = {scales, zeros, is_quant(vt) ? (in + group_size - 1) / group_size : 0, group_size > 0 ? group_size : 1};
+    quant_t q = {scales, zeros, is_quant(vt) ? (in + group_size - 1) / group_size : 0, group_size > 0 ? group_size : 1,
+                 log2_exact(group_size > 0 ? group_size : 1)};
     int vec = SC_AVX512 && !force_scalar && (!is_quant(vt) || group_size % 16 == 0);
     int64_t work = value_bytes(vt, row_offsets[out] - row_offsets[0]) + out * ((in + 7) / 8);
     int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
@@ -790,7 +825,8 @@ int sc_nm_matmul(const uint8_t* indices, const void* values, int64_t out, int64_
     if (vt < 0 || vt > VT_U4) return -1;
     if (N < 1 || M < 1 || N > M || M > 16 || in % M) return -3;
     if (is_quant(vt) && (!scales || group_size <= 0)) return -2;
-    quant_t q = {scales, zeros, is_quant(vt) ? (in + group_size - 1) / group_size : 0, group_size > 0 ? group_size : 1};
+    quant_t q = {scales, zeros, is_quant(vt) ? (in + group_size - 1) / group_size : 0, group_size > 0 ? group_size : 1,
+                 log2_exact(group_size > 0 ? group_size : 1)};
     int W = (16 % N == 0) ? 16 / N * M : 1 << 30;
     int vec = SC_AVX512 && !force_scalar && W <= 32 && (!is_quant(vt) || group_size % W == 0);
     int64_t L = in / M * N;
@@ -832,7 +868,7 @@ int sc_qdense_matmul(const void* values, int64_t out, int64_t in, int vt, const 
     if (out <= 0 || B <= 0) return 0;
     if (!is_quant(vt)) return -1;
     if (!scales || group_size <= 0) return -2;
-    quant_t q = {scales, zeros, (in + group_size - 1) / group_size, group_size};
+    quant_t q = {scales, zeros, (in + group_size - 1) / group_size, group_size, log2_exact(group_size)};
     int vec = SC_AVX512 && !force_scalar && group_size % 16 == 0;
     int64_t work = value_bytes(vt, out * ((in + 1) / 2 * 2));
     int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
