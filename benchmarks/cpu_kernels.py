@@ -219,6 +219,53 @@ def run_e2e(args, jsonl: Path | None) -> list[dict]:
     return rows
 
 
+def markdown(jsonl: Path) -> str:
+    """Markdown tables from a results file written by this script."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    out = []
+    for meta in (r for r in rows if r["part"] == "meta"):
+        out.append(f"- `{meta['command']}` — {meta['date']}, {meta['machine']}")
+    chain = [r for r in rows if r["part"] == "chain"]
+    if chain:
+        r0 = chain[0]
+        out += [
+            "",
+            f"Kernel chain, {r0['threads']} threads, {r0['repeats']} interleaved repeats (median; min in "
+            f"brackets); STREAM read {r0['stream_read_gbs']} GB/s, copy {r0['stream_copy_gbs']} GB/s.",
+            "",
+            "| batch | variant | weights MB | byte bound | ms | speedup vs dense | GB/s |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in chain:
+            out.append(
+                f"| {r['batch']} | {r['variant']} | {r['weight_mb']} | {r['byte_bound_speedup']}x | "
+                f"{r['median_ms']} ({r['min_ms']}) | **{r['speedup_vs_dense']}x** | {r['gbs']} |"
+            )
+    e2e = [r for r in rows if r["part"] == "e2e"]
+    if e2e:
+        r0 = e2e[0]
+        out += [
+            "",
+            f"End to end: {r0['model']}, batch 1, prompt {r0['prompt_len']}, {r0['new_tokens']} new tokens, "
+            f"kernels on {r0['threads']} threads, {r0['repeats']} interleaved repeats (median).",
+            "",
+            "| variant | torch threads | tokens/s | ms/token | prefill ms | speedup vs dense |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in e2e:
+            out.append(
+                f"| {r['variant']} | {r.get('torch_threads', '')} | {r['tokens_per_s']} | "
+                f"{r['ms_per_token']} | {r['prefill_ms']} | **{r['speedup_vs_dense']}x** |"
+            )
+    for r in (r for r in rows if r["part"] == "e2e-identity"):
+        out.append(
+            f"\nGreedy identity, sparse runtime vs the same sparse model run densely: "
+            f"{r['tokens_compared']} tokens, identical = {r['identical']} "
+            f"(first mismatch: {r['first_mismatch']})."
+        )
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["chain", "e2e", "all"], default="all")
@@ -232,7 +279,14 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats-e2e", type=int, default=5)
     p.add_argument("--jsonl", type=Path, default=None)
+    p.add_argument(
+        "--markdown", type=Path, nargs="+", default=None, help="print tables from result files, then exit"
+    )
     args = p.parse_args(argv)
+    if args.markdown:
+        for path in args.markdown:
+            print(markdown(path))
+        return 0
     head = {
         "part": "meta",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
