@@ -154,3 +154,43 @@ def test_module_tree_is_plain_torch():
     model = convert(_pruned("tiny-llama", 0.5), format="bitmask")
     assert isinstance(model, nn.Module)
     assert "SparseLinear(in=" in repr(model)
+
+
+def test_bench_cli_reports_every_variant(tmp_path):
+    import json
+
+    from sparsecraft.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(
+        [
+            "bench",
+            "random:tiny-llama",
+            "--magnitude",
+            "2:4",
+            "--prompt-len",
+            "4",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--formats",
+            "bitmask",
+            "nm-int8+head8",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert list(res["variants"]) == ["dense (torch)", "bitmask", "nm-int8+head8"]
+    for row in res["variants"].values():
+        assert row["tokens_per_s"] > 0 and row["linear_weight_mb"] > 0
+        assert "mlp.down_proj" in row["layers"] and row["layers"]["mlp.down_proj"]["bound_us"] >= 0
+    dense, q = res["variants"]["dense (torch)"], res["variants"]["nm-int8+head8"]
+    assert q["linear_weight_mb"] < dense["linear_weight_mb"] / 2
+    assert res["stream_read_gbs"] > 0
+    assert main(["bench", "random:tiny-llama", "--formats", "csr"]) == 2
+    assert main(["bench", "random:tiny-llama", "--device", "tpu"]) == 2
