@@ -86,7 +86,7 @@ class SparseLinear(nn.Module):
                 )
             rows = x.numel() // self.in_features
             if rows <= self.max_kernel_batch and not (x.requires_grad and torch.is_grad_enabled()):
-                return k(x.view(rows, self.in_features)).view(*shape[:-1], self.out_features)
+                return k.call_rows(x, rows).view(*shape[:-1], self.out_features)
         return self._forward_other(x)
 
     def _forward_other(self, x: torch.Tensor) -> torch.Tensor:

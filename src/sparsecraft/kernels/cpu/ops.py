@@ -208,6 +208,13 @@ class BoundKernel:
     def portable(self) -> bool:
         return bool(self.desc.force_scalar)
 
+    def call_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Hot path for a contiguous fp32 (rows, in) x: no stride queries, no checks."""
+        out = torch.empty((rows, self.out_features), dtype=torch.float32)
+        if self.fn(self._ref, x.data_ptr(), rows, self.in_features, out.data_ptr(), self.out_features):
+            raise SparsecraftError("CPU kernel rejected its arguments")
+        return out
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, in) float32 CPU, contiguous rows. Returns (B, out) float32."""
         B = x.shape[0]
