@@ -175,3 +175,33 @@ def test_custom_op_traces_under_torch_compile_fullgraph():
     )
     x = torch.randn(1, 256).half()
     _check(fn(x), 2 * (x.double() @ ref_w.t()), 4e-3)
+
+
+def test_bench_cuda_runner(tmp_path, capsys):
+    """`sparsecraft bench --device cuda` refuses cleanly without a GPU; its runner's plumbing works."""
+    from argparse import Namespace
+
+    from sparsecraft.cli import main
+    from sparsecraft.cli.bench import parse_format
+    from sparsecraft.kernels.triton.bench import run_cuda
+
+    if not torch.cuda.is_available():
+        assert main(["bench", "random:tiny-llama", "--device", "cuda", "--new-tokens", "2"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    args = Namespace(
+        model="random:tiny-llama",
+        device="cuda",
+        nm="2:4",
+        group_size=32,
+        magnitude="0.5",
+        no_dense=False,
+        batch=1,
+        prompt_len=4,
+        new_tokens=3,
+        repeats=1,
+    )
+    res = run_cuda(args, [parse_format("bitmask")], device="cpu")
+    rows = res["variants"]
+    assert set(rows) == {"dense (torch)", "bitmask"}
+    assert rows["bitmask"]["tokens_per_s"] > 0 and rows["bitmask"]["speedup_vs_dense"] > 0
+    assert rows["bitmask"]["linear_weight_mb"] < rows["dense (torch)"]["linear_weight_mb"]

@@ -80,7 +80,7 @@ def register(sub) -> None:
         metavar="MODEL",
         help="HF directory, .gguf, smollm2-135m, random:NAME, or a compressed checkpoint directory",
     )
-    p.add_argument("--device", default="cpu", help="cpu (cuda: added by the GPU kernels)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the Triton kernels)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -248,7 +248,13 @@ def run_cpu(args, specs: list[FormatSpec]) -> dict:
     }
 
 
-DEVICE_RUNNERS = {"cpu": run_cpu}
+def run_cuda(args, specs: list[FormatSpec]) -> dict:  # the GPU runner lives with the Triton kernels
+    from ..kernels.triton.bench import run_cuda as runner
+
+    return runner(args, specs)
+
+
+DEVICE_RUNNERS = {"cpu": run_cpu, "cuda": run_cuda}
 
 
 def _print(res: dict) -> None:
