@@ -74,7 +74,7 @@ def test_dead_inputs_are_zeroed_and_pruned_first():
 
 def test_non_pd_hessian_raises_damping_and_logs(caplog):
     h = torch.ones(16, 16)  # rank one
-    h[0, 0] = -5.0  # indefinite beyond what 1% of the mean diagonal fixes
+    h[0, 0] = -1.0  # indefinite beyond what 1% of the mean diagonal fixes
     with caplog.at_level(logging.WARNING):
         upper, damp, _ = inverse_cholesky(h, 0.01, name="layerX")
     assert damp > 0.01

@@ -75,7 +75,7 @@ class PruneConfig:
     inputs_on: str = "auto"  # block inputs between passes: cpu, device, auto (device if they fit)
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] | None = None
-    error_rows: int = 4096
+    error_rows: int = 512  # tokens for the error measure when no Hessian is collected
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

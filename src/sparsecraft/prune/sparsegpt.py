@@ -26,8 +26,8 @@ from .stats import LayerStats
 
 log = logging.getLogger(__name__)
 
-# Damping is raised by this factor each time the Cholesky factorisation fails ...
-DAMP_STEP = 10.0
+# Damping is doubled each time the Cholesky factorisation fails ...
+DAMP_STEP = 2.0
 # ... up to this fraction of the mean diagonal; beyond it the layer is an error.
 DAMP_MAX = 10.0
 
@@ -37,7 +37,7 @@ def inverse_cholesky(hessian: Tensor, percdamp: float, name: str = "layer") -> t
     dead-column mask. Dead inputs (zero diagonal: never active) get H_jj = 1.
 
     λ = percdamp · mean(diag H). If H + λI is not positive definite, λ is raised step by step
-    (×10) with a warning; past DAMP_MAX the layer raises instead of silently degrading.
+    (×2) with a warning; past DAMP_MAX the layer raises instead of silently degrading.
     """
     if not (0.0 <= percdamp <= DAMP_MAX):
         raise SparsecraftError(
@@ -63,12 +63,12 @@ def inverse_cholesky(hessian: Tensor, percdamp: float, name: str = "layer") -> t
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper, damp, dead
-        nxt = max(damp * DAMP_STEP, 1e-4)
-        if nxt > DAMP_MAX:
+        if damp >= DAMP_MAX:
             raise SparsecraftError(
                 f"{name}: the Hessian is not positive definite even with dampening {damp:g} of the mean "
                 "diagonal; use more calibration samples or check the activations"
             )
+        nxt = min(max(damp * DAMP_STEP, 1e-4), DAMP_MAX)
         log.warning("%s: Hessian not positive definite with dampening %g, raising it to %g", name, damp, nxt)
         damp = nxt
 

@@ -56,30 +56,31 @@ class LayerStats:
         x = x.reshape(-1, x.shape[-1])
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input width {x.shape[-1]} != in_features {self.in_features}")
-        low = x
-        x = x.to(device=self.sum.device, dtype=torch.float32)
         self.count += x.shape[0]
-        self.sum += x.sum(0)
-        self.sumsq += (x * x).sum(0)
+        # sums with float32 accumulation, without a float32 copy of low-precision inputs
+        self.sum += x.sum(0, dtype=torch.float32).to(self.sum.device)
+        self.sumsq += torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).to(self.sum.device) ** 2
         if self._hessian is not None:
-            if self.hessian_matmul_dtype is not None and low.dtype == self.hessian_matmul_dtype:
-                # bf16 inputs: products are exact; the block's partial sum is rounded once.
-                self._hessian += (low.t() @ low).to(device=self._hessian.device, dtype=torch.float32)
-            elif self.tf32 and x.is_cuda:
-                # TF32 tensor cores for this product only (inputs ~10-bit mantissa, fp32 sums)
-                prev = torch.backends.cuda.matmul.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = True
-                try:
-                    self._hessian.addmm_(x.t(), x)
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = prev
+            if self.hessian_matmul_dtype is not None and x.dtype == self.hessian_matmul_dtype:
+                # bf16 inputs: products are exact; the batch's partial sum is rounded once.
+                self._hessian += (x.t() @ x).to(device=self._hessian.device, dtype=torch.float32)
             else:
-                self._hessian.addmm_(x.t(), x)
+                xf = x.to(device=self._hessian.device, dtype=torch.float32)
+                if self.tf32 and xf.is_cuda:
+                    # TF32 tensor cores for this product only (inputs ~10-bit mantissa, fp32 sums)
+                    prev = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = True
+                    try:
+                        self._hessian.addmm_(xf.t(), xf)
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = prev
+                else:
+                    self._hessian.addmm_(xf.t(), xf)
         if sample_every > 0 and self.sample_rows > 0:
             taken = sum(s.shape[0] for s in self._samples)
             if taken < self.sample_rows:
                 rows = x[::sample_every][: self.sample_rows - taken]
-                self._samples.append(rows.clone())
+                self._samples.append(rows.to(device=self.sum.device, dtype=torch.float32).clone())
 
     def check_finite(self, name: str) -> None:
         if not (torch.isfinite(self.sum).all() and torch.isfinite(self.sumsq).all()):
