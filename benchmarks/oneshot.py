@@ -222,6 +222,12 @@ def gpu_runs(model_name: str, nsamples: int, seqlen: int, cap_gib: float, device
                     "rel_error_tf32_stats": errs[True]})
     print(results[-1], flush=True)
 
+    def keep(r: dict) -> None:
+        with open(out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    keep(results[-1])
+
     t0 = time.perf_counter()
     model, tok = load(model_name, dtype=dtype, device=device)
     if cuda:
@@ -250,6 +256,7 @@ def gpu_runs(model_name: str, nsamples: int, seqlen: int, cap_gib: float, device
              "max_rel_error": rep["summary"]["max_rel_error"],
              "max_layer_dev": max(abs(x["sparsity"] - 0.5) for x in rep["layers"]), **env}
         print({k: v for k, v in r.items() if k != "timing"}, r["timing"], flush=True)
+        keep(r)
         return r
 
     results.append(one("gpu-sparsegpt-50%-model-on-gpu", model, "auto", None))
@@ -258,9 +265,6 @@ def gpu_runs(model_name: str, nsamples: int, seqlen: int, cap_gib: float, device
         torch.cuda.empty_cache()
     cap = cap_gib if cap_gib > 0 else max(1.0, model_gib * 0.75)
     results.append(one("gpu-sparsegpt-50%-capped", dense_host, "cpu", cap))
-    with open(out, "a") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
     return results
 
 
