@@ -374,7 +374,7 @@ def _figures(kind: str, result: dict | None) -> dict:
     elif kind == "bench":
         for name, v in (result.get("variants") or {}).items():
             out[f"{name} tok/s"] = v.get("tokens_per_s")
-            if v.get("speedup_vs_dense") is not None and name != "dense":
+            if v.get("speedup_vs_dense") is not None and not name.startswith("dense"):
                 out[f"{name} x dense"] = v["speedup_vs_dense"]
     return {k: v for k, v in out.items() if v is not None}
 

@@ -19,6 +19,8 @@ def _slug(text: str) -> str:
 def _fmt(x, spec=".4f") -> str:
     if x is None:
         return ""
+    if isinstance(x, bool):
+        return "yes" if x else "no"
     if isinstance(x, float) and x != x:
         return "n/a"
     return format(x, spec) if isinstance(x, int | float) else str(x)

@@ -62,6 +62,8 @@ def _label_for(path: Path, report: dict) -> str:
         sparsity = (report.get("summary") or {}).get("sparsity")
     what = r.get("pattern") or (f"{100 * sparsity:.0f}%" if sparsity is not None else "")
     method = r.get("method", report.get("kind", "model"))
+    if report.get("kind") == "refine" and method == "dsnot":
+        method = "DSnoT refine of"
     prof = "OWL+" if r.get("profile") == "owl" else ""
     refine = "+DSnoT" if r.get("refine") == "dsnot" else ""
     name = f"{prof}{method}{refine} {what}".strip()
@@ -76,20 +78,31 @@ def _prune_meta(model: str, depth: int = 0) -> dict | None:
         return None
     if (p / "sparsecraft.json").is_file():
         try:
-            return json.loads((p / "sparsecraft.json").read_text())
+            meta = json.loads((p / "sparsecraft.json").read_text())
         except json.JSONDecodeError:
             return None
+        if meta.get("kind") == "refine":
+            # A refined model: name it after the pruning upstream, marked +DSnoT, with the refined sparsity.
+            upstream = _upstream(p)
+            base = _prune_meta(upstream, depth + 1) if upstream else None
+            if base is not None:
+                return {**base, "recipe": {**(base.get("recipe") or {}), "refine": "dsnot"},
+                        "summary": meta.get("summary", base.get("summary"))}
+        return meta
+    upstream = _upstream(p)
+    return _prune_meta(upstream, depth + 1) if upstream and upstream != model else None
+
+
+def _upstream(p: Path) -> str | None:
+    """The input of the recipe stage that made the model in ``p`` (from its stage.json)."""
     # The stage record sits in the stage directory: the model's parent, or its grandparent for
     # stages that keep the model in OUT/model (finetune).
-    record = next((q / "stage.json" for q in (p.parent, p.parent.parent) if (q / "stage.json").is_file()),
-                  p.parent / "stage.json")
-    if record.is_file():
-        try:
-            upstream = json.loads(record.read_text()).get("input")
-        except json.JSONDecodeError:
-            return None
-        if upstream and upstream != model:
-            return _prune_meta(upstream, depth + 1)
+    for q in (p.parent, p.parent.parent):
+        if (q / "stage.json").is_file():
+            try:
+                return json.loads((q / "stage.json").read_text()).get("input")
+            except json.JSONDecodeError:
+                return None
     return None
 
 
