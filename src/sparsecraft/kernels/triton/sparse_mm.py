@@ -5,7 +5,7 @@ batch tiles; with several K splits the partial sums are added atomically into a 
 skinny layers still fill the GPU). Per tile:
 * bitmask: the mask bits give each kept column its position in the row's compacted values
   (exclusive prefix sum + the precomputed per-tile offset), the values are gathered into a dense
-  (BN, BK) tile in registers;
+  (BN, BK) tile in registers (``RG``: one contiguous block load + ``tl.gather`` instead);
 * N:M: the T = BK*N/M stored values are loaded contiguously with their in-group positions;
 * batch 1 multiplies in place: bitmask against the dense x tile, N:M in compressed space against x
   gathered at the kept columns; batches of 2..BB expand the tile to dense and use ``tl.dot``.
