@@ -202,6 +202,21 @@ def run_e2e(args, jsonl: Path | None) -> list[dict]:
     _emit(row, jsonl)
     results = decode_speed(variants, prompt, args.new_tokens, repeats=args.repeats_e2e, torch_threads=threads)
     base = results["dense fp32 (torch)"]["tokens_per_s"]
+    # where a decode step's time goes: the linear layers (timed by forward hooks, per call median
+    # summed over layers) and everything else (norms, attention, rope, generate's own loop)
+    from sparsecraft.runtime import layer_timer
+    from sparsecraft.runtime.measure import _generate
+
+    for name, r in results.items():
+        torch.set_num_threads(threads.get(name, args.threads))
+        with layer_timer(variants[name]) as times:
+            _generate(variants[name], prompt, 17)
+        lin = sum(statistics.median(ts[1:]) for ts in times.values() if len(ts) > 1) * 1e3
+        head = statistics.median(times["lm_head"][1:]) * 1e3 if len(times.get("lm_head", [])) > 1 else None
+        r["linear_ms_per_token"] = round(lin, 2)
+        r["lm_head_ms"] = round(head, 2) if head is not None else None
+        r["other_ms_per_token"] = round(r["ms_per_token"] - lin, 2)
+    torch.set_num_threads(args.threads)
     for name, r in results.items():
         row = {
             "part": "e2e",
@@ -249,13 +264,15 @@ def markdown(jsonl: Path) -> str:
             f"End to end: {r0['model']}, batch 1, prompt {r0['prompt_len']}, {r0['new_tokens']} new tokens, "
             f"kernels on {r0['threads']} threads, {r0['repeats']} interleaved repeats (median).",
             "",
-            "| variant | torch threads | tokens/s | ms/token | prefill ms | speedup vs dense |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| variant | torch threads | tokens/s | ms/token | linears ms (lm_head) | other ms | prefill ms "
+            "| speedup vs dense |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in e2e:
             out.append(
                 f"| {r['variant']} | {r.get('torch_threads', '')} | {r['tokens_per_s']} | "
-                f"{r['ms_per_token']} | {r['prefill_ms']} | **{r['speedup_vs_dense']}x** |"
+                f"{r['ms_per_token']} | {r.get('linear_ms_per_token')} ({r.get('lm_head_ms')}) | "
+                f"{r.get('other_ms_per_token')} | {r['prefill_ms']} | **{r['speedup_vs_dense']}x** |"
             )
     for r in (r for r in rows if r["part"] == "e2e-identity"):
         out.append(
