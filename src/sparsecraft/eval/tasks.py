@@ -333,13 +333,13 @@ def score_requests(model, requests: Sequence[tuple[list[int], list[int]]], batch
             batch = inputs[start:start + batch_size]
             width = len(batch[0])
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, inp in enumerate(batch):
                 ids[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-                mask[row, :len(inp)] = 1
             # Earliest position any request in the batch reads: keep only logits from there on.
             first = min(len(inp) - max(reqs[i].n_cont for i in groups[inp]) for inp in batch)
-            kwargs = {"attention_mask": mask.to(device), "use_cache": False}
+            # Right padding needs no attention mask: real tokens never attend to the pads after
+            # them, and without a mask attention takes the plain causal path (as lm-eval does).
+            kwargs = {"use_cache": False}
             if accepts_keep:
                 kwargs["logits_to_keep"] = width - first
             logits = model(ids.to(device), **kwargs).logits
