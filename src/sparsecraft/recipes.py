@@ -332,6 +332,7 @@ def _write_json(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, default=str)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone
     os.replace(tmp, path)
 
 
