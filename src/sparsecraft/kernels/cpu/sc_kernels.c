@@ -119,32 +119,6 @@ static inline float deq(int vt, float raw, const quant_t* q, int64_t row, int64_
     return (raw - z) * f16_to_f32(q->scales[row * q->ngroups + g]);
 }
 
-/* ------------------------------------------------------------------ row partition */
-/* Rows [r0, r1) of thread t of nt, balanced on cost(row) = stored slots + in/8 (mask bytes). */
-static void split_rows(const int64_t* row_offsets, int64_t out, int64_t per_row, int t, int nt,
-                       int64_t* r0, int64_t* r1) {
-    if (!row_offsets) {
-        *r0 = out * t / nt;
-        *r1 = out * (t + 1) / nt;
-        return;
-    }
-    int64_t total = row_offsets[out] - row_offsets[0] + per_row * out;
-    int64_t lo_t = total * t / nt, hi_t = total * (t + 1) / nt;
-    /* first row whose start cost >= target */
-    int64_t a = 0, b = out;
-    while (a < b) {
-        int64_t m = (a + b) / 2;
-        if (row_offsets[m] - row_offsets[0] + per_row * m < lo_t) a = m + 1; else b = m;
-    }
-    *r0 = (t == 0) ? 0 : a;
-    a = 0; b = out;
-    while (a < b) {
-        int64_t m = (a + b) / 2;
-        if (row_offsets[m] - row_offsets[0] + per_row * m < hi_t) a = m + 1; else b = m;
-    }
-    *r1 = (t == nt - 1) ? out : a;
-}
-
 /* ------------------------------------------------------------------ scalar kernels */
 static void bm_rows_scalar(const uint8_t* mask, const void* values, const int64_t* ro, int64_t in,
                            int vt, const quant_t* q, const float* x, int64_t B, int64_t ldx, float* y,
@@ -828,6 +802,12 @@ static float* batched_input(int vec, const float* x, int64_t B, int64_t ldx, int
     return NULL;
 }
 
+/* rows per dynamically scheduled block: ~8 blocks per thread, at least 4 rows */
+static int64_t row_block(int64_t out, int nt) {
+    int64_t rb = out / ((int64_t)nt * 8);
+    return rb < 4 ? 4 : rb;
+}
+
 static int64_t value_bytes(int vt, int64_t slots) {
     return vt == VT_F32 ? 4 * slots : (vt == VT_BF16 || vt == VT_F16) ? 2 * slots : is_int4(vt) ? slots / 2 : slots;
 }
@@ -844,30 +824,35 @@ int sc_bitmask_matmul(const uint8_t* mask, const void* values, const int64_t* ro
     int vec = SC_AVX512 && !force_scalar && (!is_quant(vt) || group_size % 16 == 0);
     int64_t work = value_bytes(vt, row_offsets[out] - row_offsets[0]) + out * ((in + 7) / 8);
     int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
-    int64_t per_row = (in + 7) / 8; /* mask bytes, in value-slot units it is close enough for balance */
     float* xT = batched_input(vec, x, B, ldx, in);
+    int64_t rb = row_block(out, nt), nblk = (out + rb - 1) / rb;
     int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int t = 0, n = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
-        int64_t r0, r1;
-        split_rows(row_offsets, out, per_row, t, n, &r0, &r1);
+        float* wl = NULL;
+        int32_t* il = NULL;
 #if SC_AVX512
         if (vec && xT) {
-            float* wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
-            int32_t* il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
-            if (wl && il) bm_rows_nz(mask, values, row_offsets, row_offsets[out], in, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
-            else failed = 1;
-            free(wl);
-            free(il);
-        } else if (vec) bm_rows_avx512(mask, values, row_offsets, row_offsets[out], in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
-        else
+            wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
+            il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
+            if (!wl || !il) failed = 1;
+        }
 #endif
-        bm_rows_scalar(mask, values, row_offsets, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        /* dynamic row blocks: a thread the OS deschedules (other jobs on the machine) does not hold up
+         * the rest of the team, and uneven bitmask rows balance themselves */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            int64_t r0 = blk * rb, r1 = r0 + rb < out ? r0 + rb : out;
+#if SC_AVX512
+            if (vec && xT) {
+                if (wl && il) bm_rows_nz(mask, values, row_offsets, row_offsets[out], in, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
+            } else if (vec) bm_rows_avx512(mask, values, row_offsets, row_offsets[out], in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+            else
+#endif
+            bm_rows_scalar(mask, values, row_offsets, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        }
+        free(wl);
+        free(il);
     }
     (void)vec;
     free(xT);
@@ -890,28 +875,34 @@ int sc_nm_matmul(const uint8_t* indices, const void* values, int64_t out, int64_
     int64_t work = value_bytes(vt, out * L) + out * ((L * (M <= 4 ? 2 : 4) + 7) / 8);
     int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
     float* xT = batched_input(vec, x, B, ldx, in);
+    int64_t rb = row_block(out, nt), nblk = (out + rb - 1) / rb;
     int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int t = 0, n = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
-        int64_t r0, r1;
-        split_rows(NULL, out, 0, t, n, &r0, &r1);
+        float* wl = NULL;
+        int32_t* il = NULL;
 #if SC_AVX512
         if (vec && xT) {
-            float* wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
-            int32_t* il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
-            if (wl && il) nm_rows_nz(indices, values, in, N, M, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
-            else failed = 1;
-            free(wl);
-            free(il);
-        } else if (vec) nm_rows_avx512(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
-        else
+            wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
+            il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
+            if (!wl || !il) failed = 1;
+        }
 #endif
-        nm_rows_scalar(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        /* dynamic row blocks: a thread the OS deschedules (other jobs on the machine) does not hold up
+         * the rest of the team, and uneven bitmask rows balance themselves */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            int64_t r0 = blk * rb, r1 = r0 + rb < out ? r0 + rb : out;
+#if SC_AVX512
+            if (vec && xT) {
+                if (wl && il) nm_rows_nz(indices, values, in, N, M, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
+            } else if (vec) nm_rows_avx512(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+            else
+#endif
+            nm_rows_scalar(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        }
+        free(wl);
+        free(il);
     }
     (void)vec;
     free(xT);
@@ -930,28 +921,34 @@ int sc_qdense_matmul(const void* values, int64_t out, int64_t in, int vt, const 
     int64_t work = value_bytes(vt, out * ((in + 1) / 2 * 2));
     int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
     float* xT = batched_input(vec, x, B, ldx, in);
+    int64_t rb = row_block(out, nt), nblk = (out + rb - 1) / rb;
     int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int t = 0, n = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
-        int64_t r0, r1;
-        split_rows(NULL, out, 0, t, n, &r0, &r1);
+        float* wl = NULL;
+        int32_t* il = NULL;
 #if SC_AVX512
         if (vec && xT) {
-            float* wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
-            int32_t* il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
-            if (wl && il) qd_rows_nz(values, in, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
-            else failed = 1;
-            free(wl);
-            free(il);
-        } else if (vec) qd_rows_avx512(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
-        else
+            wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
+            il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
+            if (!wl || !il) failed = 1;
+        }
 #endif
-        qd_rows_scalar(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        /* dynamic row blocks: a thread the OS deschedules (other jobs on the machine) does not hold up
+         * the rest of the team, and uneven bitmask rows balance themselves */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            int64_t r0 = blk * rb, r1 = r0 + rb < out ? r0 + rb : out;
+#if SC_AVX512
+            if (vec && xT) {
+                if (wl && il) qd_rows_nz(values, in, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
+            } else if (vec) qd_rows_avx512(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+            else
+#endif
+            qd_rows_scalar(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
+        }
+        free(wl);
+        free(il);
     }
     (void)vec;
     free(xT);
