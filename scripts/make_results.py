@@ -67,7 +67,7 @@ def tables(data: Path) -> list[Table]:
                         "--tasks",
                         TASKS,
                         "--limit",
-                        "200",
+                        "100",
                         "--ppl",
                         "wikitext2",
                         "--gsm8k",
@@ -82,7 +82,7 @@ def tables(data: Path) -> list[Table]:
             ],
             "render_eval",
             ["eval_dense.json"],
-            "First 200 examples of each task (LAMBADA: 200 passages); accuracies in %, ± one standard error.",
+            "First 100 examples of each task (LAMBADA: 100 passages); accuracies in %, ± one standard error.",
         ),
         Table(
             "lm-eval-check",
@@ -96,7 +96,7 @@ def tables(data: Path) -> list[Table]:
                         "--lm-eval",
                         LM_EVAL,
                         "--limit",
-                        "200",
+                        "100",
                         "--out",
                         f"{d}/lm_eval_check.json",
                     ]
