@@ -200,6 +200,8 @@ def gpu_runs(model_name: str, nsamples: int, seqlen: int, cap_gib: float, device
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     dtype = "float16" if cuda else "float32"
     results = []
     env = {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -78,7 +78,8 @@ def _block_prune_mask(scores: Tensor, segments: Sequence[tuple[int, int, float]]
     pruned = torch.zeros_like(scores, dtype=torch.bool)
     for start, stop, sparsity in segments:
         seg = scores[start:stop].reshape(-1)
-        pruned[start:stop] = _lowest(seg, prune_count(seg.numel(), sparsity)).reshape(stop - start, -1)
+        k = prune_count(seg.numel(), sparsity)
+        pruned[start:stop] = _lowest(seg, k, check_nan=False).reshape(stop - start, -1)
     return pruned
 
 
@@ -128,25 +129,27 @@ def sparsegpt_prune(
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        err1 = torch.empty_like(w1)
         u1 = upper[i1:i2, i1:i2]
         d1 = torch.diagonal(u1)
+        # e_i = w_i · scale_i with scale = pruned / [U]_ii: the whole per-column step is then one
+        # product and one rank-1 update (few kernel launches; the loop is launch-bound on GPUs).
+        # The update's diagonal term leaves w1[:, i] = w_i − e_i·U_ii, i.e. the pruned column.
         if nm is None:
             p1 = _block_prune_mask(w1**2 / d1.unsqueeze(0) ** 2, bounds)
+            scale = p1.to(w1.dtype) / d1.unsqueeze(0)
         else:
             p1 = torch.zeros_like(w1, dtype=torch.bool)
+            scale = torch.zeros_like(w1)
         for i in range(i2 - i1):
             if nm is not None and i % m == 0:
                 s = w1[:, i : i + m] ** 2 / d1[i : i + m].unsqueeze(0) ** 2
-                p1[:, i : i + m] = _lowest(s, m - n_keep)
-            col = w1[:, i]
-            q = col.masked_fill(p1[:, i], 0.0)
-            q1[:, i] = q
-            e = (col - q) / d1[i]
+                p1[:, i : i + m] = _lowest(s, m - n_keep, check_nan=False)
+                scale[:, i : i + m] = p1[:, i : i + m].to(w1.dtype) / d1[i : i + m].unsqueeze(0)
+            e = err1[:, i]
+            torch.mul(w1[:, i], scale[:, i], out=e)
             w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-        w[:, i1:i2] = q1
+        w[:, i1:i2] = w1
         pruned[:, i1:i2] = p1
         if i2 < cols:
             w[:, i2:].addmm_(err1, upper[i1:i2, i2:], alpha=-1.0)
