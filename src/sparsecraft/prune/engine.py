@@ -292,6 +292,13 @@ def _inputs_placement(ids: Tensor, model: nn.Module, device: torch.device, dtype
     return "device" if need < free / 4 else "cpu"
 
 
+def _clock(device) -> float:
+    """perf_counter after the device's queued work (so the time split is right on CUDA)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _finite(t: Tensor) -> bool:
     """No NaN/Inf in ``t``: one float32 reduction (NaN and ±Inf survive a sum) instead of a mask."""
     return bool(torch.isfinite(t.sum(dtype=torch.float32)))
@@ -359,7 +366,7 @@ class _StatsCollector:
     def _hook(self, name: str):
         def hook(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            t0 = time.perf_counter()
+            t0 = _clock(self.device)
             if self.discovering:
                 if name not in self.leader:
                     for seen_x, seen_name in self.seen:
@@ -381,7 +388,7 @@ class _StatsCollector:
             lead = self.leader.get(name)
             if self.accumulate and lead == name and (self.active is None or name in self.active):
                 self.stats[name].update(x, sample_every=self.sample_every)
-            self.time_s += time.perf_counter() - t0
+            self.time_s += _clock(self.device) - t0
             if self.stop_after is not None and name == self.stop_after:
                 raise _StopForward
 
@@ -457,7 +464,7 @@ class _BlockRun:
         device, prefix = self.device, self.prefix
         stats = collector.stats[group[0]]
         stats.check_finite(prefix + group[0])
-        t0 = time.perf_counter()
+        t0 = _clock(self.device)
         dense = []
         for rel in group:
             w = weight_matrix(self.master_layers[rel]).to(device=device, dtype=torch.float32)
@@ -467,8 +474,8 @@ class _BlockRun:
         results = self._call_solver(
             [prefix + rel for rel in group], [self.master_layers[rel] for rel in group], dense, stats
         )
-        solve_s = (time.perf_counter() - t0) / len(group)
-        self.report.solve_s += time.perf_counter() - t0
+        solve_s = (_clock(self.device) - t0) / len(group)
+        self.report.solve_s += _clock(self.device) - t0
         for rel, w, res in zip(group, dense, results):
             new = res.weight.to(device=device, dtype=torch.float32)
             if new.shape != w.shape:
@@ -578,7 +585,7 @@ def run_sequential(
     batches = list(calibration_ids.split(opts.batch_size))
     sample_every = max(1, report.tokens // max(opts.error_rows, 1))
 
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     if opts.inputs_on not in ("cpu", "device", "auto"):
         raise SparsecraftError(f"inputs_on {opts.inputs_on!r}: choose cpu, device or auto")
     if opts.inputs_on == "auto":
@@ -587,7 +594,7 @@ def run_sequential(
     store_device = torch.device("cpu") if opts.inputs_on == "cpu" else device
     report.inputs_on = opts.inputs_on
     inputs, extra = _capture(model, blocks, batches, device, fdtype, store_dtype, store_device)
-    report.forward_s += time.perf_counter() - t0
+    report.forward_s += _clock(device) - t0
 
     ckpt = _Checkpoint(opts.checkpoint_dir, opts.fingerprint) if opts.checkpoint_dir else None
     start = 0
@@ -619,14 +626,14 @@ def run_sequential(
             fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype, opts.tf32_stats
         )
         with collector:
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             if not opts.true_sequential:
                 # a solver that changes weights needs the re-run anyway: its statistics pass
                 # stops at the last linear's input; a read-only one (OWL's profile) keeps outputs
                 modifies = bool(getattr(solver, "modifies_weights", True))
                 outs = blk.run_pass(inputs, collector, keep_outputs=not modifies, stop_early=modifies)
                 collector.stop_after = None
-                report.forward_s += time.perf_counter() - t0 - collector.time_s
+                report.forward_s += _clock(device) - t0 - collector.time_s
                 report.statistics_s += collector.time_s
                 for group in collector.groups():
                     blk.solve_group(collector, group)
@@ -635,13 +642,13 @@ def run_sequential(
                 collector.accumulate = False
                 blk.run_pass(inputs[:1], collector, keep_outputs=False)
                 collector.accumulate = True
-                report.forward_s += time.perf_counter() - t0 - collector.time_s
+                report.forward_s += _clock(device) - t0 - collector.time_s
                 for group in collector.groups():
                     collector.time_s = 0.0
                     collector.active, collector.stop_after = {group[0]}, group[0]
-                    t0 = time.perf_counter()
+                    t0 = _clock(device)
                     blk.run_pass(inputs, collector, keep_outputs=False)
-                    report.forward_s += time.perf_counter() - t0 - collector.time_s
+                    report.forward_s += _clock(device) - t0 - collector.time_s
                     report.statistics_s += collector.time_s
                     blk.solve_group(collector, group)
                 collector.active, collector.stop_after = None, None
@@ -651,12 +658,12 @@ def run_sequential(
             log.warning("block %d: layers never called in the forward pass, left unchanged: %s", b, missing)
         if hasattr(solver, "end_block"):
             solver.end_block(b)
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         if b == len(blocks) - 1:
             outs = []  # nothing reads the last block's outputs
         elif blk.changed or outs is None:
             outs = blk.run_pass(inputs, None, keep_outputs=True)
-        report.forward_s += time.perf_counter() - t0
+        report.forward_s += _clock(device) - t0
         for o in outs:
             if not _finite(o):
                 raise SparsecraftError(
