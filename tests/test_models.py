@@ -17,9 +17,11 @@ EXPECTED_LINEARS = {
     "tiny-llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
     "tiny-phi3": {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"},
-    "tiny-opt": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"},
+    "tiny-opt": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                 "fc1", "fc2"},
     "tiny-gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
-    "tiny-gpt-neox": {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"},
+    "tiny-gpt-neox": {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
+                      "mlp.dense_4h_to_h"},
 }
 for _arch in ("tiny-mistral", "tiny-qwen2", "tiny-gemma", "tiny-gemma2", "tiny-gemma3"):
     EXPECTED_LINEARS[_arch] = EXPECTED_LINEARS["tiny-llama"]

@@ -9,7 +9,8 @@ from .common import add_model_options, pick_device, write_json
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of one or more models, side by side")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="HF directory, .gguf, smollm2-135m or random:NAME")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="HF directory, .gguf, smollm2-135m or random:NAME")
     p.add_argument("--ppl", default="wikitext2",
                    help=f"comma-separated perplexity sources: {', '.join(sorted(NAMED))} or a .txt/.jsonl "
                         "path; 'none' to skip")

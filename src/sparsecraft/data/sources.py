@@ -65,7 +65,9 @@ def _documents(source: str) -> tuple[str, ...]:
         return tuple(_read_jsonl_texts(path))
     if path.suffix == ".txt":
         return (path.read_text(encoding="utf-8"),)
-    raise SparsecraftError(f"{source}: unsupported file type; give a .txt file or a .jsonl file with a text field")
+    raise SparsecraftError(
+        f"{source}: unsupported file type; give a .txt file or a .jsonl file with a text field"
+    )
 
 
 def load_text(source: str, purpose: str) -> str:

@@ -163,18 +163,20 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return names[dtype]
 
 
-def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, extra_files: dict | None = None) -> Path:
+def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, extra_files: dict | None = None,
+         state_dict: dict | None = None) -> Path:
     """Write a standard HF directory (safetensors, config, tokenizer) atomically.
 
     ``extra_files`` maps file names to JSON-serialisable objects written beside the model (for
-    example ``sparsecraft.json``). The directory appears complete or not at all.
+    example ``sparsecraft.json``); ``state_dict`` replaces the model's own (a gathered FSDP state
+    dict, say). The directory appears complete or not at all.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     _drop_gguf_quantizer(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
