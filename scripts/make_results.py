@@ -160,7 +160,7 @@ def render_eval(files: list[Path]) -> str:
 def render_lm_eval(files: list[Path]) -> str:
     doc = json.loads(files[0].read_text())
     lines = [
-        "| task | n | metric | sparsecraft | lm-eval | difference (points) | max per-request |Δ log-lik| |",
+        "| task | n | metric | sparsecraft | lm-eval | difference (points) | max abs Δ log-lik per request |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for task, row in doc["tasks"].items():
