@@ -139,8 +139,8 @@ def run_bits(args) -> None:
 PPL_RUNS = [  # bits, method, symmetric; most informative first
     (8, "rtn", True),
     (4, "rtn", True),
-    (8, "gptq", True),
     (4, "gptq", True),
+    (8, "gptq", True),
     (4, "rtn", False),
     (4, "gptq", False),
 ]
