@@ -282,7 +282,7 @@ def load_done(path: Path) -> dict[str, dict]:
 
 def markdown(done: dict[str, dict]) -> str:
     lines = [
-        "| row | calib | mode | perplexity | prune time (s) | forward / stats / solve (s) | sparsity "
+        "| row | calib | mode | perplexity | prune time (s) | forward / stats / solve / error (s) | sparsity "
         "| check |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -303,7 +303,8 @@ def markdown(done: dict[str, dict]) -> str:
         lines.append(
             f"| {spec['key'].rsplit('-n', 1)[0]} | {calib} | "
             f"{'' if r['method'] == 'magnitude' else r['mode']} | {r['ppl']:.2f} | "
-            f"{r['prune_s']:.1f} | {t['forward_s']:.0f} / {t['statistics_s']:.0f} / {t['solve_s']:.0f}"
+            f"{r['prune_s']:.1f} | {t['forward_s']:.0f} / {t['statistics_s']:.0f} / {t['solve_s']:.0f} / "
+            f"{t.get('error_s', float('nan')):.0f}"
             f"{' + owl ' + format(t['owl_profile_s'], '.0f') if t.get('owl_profile_s') else ''} | "
             f"{r['sparsity']:.4f} | {check} |"
         )

@@ -433,6 +433,7 @@ def build_report(
             "statistics_s": rep.statistics_s,
             "solve_s": rep.solve_s,
             "checkpoint_s": rep.checkpoint_s,
+            "error_s": rep.error_s,
             "owl_profile_s": owl_s,
             "engine_s": rep.total_s,
             "total_s": wall_s,

@@ -159,6 +159,7 @@ class EngineReport:
     statistics_s: float = 0.0
     solve_s: float = 0.0
     checkpoint_s: float = 0.0
+    error_s: float = 0.0  # measuring the per-layer reconstruction errors
     total_s: float = 0.0
     peak_host_mib: float = 0.0
     peak_device_mib: float | None = None
@@ -481,7 +482,9 @@ class _BlockRun:
             if new.shape != w.shape:
                 raise RuntimeError(f"solver returned {tuple(new.shape)} for {prefix}{rel} {tuple(w.shape)}")
             ref = w if res.reference is None else res.reference.to(device=device, dtype=torch.float32)
+            t_err = _clock(device)
             err, how = relative_error(ref, new, stats)
+            self.report.error_s += _clock(device) - t_err
             sparsity = float((new == 0).float().mean())
             self.records.append(
                 LayerRecord(prefix + rel, tuple(w.shape), sparsity, err, how, solve_s, res.info)
@@ -604,7 +607,7 @@ def run_sequential(
             start = int(state["next_block"])
             saved = state["report"]
             report.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in saved["layers"]]
-            for key in ("forward_s", "statistics_s", "solve_s", "checkpoint_s"):
+            for key in ("forward_s", "statistics_s", "solve_s", "checkpoint_s", "error_s"):
                 setattr(report, key, getattr(report, key) + saved[key])
             for b in range(start):
                 state_w = ckpt.block_weights(b)
