@@ -83,6 +83,20 @@ def run(args) -> int:
         forward_dtype=None if args.calib_dtype == "model" else DTYPES[args.calib_dtype],
     )
     model, tokenizer, _ = load_source(args.source)
+    if args.format == "nm":  # refuse before a long calibration, not after it
+        from ..formats.checkpoint import _is_nm
+        from ..models.discovery import prunable_linears, weight_matrix
+
+        bad = [
+            name
+            for name, layer in prunable_linears(model, config.targets, config.ignore).items()
+            if not _is_nm(weight_matrix(layer) != 0, n, m)
+        ]
+        if bad:
+            raise SparsecraftError(
+                f"--format nm: {len(bad)} layers are not {n}:{m} sparse (first: {bad[0]}); "
+                "use --format bitmask or auto"
+            )
     results, report = quantize_model(model, tokenizer, config, options=options)
     cfg = CompressConfig(format=args.format, n=n, m=m, targets=args.targets, ignore=args.ignore)
     out = save_compressed(
