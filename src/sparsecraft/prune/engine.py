@@ -13,8 +13,10 @@ Walk
    block sees the outputs of the already-solved model. With ``true_sequential`` the layers are
    solved group by group in execution order (q/k/v, then o, then gate/up, then down), each group
    seeing the inputs produced by the already-solved groups before it.
-3. Block inputs live on the CPU between passes (optionally in fp16); the model's master weights
-   stay where they are (normally CPU), the block is copied to the device for its passes.
+3. Block inputs live on the CPU between passes (optionally in fp16), or on the device when two
+   copies fit (``inputs_on``); the model's master weights stay where they are (normally the
+   CPU), and the block is copied to the device (in the forward dtype) for its passes. A solver
+   that changes weights makes the statistics pass stop at the last linear's input.
 4. After each block a checkpoint (the block's new weights, the next block's inputs, the report
    so far) makes ``resume=True`` finish with exactly the weights of an uninterrupted run.
 
@@ -43,8 +45,13 @@ Anything with these members plugs in (pruning methods here, GPTQ in ``sparsecraf
         def block_report(self, index: int) -> dict: ...  # merged into the block's progress line
         modifies_weights: bool  # False for read-only walks (statistics only): outputs are reused
 
-The engine returns an :class:`EngineReport` (per-layer records, wall-time split into forward
-passes / statistics / solve, peak host and device memory).
+Usage (e.g. GPTQ)::
+
+    report = run_sequential(model, calibration_ids, MySolver(), EngineOptions(device="auto"))
+
+The engine returns an :class:`EngineReport` (per-layer records with the relative reconstruction
+error ‖WX − ŴX‖/‖WX‖, wall-time split into forward passes / statistics / solve / error
+measurement, peak host and device memory).
 """
 
 from __future__ import annotations
