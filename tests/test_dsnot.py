@@ -260,3 +260,20 @@ def test_skip_layer_patterns():
     assert not cfg.applies_to("model.layers.3.self_attn.q_proj")
     assert cfg.applies_to("model.layers.3.self_attn.k_proj")
     assert not DSnoTConfig(skip_layer="o_proj").applies_to("model.layers.1.self_attn.o_proj")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+@pytest.mark.parametrize("without_same_sign", [False, True])
+def test_cuda_matches_cpu(nm, without_same_sign):
+    w, x = _layer(out=96, n_in=128, nsamples=256, seed=13)
+    mask = _wanda_mask(w, x, 0.7, nm)
+    cfg = DSnoTConfig(update_threshold=1e-3, without_same_sign=without_same_sign)
+    stats = _stats(x)
+    cpu_w, cpu_m = dsnot_refine(w, w * mask, mask, stats, cfg, nm)
+    dev = torch.device("cuda")
+    gpu_w, gpu_m = dsnot_refine(w.to(dev), (w * mask).to(dev), mask.to(dev), stats, cfg, nm)
+    assert gpu_m.device.type == "cuda"
+    assert torch.equal(gpu_m.cpu(), cpu_m)
+    torch.testing.assert_close(gpu_w.cpu(), cpu_w)
+    assert not torch.equal(cpu_m, mask)
