@@ -14,6 +14,15 @@ from sparsecraft.finetune.data import GSM8K_TRAIN, instruction_windows
 from sparsecraft.models import byte_tokenizer, load, prunable_linears, save
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread avoids OpenMP spin-waiting when the 2 cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_pack_tokens_cuts_full_windows_in_order():
     ids = torch.arange(10)
     assert pack_tokens(ids, 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
