@@ -193,7 +193,9 @@ def run_ppl(args) -> None:
     calib = None
     try:
         for bits, method, sym in PPL_RUNS:
-            run = f"int{bits}-g{args.group_size}-{'sym' if sym else 'asym'}-{method}"
+            run = f"int{bits}-g{args.group_size}-{'sym' if sym else 'asym'}-{method}" + (
+                "-clip" if args.clip else ""
+            )
             if run in done or (args.only and run not in args.only):
                 continue
             t0 = time.perf_counter()
@@ -202,6 +204,7 @@ def run_ppl(args) -> None:
             if method == "gptq" and calib is None:
                 calib = calibration_windows(tok, "c4", args.nsamples, args.seqlen, seed=0)
             cfg = QuantConfig(
+                clip=args.clip,
                 bits=bits,
                 group_size=args.group_size,
                 symmetric=sym,
@@ -233,6 +236,7 @@ def run_ppl(args) -> None:
                     "group_size": args.group_size,
                     "symmetric": sym,
                     "method": method,
+                    "clip": args.clip,
                     "ppl": ppl(back, tok),
                     "zeros_kept": zeros_kept,
                     "sparsity_after": rep["sparsity_after"],
@@ -292,8 +296,9 @@ def run_table(args) -> None:
             d = 100 * (r["ppl"] / base - 1)
             tgt = 1.0 if r["bits"] == 8 else 10.0
             label = f"int{r['bits']} g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
+            method = r["method"].upper() + (" + clip" if r.get("clip") else "")
             print(
-                f"| {label} | {r['method'].upper()} | {r['ppl']:.3f} | {d:+.2f}% | ≤ {tgt:g}% | "
+                f"| {label} | {method} | {r['ppl']:.3f} | {d:+.2f}% | ≤ {tgt:g}% | "
                 f"{'yes' if d <= tgt else '**no**'} | {r['bits_per_weight']:.3f} | "
                 f"{'yes' if r['zeros_kept'] else '**no**'} |"
             )
@@ -316,6 +321,7 @@ def main(argv=None) -> int:
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--dense-ref", default=None, help="also measure this dense model (e.g. smollm2-135m)")
     q.add_argument("--only", nargs="*")
+    q.add_argument("--clip", action="store_true", help="clipping search for the grids (run names get -clip)")
     t = sub.add_parser("table")
     t.add_argument("--bits")
     t.add_argument("--ppl")

@@ -182,3 +182,30 @@ def test_bad_input():
         rtn_quantize(torch.full((2, 4), float("nan")))
     with pytest.raises(SparsecraftError, match=r"\(4, 4\) Hessian"):
         gptq_quantize(w, torch.eye(3))
+
+
+@SETTINGS
+@given(
+    rows=st.integers(1, 5),
+    cols=st.integers(1, 40),
+    bits=st.sampled_from([4, 8]),
+    sym=st.booleans(),
+    sparsity=st.floats(0, 0.9),
+    seed=st.integers(0, 2**16),
+)
+def test_clip_search_never_increases_group_error(rows, cols, bits, sym, sparsity, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = _sparse(gen, rows, cols, sparsity)
+    w[:, 0] *= 6  # an outlier column makes clipping worthwhile
+    w = w * (w != 0)
+    plain = rtn_quantize(w, None, bits, 8, sym).dequantize()
+    clipped = rtn_quantize(w, None, bits, 8, sym, clip=True)
+    deq = clipped.dequantize()
+    assert (deq[w == 0] == 0).all()
+    for g0 in range(0, cols, 8):
+        e_plain = ((plain - w)[:, g0 : g0 + 8] ** 2).sum(1)
+        e_clip = ((deq - w)[:, g0 : g0 + 8] ** 2).sum(1)
+        assert (e_clip <= e_plain + 1e-6).all()
+    assert torch.equal(
+        BitmaskTensor.from_codes(clipped.codes, clipped.mask, clipped.info, torch.float32).to_dense(), deq
+    )

@@ -23,6 +23,11 @@ def register(sub) -> None:
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     p.add_argument("--asym", action="store_true", help="asymmetric grid with a uint8 zero point per group")
     p.add_argument(
+        "--clip",
+        action="store_true",
+        help="search a clipped range per group (least squared error) instead of min/max",
+    )
+    p.add_argument(
         "--format",
         default="auto",
         choices=["auto", "bitmask", "nm", "dense"],
@@ -64,6 +69,7 @@ def run(args) -> int:
         group_size=args.group_size,
         symmetric=not args.asym,
         method=args.method,
+        clip=args.clip,
         blocksize=args.blocksize,
         percdamp=args.percdamp,
         calib=args.calib,

@@ -48,6 +48,7 @@ class GPTQSolver:
             c.percdamp,
             where=name,
             upper=upper,
+            clip=c.clip,
         )
         self.results[name] = qw
         return SolveResult(weight=qw.dequantize(), mask=mask, info=dict(damp_info))
@@ -93,7 +94,13 @@ def quantize_model(
         results = {}
         for name, layer in layers.items():
             qw = rtn_quantize(
-                weight_matrix(layer), None, config.bits, config.group_size, config.symmetric, name
+                weight_matrix(layer),
+                None,
+                config.bits,
+                config.group_size,
+                config.symmetric,
+                name,
+                config.clip,
             )
             set_weight_matrix(layer, qw.dequantize())
             results[name] = qw

@@ -41,9 +41,11 @@ def gptq_quantize(
     percdamp: float = 0.01,
     where: str = "weight",
     upper: Tensor | None = None,
+    clip: bool = False,
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize ``w`` (out, in) given ``hessian`` (in, in) ∝ Σ x xᵀ (its scale is irrelevant).
 
+    ``clip``: clipping search for each group's grid (see :func:`.rtn.fit_params`).
     ``upper`` may pass a precomputed factor (layers sharing one input). Returns the quantized
     weight (codes, params, mask; ``.dequantize()`` is the new weight, 0 wherever the mask is False)
     and info (damping used, dead inputs).
@@ -73,7 +75,7 @@ def gptq_quantize(
             j = i1 + i
             if j % g == 0:
                 gi = j // g
-                s, z = fit_params(w1[:, i : i + g], mask[:, j : j + g], bits, symmetric)
+                s, z = fit_params(w1[:, i : i + g], mask[:, j : j + g], bits, symmetric, clip)
                 scales[:, gi] = s
                 if zeros is not None:
                     zeros[:, gi] = z

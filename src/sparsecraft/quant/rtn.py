@@ -31,6 +31,8 @@ class QuantConfig:
     group_size: int = 128
     symmetric: bool = True
     method: str = "rtn"
+    # search a clipped range per (row, group) minimising the squared rounding error
+    clip: bool = False
     # GPTQ
     blocksize: int = 128
     percdamp: float = 0.01
@@ -66,6 +68,7 @@ class QuantConfig:
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "method": self.method,
+            "clip": self.clip,
         }
 
 
@@ -76,21 +79,48 @@ def _to_fp16_scale(scale: Tensor, nonzero: Tensor) -> Tensor:
     return s.half()
 
 
-def fit_params(w: Tensor, mask: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor | None]:
-    """Scale (float16) and zero point (uint8 or None) of each row of ``w`` (rows, cols), fitted to
-    the entries where ``mask`` is True. Works on any (rows, groups, cols) by the last dimension."""
+# Shrink factors tried by the clipping search (1.0 = the plain min/max grid, always a candidate).
+CLIP_GRID = tuple(1.0 - 0.025 * k for k in range(21))
+
+
+def _grid(wk: Tensor, bits: int, symmetric: bool, shrink: float) -> tuple[Tensor, Tensor | None]:
     lo, hi = code_range(bits, symmetric)
-    wk = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
     if symmetric:
-        absmax = wk.abs().amax(-1)
-        scale16 = _to_fp16_scale(absmax / hi, absmax > 0)
-        return scale16, None
-    xmin = wk.amin(-1).clamp(max=0.0)
-    xmax = wk.amax(-1).clamp(min=0.0)
-    nonzero = xmax > xmin
-    scale16 = _to_fp16_scale((xmax - xmin) / hi, nonzero)
+        absmax = wk.abs().amax(-1) * shrink
+        return _to_fp16_scale(absmax / hi, absmax > 0), None
+    xmin = wk.amin(-1).clamp(max=0.0) * shrink
+    xmax = wk.amax(-1).clamp(min=0.0) * shrink
+    scale16 = _to_fp16_scale((xmax - xmin) / hi, xmax > xmin)
     zero = torch.round(-xmin / scale16.float()).clamp(lo, hi)
     return scale16, zero.to(torch.uint8)
+
+
+def fit_params(
+    w: Tensor, mask: Tensor, bits: int, symmetric: bool, clip: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Scale (float16) and zero point (uint8 or None) of each row of ``w`` (rows, cols), fitted to
+    the entries where ``mask`` is True. Works on any (rows, groups, cols) by the last dimension.
+
+    ``clip``: also try ranges shrunk by the factors in ``CLIP_GRID`` and keep, per row, the one
+    with the smallest squared error over the kept entries (clipping a few outliers buys a finer
+    grid for the rest; the plain range is a candidate, so the error never grows).
+    """
+    wk = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
+    best_s, best_z = _grid(wk, bits, symmetric, 1.0)
+    if not clip:
+        return best_s, best_z
+    _, q = quantize_columns(wk, mask, best_s, best_z, bits, symmetric)
+    best_err = ((q - wk) ** 2).sum(-1)
+    for shrink in CLIP_GRID[1:]:
+        s, z = _grid(wk, bits, symmetric, shrink)
+        _, q = quantize_columns(wk, mask, s, z, bits, symmetric)
+        err = ((q - wk) ** 2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        if best_z is not None:
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
 
 
 def quantize_columns(
@@ -137,19 +167,20 @@ def rtn_quantize(
     group_size: int = 128,
     symmetric: bool = True,
     where: str = "weight",
+    clip: bool = False,
 ) -> QuantizedWeight:
     """Round-to-nearest with per-(row, group) grids fitted to the kept weights.
 
     ``mask`` (True = kept) defaults to ``w != 0``. Returns codes for every position (the zero
     point where pruned), the quantization parameters and the mask; ``.dequantize()`` is the new
-    weight, exactly zero wherever ``mask`` is False.
+    weight, exactly zero wherever ``mask`` is False. ``clip``: see :func:`fit_params`.
     """
     w = w.detach().float().cpu()
     mask = check_weight(w, mask, where).cpu()
     rows, cols = w.shape
     g = group_size
     wg, mg = _grouped(w, g, 0.0), _grouped(mask, g, False)
-    scale16, zero = fit_params(wg, mg, bits, symmetric)
+    scale16, zero = fit_params(wg, mg, bits, symmetric, clip)
     codes, _ = quantize_columns(wg, mg, scale16, zero, bits, symmetric)
     codes = codes.view(rows, -1)[:, :cols]
     info = QuantInfo(bits, g, symmetric, scale16, zero)
