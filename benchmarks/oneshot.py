@@ -140,6 +140,7 @@ def run_row(spec: dict, model_name: str = MODEL) -> dict:
     model, tokenizer = load(model_name)
     result = {
         "key": spec["key"],
+        "loadavg_start": os.getloadavg()[0],
         "model": model_name,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
@@ -174,6 +175,7 @@ def run_row(spec: dict, model_name: str = MODEL) -> dict:
             recipe=cfg.to_dict(),
             mean_rel_error=report["summary"]["mean_rel_error"],
             **checks(model, report, cfg),
+            damping_raised=sum(1 for x in report["layers"] if (x.get("damping") or 0) > cfg.percdamp),
         )
         if report.get("owl"):
             result["owl_block_sparsity"] = report["owl"]["block_sparsity"]
