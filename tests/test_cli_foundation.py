@@ -35,3 +35,23 @@ def test_bad_input_one_line_error(capsys, tmp_path):
     assert len(err) == 1 and "no such file or directory" in err[0] and "Traceback" not in err[0]
     assert main(["eval", "random:tiny-llama", "--ppl", "wikitext2", "--seqlen", "100000"]) == 2
     assert "above the model's context" in capsys.readouterr().err
+
+
+def test_load_and_inspect_compressed_checkpoint(tmp_path, capsys):
+    import torch
+
+    model, tok = load("random:tiny-llama")
+    for layer in prunable_linears(model).values():
+        w = weight_matrix(layer)
+        w[w.abs() < w.abs().median()] = 0
+    save(model, tok, tmp_path / "sparse")
+    assert main(["compress", str(tmp_path / "sparse"), "--format", "bitmask", "--out", str(tmp_path / "c")]) == 0
+    again, _ = load(str(tmp_path / "c"))  # a compressed directory loads as a dense model
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    report = tmp_path / "i.json"
+    assert main(["inspect", str(tmp_path / "c"), "--quiet", "--json", str(report)]) == 0
+    storage = json.loads(report.read_text())["storage"]
+    assert storage["bytes_on_disk"] < storage["dense_bytes"]
+    assert "bits per weight" in capsys.readouterr().out

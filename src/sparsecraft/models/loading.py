@@ -86,6 +86,12 @@ def _resolve(source: str) -> tuple[str, Path | None]:
     raise SparsecraftError(f"{source}: neither a Hugging Face model directory nor a GGUF file")
 
 
+def _is_compressed(path: Path) -> bool:
+    from ..formats import is_compressed_dir
+
+    return is_compressed_dir(path)
+
+
 def _from_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,6 +149,11 @@ def load(
         kind = "hf"
     if kind == "gguf":
         model, tokenizer = _from_gguf(path, dtype)
+    elif _is_compressed(path):  # a sparsecraft compressed checkpoint: decompressed on load
+        from ..formats import load_compressed
+
+        model, tokenizer = load_compressed(path, dense=True)
+        model = model.to(dtype)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
