@@ -45,7 +45,8 @@ def test_load_and_inspect_compressed_checkpoint(tmp_path, capsys):
         w = weight_matrix(layer)
         w[w.abs() < w.abs().median()] = 0
     save(model, tok, tmp_path / "sparse")
-    assert main(["compress", str(tmp_path / "sparse"), "--format", "bitmask", "--out", str(tmp_path / "c")]) == 0
+    out = str(tmp_path / "c")
+    assert main(["compress", str(tmp_path / "sparse"), "--format", "bitmask", "--out", out]) == 0
     again, _ = load(str(tmp_path / "c"))  # a compressed directory loads as a dense model
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
