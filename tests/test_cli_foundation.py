@@ -9,8 +9,8 @@ def test_eval_cli_json(tmp_path, capsys):
     assert main(["eval", "random:tiny-llama", "random:tiny-gpt2", "--seqlen", "64", "--windows", "2",
                  "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert set(data["results"]) == {"random:tiny-llama", "random:tiny-gpt2"}
-    assert data["results"]["random:tiny-llama"]["ppl_wikitext2"] > 1
+    assert set(data["models"]) == {"random:tiny-llama", "random:tiny-gpt2"}
+    assert data["models"]["random:tiny-llama"]["ppl"]["wikitext2@64x2"]["ppl"] > 1
     assert "random:tiny-gpt2" in capsys.readouterr().out
 
 
