@@ -6,7 +6,6 @@ code runs in one process or under ``accelerate launch`` / ``torchrun`` with DDP 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -408,17 +407,7 @@ def save_trained(model, tokenizer, out_dir: str | Path, accelerator, extra_files
     state_dict = accelerator.get_state_dict(model)  # collective: every rank must call it
     out = Path(out_dir)
     if accelerator.is_main_process:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".tmp-{out.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, obj in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        save_model(accelerator.unwrap_model(model), tokenizer, out, extra_files, state_dict=state_dict)
     accelerator.wait_for_everyone()
     return out
 
