@@ -40,6 +40,22 @@ def add_calibration_options(p) -> None:
     )
 
 
+def calibration_config(args) -> dict:
+    """PruneConfig fields set by the options of :func:`add_calibration_options`."""
+    return dict(
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        device=args.device,
+        calib_dtype="bfloat16" if args.fast else args.calib_dtype,
+        bf16_hessian=args.fast,
+        offload_dtype=args.offload_dtype,
+        batch_size=args.batch_size,
+        inputs_on=args.inputs_on,
+    )
+
+
 def add_output_options(p) -> None:
     p.add_argument("--out", required=True, help="output directory (standard HF layout + sparsecraft.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -168,17 +184,8 @@ def run(args) -> int:
             skip_layer=tuple(args.dsnot_skip) if args.dsnot_skip else None,
             without_same_sign=args.dsnot_without_same_sign,
         ),
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
         true_sequential=args.true_sequential,
-        device=args.device,
-        calib_dtype="bfloat16" if args.fast else args.calib_dtype,
-        bf16_hessian=args.fast,
-        offload_dtype=args.offload_dtype,
-        batch_size=args.batch_size,
-        inputs_on=args.inputs_on,
+        **calibration_config(args),
         targets=tuple(args.targets) if args.targets else None,
         ignore=tuple(args.ignore) if args.ignore else None,
     )

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from ..errors import SparsecraftError
 from .common import write_json
-from .prune import add_calibration_options, add_output_options, check_out, checkpoint_dir, print_table
+from .prune import (
+    add_calibration_options,
+    add_output_options,
+    calibration_config,
+    check_out,
+    checkpoint_dir,
+    print_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +84,7 @@ def run(args) -> int:
         sparsity=0.0,
         refine="dsnot",
         dsnot=dsnot,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        device=args.device,
-        calib_dtype="bfloat16" if args.fast else args.calib_dtype,
-        bf16_hessian=args.fast,
-        offload_dtype=args.offload_dtype,
-        batch_size=args.batch_size,
-        inputs_on=args.inputs_on,
+        **calibration_config(args),
     )
     sparse, tokenizer = load(args.sparse_dir, dtype=args.dtype, device="cpu")
     dense, _ = load(args.dense, dtype="float32", device="cpu")
