@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -120,8 +121,14 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
 
 def _cached_alias_dir(alias: str, gguf: Path) -> Path:
     """Convert the alias's GGUF once into a plain HF directory in the cache (atomic rename)."""
-    stat = gguf.stat()
-    target = cache_dir() / f"{alias}-{stat.st_size}-{int(stat.st_mtime)}"
+    # keyed by content, not mtime: a reinstall of the same wheel must reuse the conversion
+    size = gguf.stat().st_size
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    target = cache_dir() / f"{alias}-{size}-{digest.hexdigest()[:16]}"
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to a Hugging Face directory in %s (once)", gguf.name, target)
