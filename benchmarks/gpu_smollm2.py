@@ -45,6 +45,7 @@ def sweep_rows() -> list[tuple[str, dict]]:
                         {**base, "refine": "dsnot", "dsnot": DSnoTConfig(pow_of_var_regrowing=0.0)}))
             out.append((f"{method}-{int(sp * 100)}-dsnot-attn",
                         {**base, "refine": "dsnot", "dsnot": DSnoTConfig(skip_layer="mlp")}))
+    out.append(("sparsegpt-2:4", dict(method="sparsegpt", pattern="2:4")))
     for method in ("wanda", "sparsegpt"):
         out.append((f"{method}-50-trueseq", dict(method=method, sparsity=0.5, true_sequential=True)))
         out.append((f"{method}-50", dict(method=method, sparsity=0.5)))

@@ -33,8 +33,8 @@ DAMP_MAX = 10.0
 
 
 def inverse_cholesky(hessian: Tensor, percdamp: float, name: str = "layer") -> tuple[Tensor, float, Tensor]:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (H⁻¹ = UᵀU), the damping fraction used, and the
-    dead-column mask. Dead inputs (zero diagonal: never active) get H_jj = 1.
+    """Upper Cholesky factor U of (H + λI)⁻¹ (H⁻¹ = UᵀU; float32, computed in float64), the
+    damping fraction used, and the dead-column mask. Dead inputs (zero diagonal: never active) get H_jj = 1.
 
     λ = percdamp · mean(diag H). If H + λI is not positive definite, λ is raised step by step
     (×2) with a warning; past DAMP_MAX the layer raises instead of silently degrading.
@@ -43,7 +43,9 @@ def inverse_cholesky(hessian: Tensor, percdamp: float, name: str = "layer") -> t
         raise SparsecraftError(
             f"dampening {percdamp}: must be in [0, {DAMP_MAX}] (fraction of the mean diagonal)"
         )
-    h = hessian.to(torch.float32).clone()
+    # float64: activations with massive outlier channels give H a dynamic range that float32
+    # Cholesky cannot factor at 1% damping; the factorisation is cheap next to the solve
+    h = hessian.to(torch.float64).clone()
     if not torch.isfinite(h).all():
         raise SparsecraftError(
             f"{name}: the Hessian contains NaN or Inf (non-finite calibration activations)"
@@ -62,7 +64,7 @@ def inverse_cholesky(hessian: Tensor, percdamp: float, name: str = "layer") -> t
             hinv = torch.cholesky_inverse(chol)
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0 and torch.isfinite(upper).all():
-                return upper, damp, dead
+                return upper.to(torch.float32), damp, dead
         if damp >= DAMP_MAX:
             raise SparsecraftError(
                 f"{name}: the Hessian is not positive definite even with dampening {damp:g} of the mean "
