@@ -36,10 +36,13 @@ def rows() -> list[dict]:
     out = [{"key": "dense", "method": None}]
     fast = dict(calib_dtype="bfloat16", bf16_hessian=True)
 
-    def row(method, spec, nsamples=128, profile="uniform", mode="fast", key=None):
+    def row(method, spec, nsamples=128, profile="uniform", mode="fast", true_sequential=False):
         kw = {"sparsity": spec} if isinstance(spec, float) else {"pattern": spec}
         label = f"{int(spec * 100)}%" if isinstance(spec, float) else spec
-        key = key or f"{'owl-' if profile == 'owl' else ''}{method}-{label}-n{nsamples}-{mode}"
+        key = f"{'owl-' if profile == 'owl' else ''}{method}-{label}-n{nsamples}-{mode}"
+        if true_sequential:
+            kw["true_sequential"] = True
+            key += "-ts"
         return {
             "key": key,
             "method": method,
@@ -49,19 +52,20 @@ def rows() -> list[dict]:
             "config": {**kw, **(fast if mode == "fast" else {"calib_dtype": "float32"})},
         }
 
-    # most informative first: the accuracy targets, the speed comparison, OWL, then the rest
+    # most informative first: the accuracy targets, OWL, the speed comparison, then the rest
     for method, spec in [("sparsegpt", 0.5), ("wanda", 0.5), ("sparsegpt", "2:4"), ("sparsegpt", 0.7)]:
         out.append(row(method, spec))
+    out.append(row("sparsegpt", 0.7, profile="owl"))
     for mode in ("fast", "fp32"):  # the speed comparison with the anchor (64 x 512)
         for method in ("sparsegpt", "wanda"):
             out.append(row(method, 0.5, nsamples=64, mode=mode))
-    out.append(row("sparsegpt", 0.7, profile="owl"))
-    for spec in (0.5, 0.6, 0.7, "2:4", "4:8"):
-        out.append(row("magnitude", spec))
+    for method in ("sparsegpt", "wanda"):  # true-sequential order inside each block
+        out.append(row(method, 0.5, true_sequential=True))
+    out.append(row("magnitude", 0.5))
     for method, spec in [("wanda", 0.7), ("wanda", 0.6), ("sparsegpt", 0.6)]:
         out.append(row(method, spec))
     out.append(row("wanda", 0.7, profile="owl"))
-    for method in ("wanda", "sparsegpt"):
+    for method in ("wanda", "sparsegpt", "magnitude"):
         for spec in (0.5, 0.6, 0.7, "2:4", "4:8"):
             r = row(method, spec)
             if r["key"] not in {x["key"] for x in out}:
