@@ -38,6 +38,8 @@ HIDDEN, INTER, BLOCKS = 4096, 11008, 32  # random:llama-7b
 SHAPES = {"qkvo": (HIDDEN, HIDDEN), "gate_up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
 BLOCK_ORDER = ["qkvo"] * 4 + ["gate_up"] * 2 + ["down"]
 T0 = time.time()
+QUICK = False  # --quick: one unit tile per (format, batch) besides decode + cuBLAS
+results_tune: list[dict] = []  # every tuning candidate's time per layer shape (written to the json)
 
 
 def log(*a):
@@ -130,19 +132,19 @@ def rel_err(y, ref):
 
 
 def check(args) -> int:
-    cases = [
+    cases = [  # the unit kernels' cases first (a deadline may cut the rest)
         ("bitmask", 40, 600, torch.float16, 0, 32, True, 2, 4),
+        ("nm", 40, 576, torch.float16, 0, 32, True, 2, 4),
+        ("nm", 300, 4096, torch.float16, 4, 128, True, 2, 4),
         ("bitmask", 33, 520, torch.bfloat16, 0, 32, True, 2, 4),
+        ("nm", 33, 520, torch.bfloat16, 0, 32, True, 2, 4),
+        ("nm", 64, 1024, torch.bfloat16, 4, 128, False, 2, 4),
         ("bitmask", 24, 576, torch.float16, 8, 64, True, 2, 4),
         ("bitmask", 300, 4100, torch.float16, 4, 128, True, 2, 4),
         ("bitmask", 17, 300, torch.float16, 4, 32, False, 2, 4),
-        ("nm", 40, 576, torch.float16, 0, 32, True, 2, 4),
-        ("nm", 33, 520, torch.bfloat16, 0, 32, True, 2, 4),
         ("nm", 24, 512, torch.float16, 0, 32, True, 4, 8),
-        ("nm", 300, 4096, torch.float16, 4, 128, True, 2, 4),
         ("nm", 20, 320, torch.float16, 8, 32, False, 2, 4),
         ("nm", 18, 256, torch.float16, 4, 64, False, 4, 8),
-        ("nm", 64, 1024, torch.bfloat16, 4, 128, False, 2, 4),
     ]
     bad = 0
     # CUDA graph capture and torch.compile of a decode step
@@ -172,6 +174,9 @@ def check(args) -> int:
     )
     gen = torch.Generator().manual_seed(0)
     for fmt, out_f, in_f, dtype, bits, g, sym, n, m in cases:
+        if args.deadline and time.time() - T0 > args.deadline:
+            print(f"check {fmt} {out_f}x{in_f}: skipped (deadline)")
+            continue
         if fmt == "bitmask":
             keep = torch.rand(out_f, in_f, generator=gen) >= 0.6
         else:
@@ -202,12 +207,17 @@ def check(args) -> int:
         tw = layout.prepare(obj, "cuda")
         bk = 256 if fmt == "bitmask" else 64
         cfgs = [None, KernelConfig(16, bk, 1, 4, split_k=2), KernelConfig(32, bk, 16, 4, split_k=2)]
+        if dispatch.unit_supported(tw):
+            cfgs += [KernelConfig(8, 512, 1, 4, split_k=2, unit=True), KernelConfig(8, 256, 8, 4, unit=True),
+                     KernelConfig(4, 512, 16, 2, split_k=3, unit=True),
+                     KernelConfig(4, 256, 1, 4, unit=True, xrow=True, prmt=True, scatter=True),
+                     KernelConfig(16, 256, 16, 4, split_k=2, unit=True, dot=True)]
         worst = 0.0
-        for batch in (1, 5, 64, 200):
+        for batch in (1, 5, 16, 64, 200):
             x = torch.randn(batch, in_f, device="cuda").to(dtype)
             ref = x.double() @ ref_w.t()
             for cfg in cfgs:
-                if cfg is not None and (cfg.bb == 1) != (batch == 1):
+                if cfg is not None and ((cfg.bb == 1) != (batch == 1) or (cfg.unit and batch > 16)):
                     continue
                 y = sparse_mm(x, tw, cfg) if cfg is not None else sparse_linear(x, tw)
                 worst = max(worst, rel_err(y, ref) if torch.isfinite(y).all() else float("inf"))
@@ -271,7 +281,7 @@ def layer_fn(fmt: str, w, cfg_for):
     cfg = cfg_for(w)
     if cfg is None:
         return lambda x: sparse_linear(x, w)
-    return lambda x: sparse_mm(x, w, cfg)
+    return lambda x: run_cfg(x, w, cfg)
 
 
 def bench_chain(fmt, layers, batch, xs, cfg_for=lambda w: None, reps=10, shapes_only=False):
@@ -308,33 +318,46 @@ def weight_bytes(fmt, layers) -> int:
     return sum(w.nbytes() for _, w in layers)
 
 
+DECODE_CUBLAS = KernelConfig(0, 0, 0, 0)  # candidate: decode to a dense temporary, then cuBLAS
+
+
+def run_cfg(x, w, cfg):
+    if cfg == DECODE_CUBLAS:
+        return x @ decompress(w, x.dtype).t()
+    return sparse_mm(x, w, cfg)
+
+
 def candidates(fmt: str, batch: int) -> list[KernelConfig]:
-    """Tile shapes tried per (format, batch); the fastest per layer shape is kept (measured here)."""
+    """Tile shapes tried per (format, batch); the fastest per layer shape is kept (measured here).
+
+    ``unit=True``: the 8-column-unit kernels (kernels/triton/gemv.py), at the tiles that won the
+    H100 run (first) and with the later variants (``xrow``, ``prmt``, ``scatter``, ``dot``; see
+    docs/results/gpu_kernels.md); the others are the per-element tile kernels (sparse_mm.py) at
+    their former best tiles, and decode to a dense temporary + cuBLAS.
+    """
     K = KernelConfig
     if batch == 1:
         if fmt.startswith("bitmask"):
-            return [
-                K(4, 256, 1, 1),
-                K(2, 256, 1, 1),
-                K(8, 256, 1, 2),
-                K(2, 256, 1, 1, rg=True),
-                K(4, 256, 1, 1, rg=True),
-                K(8, 256, 1, 2, rg=True),
-            ]
-        if fmt == "nm24_int4":
-            return [K(16, 256, 1, 4), K(8, 512, 1, 4), K(8, 256, 1, 2), K(16, 128, 1, 2), K(4, 512, 1, 2)]
-        return [K(8, 512, 1, 4), K(4, 1024, 1, 4), K(4, 512, 1, 2), K(8, 1024, 1, 8), K(16, 512, 1, 8)]
+            c = [K(8, 512, 1, 4, unit=True), K(4, 512, 1, 2, unit=True),
+                 K(4, 256, 1, 4, unit=True, scatter=True), K(8, 256, 1, 4, unit=True, scatter=True),
+                 K(8, 256, 1, 4, unit=True, scatter=True, xrow=True), K(2, 256, 1, 1)]
+        else:
+            c = [K(4, 512, 1, 2, unit=True), K(8, 512, 1, 4, unit=True),
+                 K(4, 512, 1, 2, unit=True, xrow=True), K(4, 512, 1, 2, unit=True, xrow=True, prmt=True),
+                 K(8, 512, 1, 2, unit=True, xrow=True, prmt=True), K(4, 512, 1, 2)]
+        return c[:2] if QUICK else c
     if batch <= 16:
+        c = [K(4, 512, 4, 2, unit=True), K(8, 512, 4, 4, unit=True)] if batch <= 4 else []
+        c += [K(32, 256, 16, 4, unit=True, dot=True), K(16, 512, 16, 4, unit=True, dot=True),
+              K(64, 256, 16, 4, unit=True, dot=True)]
         if fmt.startswith("bitmask"):
-            return [K(32, 256, 16, 4), K(16, 256, 16, 4), K(32, 256, 16, 4, rg=True)]
-        if fmt == "nm24_int4":
-            return [K(16, 256, 16, 4), K(16, 128, 16, 4)]
-        return [K(32, 256, 16, 4), K(32, 128, 16, 4)]
-    if fmt == "nm24_int4":
-        return [K(32, 128, 64, 4)]
-    return [K(64, 256, 64, 8)]
-
-
+            c += [K(32, 256, 16, 4, unit=True, dot=True, scatter=True)]
+        elif fmt == "nm24_int4":
+            c += [K(16, 256, 16, 4)]
+        else:
+            c += [K(32, 256, 16, 4)]
+        return (c[:1] if QUICK else c) + [DECODE_CUBLAS]
+    return [DECODE_CUBLAS]  # not tuned above DOT_MAX_BATCH (the dispatcher decodes + cuBLAS there)
 def tune(fmt, layers, batch, xs, reps):
     """Best config per layer shape: {(out, in): (cfg, ms per layer)}; logs every candidate."""
     best = {}
@@ -342,7 +365,7 @@ def tune(fmt, layers, batch, xs, reps):
     refs = {n: (xs[n].float() @ decompress(w, torch.float32).t()) for n, w in first.items()}
     for cfg in candidates(fmt, batch):
         try:
-            errs = [rel_err(sparse_mm(xs[n], first[n], cfg), refs[n]) for n in SHAPES]
+            errs = [rel_err(run_cfg(xs[n], first[n], cfg), refs[n]) for n in SHAPES]
             if max(errs) > 3e-3:
                 log(f"  WRONG {fmt} b={batch} {cfg}: rel err {max(errs):.2e}; skipped")
                 continue
@@ -353,9 +376,12 @@ def tune(fmt, layers, batch, xs, reps):
             log(f"  {fmt} b={batch} {cfg}: {type(e).__name__}: {str(e)[:100]}")
             continue
         log(
-            f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:3d} bb={cfg.bb:2d} w={cfg.num_warps}"
-            f"{' rg' if cfg.rg else ''}  " + " ".join(f"{n} {res[n] * 1000:6.1f}us" for n in SHAPES)
+            f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
+            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "scatter") if getattr(cfg, k))
+            + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "
+            + " ".join(f"{n} {res[n] * 1000:6.1f}us" for n in SHAPES)
         )
+        results_tune.append(dict(fmt=fmt, batch=batch, cfg=cfg.__dict__, **{n: res[n] for n in SHAPES}))
         for n, shp in SHAPES.items():
             if shp not in best or res[n] < best[shp][1]:
                 best[shp] = (cfg, res[n])
@@ -369,7 +395,11 @@ def main() -> int:
     ap.add_argument("--formats", default="dense,semi24," + ",".join(FORMATS))
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="fewer tuning candidates")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds; skip work that starts later")
     args = ap.parse_args()
+    global QUICK
+    QUICK = args.quick
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
@@ -401,6 +431,7 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "rows": [],
         "tuned": [],
+        "tune_all": results_tune,
     }
     # templates (CPU formats objects -> GPU), one per shape and format
     templates = {}
@@ -435,6 +466,9 @@ def main() -> int:
             continue
         wb = weight_bytes(fmt, layers)
         for b in batches:
+            if args.deadline and time.time() - T0 > args.deadline:
+                log(f"{fmt} batch {b}: skipped (deadline)")
+                continue
             cfgs = {}
             try:
                 if fmt in FORMATS and b <= dispatch.DOT_MAX_BATCH:

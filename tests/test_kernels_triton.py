@@ -147,7 +147,8 @@ def test_cuda_forward_dispatch_policy_on_cpu_tensors():
             y = dispatch.cuda_forward(mod, x)
             assert mod._cuda_weight is not None and y.shape == (batch, 24)
             _check(y, x.double() @ ref_w.t() + bias.double(), 4e-3)
-        assert dispatch.use_kernel(mod._cuda_weight, 4) == (fmt == "nm")
+        assert dispatch.use_kernel(mod._cuda_weight, 4)  # both take the unit kernels up to 16 rows
+        assert not dispatch.use_kernel(mod._cuda_weight, 20) or fmt == "nm"
         # a cached dense copy serves every batch above 1 (then never slower than dense)
         assert dispatch.prepare_module(mod, "cpu", keep_dense=True)
         assert torch.allclose(mod._cuda_dense.double(), ref_w)
@@ -206,3 +207,62 @@ def test_bench_cuda_runner(tmp_path, capsys):
     # timings of a 2-layer model on a loaded CPU are noise: check the rows, not the ratio
     assert rows["bitmask"]["tokens_per_s"] > 0 and "speedup_vs_dense" in rows["bitmask"]
     assert rows["bitmask"]["linear_weight_mb"] < rows["dense (torch)"]["linear_weight_mb"]
+
+
+UNIT_CASES = [
+    # fmt, out, in, dtype, bits, group, sym  (in % 8 == 0; not a multiple of the tile widths)
+    ("nm", 37, 520, torch.float16, 0, 32, True),
+    ("nm", 20, 264, torch.bfloat16, 0, 32, True),
+    ("nm", 21, 776, torch.float16, 4, 128, True),  # partial last quant group
+    ("nm", 19, 264, torch.float16, 4, 32, False),
+    ("bitmask", 37, 520, torch.float16, 0, 32, True),
+    ("bitmask", 19, 776, torch.bfloat16, 0, 32, True),
+]
+
+
+@pytest.mark.parametrize("case", UNIT_CASES, ids=[_id(c + (2, 4)) for c in UNIT_CASES])
+def test_unit_kernels_match_dense_reference(case):
+    """The 8-column-unit kernels (gemv.py): batch 1 (selects / popcount path), FMA rows, tensor-core
+    dot rows; K splits (atomics), row and batch tails, and the dispatcher's own choice."""
+    fmt, out_f, in_f, dtype, bits, g, sym = case
+    obj, ref_w = _make(fmt, out_f, in_f, dtype, bits, g, sym, sparsity=0.7, seed=out_f * in_f)
+    tw = layout.prepare(obj)
+    assert dispatch.unit_supported(tw, dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    gen = torch.Generator().manual_seed(2)
+    K = KernelConfig
+    for batch, cfg in [
+        (1, K(bn=8, bk=256, bb=1, num_warps=4, unit=True)),
+        (1, K(bn=4, bk=512, bb=1, num_warps=2, split_k=2, unit=True)),
+        (1, K(bn=4, bk=256, bb=1, num_warps=4, unit=True, xrow=True, prmt=True, scatter=True)),
+        (3, K(bn=8, bk=256, bb=4, num_warps=4, unit=True)),  # FMA rows, batch tail
+        (5, K(bn=4, bk=512, bb=4, num_warps=2, split_k=3, unit=True, xrow=True)),  # two batch tiles
+        (17, K(bn=16, bk=256, bb=16, num_warps=4, split_k=2, unit=True, dot=True)),  # tensor-core rows
+        (2, None),
+        (4, None),
+    ]:
+        x = torch.randn(batch, in_f, generator=gen).to(dtype)
+        if cfg is None:
+            cfg = dispatch.default_config(tw, batch, x.device, x.dtype)
+            assert cfg.unit
+        y = sparse_mm(x, tw, cfg)
+        assert y.shape == (batch, out_f) and y.dtype == dtype
+        _check(y, x.double() @ ref_w.t(), tol)
+
+
+def test_unit_kernels_decline_other_layouts():
+    obj, _ = _make("nm", 8, 256, torch.float16, n=4, m=8)
+    assert not dispatch.unit_supported(layout.prepare(obj))  # 4:8 stays on the tile kernels
+    obj, _ = _make("bitmask", 8, 256, torch.float16, bits=8, g=64)
+    assert not dispatch.unit_supported(layout.prepare(obj))  # int8 bitmask too
+    obj, _ = _make("nm", 8, 260, torch.float16)
+    assert not dispatch.unit_supported(layout.prepare(obj))  # in % 8 != 0
+    # float32 inputs on a float16 weight: the unit kernels read x as 16-bit pairs, so the
+    # dispatcher takes the per-element kernel, and a forced unit config is refused
+    obj, ref_w = _make("bitmask", 8, 256, torch.float16)
+    tw = layout.prepare(obj)
+    x = torch.randn(1, 256)
+    assert not dispatch.default_config(tw, 1, x.device, x.dtype).unit
+    _check(sparse_mm(x, tw), x.double() @ ref_w.t(), 4e-3)
+    with pytest.raises(ValueError, match="unit kernels"):
+        sparse_mm(x, tw, KernelConfig(bn=8, bk=256, bb=1, num_warps=4, unit=True))

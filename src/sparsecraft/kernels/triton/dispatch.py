@@ -35,6 +35,12 @@ class KernelConfig:
     split_k: int = 1
     num_stages: int = 2
     rg: bool = False  # bitmask, float/int8 values: contiguous block load + register gather (unmeasured)
+    unit: bool = False  # the 8-column-unit kernels of gemv.py (bk = 8 * units per tile; bb = batch tile)
+    # unit-kernel variants (gemv.py), off by default: see docs/results/gpu_kernels.md for which were timed
+    dot: bool = False  # batch rows on the tensor cores (bb >= 16, bn >= 16) instead of FMAs per row
+    xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
+    prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
+    scatter: bool = False  # bitmask: one unit per thread, a warp's lanes on consecutive units
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -61,9 +67,42 @@ def _bk_for(tw: TritonWeight, want: int) -> int:
     return bk
 
 
-def default_config(tw: TritonWeight, batch: int, device: torch.device) -> KernelConfig:
+UNIT_MAX_BATCH = 4  # rows up to which the unit kernels run (measured at batch 1, 4 and 16)
+
+
+def unit_config(tw: TritonWeight, batch: int, device: torch.device) -> KernelConfig:
+    """Tile of the unit kernels (gemv.py) from the H100 tuning (``UNIT_TILES``); the batch tile is the
+    batch rounded up to a power of two; K split for skinny layers."""
+    out_f, in_f = tw.shape
+    bb = _pow2_at_least(batch, 1)
+    bn, bk, warps = UNIT_TILES.get((tw.fmt, tw.bits, 1 if bb == 1 else 4), (8, 512, 4))
+    split = 1
+    n_prog = -(-out_f // bn) * -(-batch // bb)
+    tiles = -(-in_f // bk)
+    target = 2 * _sm_count(device)
+    while n_prog * split < target and split * 2 <= tiles:
+        split *= 2
+    return KernelConfig(bn=bn, bk=bk, bb=bb, num_warps=warps, split_k=split, unit=True)
+
+
+# (fmt, bits, batch tile) -> (rows, columns, warps): the tile that won most of the llama-7b chain in
+# the H100 tuning run (docs/results/gpu_kernels.md); batch tile 2 uses the batch-4 entry
+UNIT_TILES: dict[tuple[str, int, int], tuple[int, int, int]] = {
+    ("nm", 0, 1): (4, 512, 2),
+    ("nm", 4, 1): (4, 512, 2),
+    ("bitmask", 0, 1): (8, 512, 4),
+    ("nm", 0, 4): (4, 512, 2),
+    ("nm", 4, 4): (8, 512, 4),
+    ("bitmask", 0, 4): (8, 512, 4),
+}
+
+
+def default_config(tw: TritonWeight, batch: int, device: torch.device,
+                   x_dtype: torch.dtype = torch.float16) -> KernelConfig:
     """Shape-only tile choice: the per-shape winners of the H100 tuning run (docs/results/gpu_kernels.md)."""
     out_f, in_f = tw.shape
+    if batch <= UNIT_MAX_BATCH and unit_supported(tw, x_dtype):
+        return unit_config(tw, batch, device)
     if batch == 1:
         bb = 1
         if tw.fmt == "bitmask":
@@ -122,7 +161,9 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     x = x.contiguous()
     batch, in_f = x.shape
     out_f = tw.shape[0]
-    cfg = cfg or default_config(tw, batch, x.device)
+    cfg = cfg or default_config(tw, batch, x.device, x.dtype)
+    if cfg.unit:
+        return unit_mm(x, tw, cfg)
     dummy = tw.meta
     use_dot = cfg.bb > 1
     bb = cfg.bb if use_dot else 1
@@ -142,6 +183,66 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         RG=cfg.rg and tw.fmt == "bitmask" and tw.bits in (0, 8),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return out.to(x.dtype) if cfg.split_k > 1 else out
+
+
+def unit_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
+    """Whether the unit kernels (gemv.py) take this weight: 2:4 with float or int4 values, or
+    bitmask with float values; 16-bit floats, in_features % 8 == 0."""
+    in_f = tw.shape[1]
+    if in_f % 8 or (x_dtype is not None and x_dtype not in (torch.float16, torch.bfloat16)):
+        return False
+    if tw.fmt == "nm":
+        if (tw.n, tw.m) != (2, 4):
+            return False
+        if tw.bits == 4:
+            return tw.group_size % 8 == 0 and tw.values.shape[1] % 2 == 0
+        return tw.bits == 0 and tw.values.dtype in (torch.float16, torch.bfloat16)
+    return tw.bits == 0 and tw.values.dtype in (torch.float16, torch.bfloat16)
+
+
+def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tensor:
+    """x (B, in) -> (B, out) through the unit kernels of gemv.py (see :func:`unit_supported`)."""
+    from .gemv import bitmask_gemv_kernel, nm24_gemv_kernel
+
+    if not unit_supported(tw, x.dtype):
+        raise ValueError(f"the unit kernels do not take this weight with {x.dtype} inputs")
+    x = x.contiguous()
+    if x.data_ptr() % 16:  # x is read as int64 pairs
+        x = x.clone()
+    batch, in_f = x.shape
+    out_f = tw.shape[0]
+    bk = cfg.bk
+    if bk % 8 or (bk // 8) & (bk // 8 - 1) or (tw.fmt == "bitmask" and bk % TILE):
+        raise ValueError(f"unit kernel tile width {bk}: 8 * a power of two (bitmask: a multiple of {TILE})")
+    bb = max(1, cfg.bb)
+    if cfg.split_k > 1:
+        out = torch.zeros(batch, out_f, device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty(batch, out_f, device=x.device, dtype=x.dtype)
+    grid = (triton_cdiv(out_f, cfg.bn), cfg.split_k, triton_cdiv(batch, bb))
+    if cfg.dot and (bb < 16 or cfg.bn < 16):
+        raise ValueError("the unit kernels' dot variant needs a batch tile and a row tile of 16 or more")
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    common = dict(BN=cfg.bn, U=bk // 8, BB=bb, ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16,
+                  DOT=cfg.dot, DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
+                  num_warps=cfg.num_warps, num_stages=1)
+    if tw.fmt == "nm":
+        vq = tw.values.view(torch.int16 if tw.bits == 4 else torch.int64)
+        dummy = tw.meta
+        nm24_gemv_kernel[grid](
+            x, out, vq, tw.meta, tw.scales if tw.scales is not None else dummy,
+            tw.zeros if tw.zeros is not None else dummy,
+            batch, out_f, in_f, x.stride(0), out.stride(0), vq.shape[1], tw.meta.shape[1], tw.n_groups,
+            cfg.split_k, QBITS=tw.bits, SYM=bool(tw.symmetric), G=tw.group_size if tw.bits else 8,
+            VBF16=tw.values.dtype == torch.bfloat16, INTERP=interp, PRMT=cfg.prmt, **common,
+        )
+    else:
+        bitmask_gemv_kernel[grid](
+            x, out, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets,
+            batch, out_f, in_f, x.stride(0), out.stride(0), tw.meta.shape[1], tw.tile_offsets.shape[1],
+            cfg.split_k, 0, TILE=TILE, INTERP=interp, SCATTER=cfg.scatter, **common,
+        )
     return out.to(x.dtype) if cfg.split_k > 1 else out
 
 
@@ -172,11 +273,16 @@ def triton_cdiv(a: int, b: int) -> int:
 def use_kernel(tw: TritonWeight, batch: int) -> bool:
     """Whether a product of ``batch`` rows runs our kernels (else: dense weight + cuBLAS).
 
-    Measured on the llama-7b chain (H100, docs/results/gpu_kernels.md): batch 1 runs the GEMV
-    kernels; for 2..16 rows the decode-then-dot kernel beats decoding to a dense temporary only
-    for N:M; above 16 rows nothing we decode on the fly beats cuBLAS.
+    Measured on the llama-7b chain (H100, docs/results/gpu_kernels.md): batch 1 always; up to
+    ``UNIT_MAX_BATCH`` rows the unit kernels where they take the weight; N:M up to ``DOT_MAX_BATCH``
+    rows the decode-then-dot kernel (it beat the unit kernels' FMA rows at batch 16); bitmask above
+    4 rows decodes to a dense temporary and calls cuBLAS.
     """
-    return batch == 1 or (batch <= DOT_MAX_BATCH and tw.fmt == "nm")
+    if batch == 1:
+        return True
+    if batch <= UNIT_MAX_BATCH and unit_supported(tw):
+        return True
+    return batch <= DOT_MAX_BATCH and tw.fmt == "nm"
 
 
 def _sparse_linear_impl(x2: torch.Tensor, tw: TritonWeight, dense: torch.Tensor | None) -> torch.Tensor:
