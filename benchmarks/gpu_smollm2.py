@@ -100,7 +100,8 @@ def main() -> None:
     parts = args.parts.split(",")
     if "finetune" in parts:
         for sp in (0.5, 0.7):
-            run(f"sparsegpt-{int(sp * 100)}", dict(method="sparsegpt", sparsity=sp), f"/tmp/sgpt{int(sp * 100)}")
+            pct = int(sp * 100)
+            run(f"sparsegpt-{pct}", dict(method="sparsegpt", sparsity=sp), f"/tmp/sgpt{pct}")
         jobs = [(50, "sh+kd+ce"), (50, "ce"), (70, "sh+kd+ce"), (70, "ce"), (50, "sh+ce")]
         for sp, variant in jobs:
             if left() < 90:

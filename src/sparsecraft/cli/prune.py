@@ -160,7 +160,7 @@ def print_table(report: dict) -> None:
 
 def run(args) -> int:
     from ..data import calibration_windows
-    from ..models import load, save
+    from ..models import load
     from ..prune import PruneConfig, prune
     from ..prune.dsnot import DSnoTConfig
 
@@ -202,6 +202,13 @@ def run(args) -> int:
         progress=not args.no_progress,
         model_name=args.model,
     )
+    return finish(model, tokenizer, report, out, ckpt, args)
+
+
+def finish(model, tokenizer, report: dict, out: Path, ckpt: Path | None, args) -> int:
+    """Save the pruned model with its report, drop the block checkpoints, print the summary."""
+    from ..models import save
+
     save(model, tokenizer, out, extra_files={"sparsecraft.json": report})
     if ckpt is not None and ckpt.exists():
         shutil.rmtree(ckpt)

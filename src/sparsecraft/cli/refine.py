@@ -13,14 +13,13 @@ import logging
 from pathlib import Path
 
 from ..errors import SparsecraftError
-from .common import write_json
 from .prune import (
     add_calibration_options,
     add_output_options,
     calibration_config,
     check_out,
     checkpoint_dir,
-    print_table,
+    finish,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def _recorded_pattern(sparse_dir: str) -> str | None:
 
 def run(args) -> int:
     from ..data import calibration_windows
-    from ..models import load, save
+    from ..models import load
     from ..prune import PruneConfig
     from ..prune.api import refine_model
     from ..prune.dsnot import DSnoTConfig
@@ -110,16 +109,7 @@ def run(args) -> int:
     )
     report["dense_model"] = args.dense
     del dense
-    save(sparse, tokenizer, out, extra_files={"sparsecraft.json": report})
-    if ckpt is not None and ckpt.exists():
-        import shutil
-
-        shutil.rmtree(ckpt)
-    if args.json:
-        write_json(args.json, report)
-    print_table(report)
-    print(f"wrote {out}")
-    return 0
+    return finish(sparse, tokenizer, report, out, ckpt, args)
 
 
 SPARSE_DIR_HINT = "the sparse model does not follow this N:M pattern in"
