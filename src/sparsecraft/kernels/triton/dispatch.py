@@ -1,12 +1,16 @@
 """Pick the kernel and its tile shape for one product y = x @ W^T, W a :class:`TritonWeight`.
 
-* batch 1: the GEMV kernels (``USE_DOT=False``): the case where sparsity pays on a GPU;
-* batch 2..``DOT_MAX_BATCH``: N:M runs the decode-then-``tl.dot`` kernel (batch padded to 16);
-* otherwise (bitmask above batch 1, anything above 16 rows, prefill): a dense weight and cuBLAS;
+As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, run 5):
+
+* batch 1..``UNIT_MAX_BATCH``: the 8-column unit kernels (gemv.py) for 2:4 with float or int4
+  values and bitmask with float values (16-bit inputs, in_features % 8 == 0); other layouts at
+  batch 1 run the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
+* N:M up to ``DOT_MAX_BATCH`` rows otherwise: the decode-then-``tl.dot`` kernel (batch padded to 16);
+* otherwise (bitmask above 4 rows, anything above 16 rows, prefill): a dense weight and cuBLAS;
   the dense weight is a cached copy when the model was prepared with ``keep_dense=True`` (then no
-  batch is slower than dense), else it is decoded on the fly by :func:`decompress`. On the
-  measured H100 chain neither our batched kernels nor torch's semi-structured 2:4 beat dense
-  cuBLAS above batch 1 (docs/results/gpu_kernels.md), so those paths only save memory.
+  batch is slower than dense), else it is decoded on the fly by :func:`decompress`. Above batch 4
+  none of our kernels, nor torch's semi-structured 2:4, beat dense cuBLAS on that chain, so those
+  paths only save memory.
 
 Everything here depends on shapes only (no host syncs, no data-dependent choices), so a decode
 step can be captured in a CUDA graph; :func:`sparse_linear` is registered as the custom op
