@@ -191,7 +191,7 @@ def run_row(spec: dict, model_name: str = MODEL) -> dict:
 
 
 def gpu_runs(model_name: str, nsamples: int, seqlen: int, cap_gib: float, device: str,
-             out: Path) -> list[dict]:
+             out: Path, capped_only: bool = False) -> list[dict]:
     """The GPU target: SparseGPT 50% from loaded model to pruned model, (a) with the model on the
     GPU, (b) with the model on the host and the GPU memory capped below the model's size."""
     import copy
@@ -241,8 +241,11 @@ def gpu_runs(model_name: str, nsamples: int, seqlen: int, cap_gib: float, device
     if cuda:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
-    dense_host = copy.deepcopy(model).to("cpu") if cuda else copy.deepcopy(model)
-    model_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    if capped_only:
+        dense_host, model = model.to("cpu"), None
+    else:
+        dense_host = copy.deepcopy(model).to("cpu") if cuda else copy.deepcopy(model)
+    model_gib = sum(p.numel() * p.element_size() for p in dense_host.parameters()) / 2**30
     calib = calibration_windows(tok, "c4", nsamples, seqlen, 0)
 
     def one(label: str, m, inputs_on: str, cap: float | None) -> dict:
@@ -267,7 +270,8 @@ def gpu_runs(model_name: str, nsamples: int, seqlen: int, cap_gib: float, device
         keep(r)
         return r
 
-    results.append(one("gpu-sparsegpt-50%-model-on-gpu", model, "auto", None))
+    if not capped_only:
+        results.append(one("gpu-sparsegpt-50%-model-on-gpu", model, "auto", None))
     del model
     if cuda:
         torch.cuda.empty_cache()
@@ -332,6 +336,7 @@ def main() -> int:
     ap.add_argument("--gpu-nsamples", type=int, default=128)
     ap.add_argument("--gpu-seqlen", type=int, default=2048)
     ap.add_argument("--gpu-cap-gib", type=float, default=10.0, help="GPU memory cap of the second run")
+    ap.add_argument("--gpu-capped-only", action="store_true", help="only the memory-capped GPU run")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     path = Path(args.out)
@@ -343,7 +348,8 @@ def main() -> int:
     if args.gpu:
         path.parent.mkdir(parents=True, exist_ok=True)
         print("command:", " ".join([sys.executable, *sys.argv]), flush=True)
-        gpu_runs(args.gpu_model, args.gpu_nsamples, args.gpu_seqlen, args.gpu_cap_gib, args.device, path)
+        gpu_runs(args.gpu_model, args.gpu_nsamples, args.gpu_seqlen, args.gpu_cap_gib, args.device, path,
+                 capped_only=args.gpu_capped_only)
         return 0
     if args.markdown:
         print(markdown(done))
