@@ -10,7 +10,8 @@ times) so background load hits all of them alike; the table reports medians.
 
 e2e: SmolLM2-135M pruned 70% by magnitude in place (per layer), greedy decode of ``--new-tokens``
 after a ``--prompt-len`` prompt through transformers' ``generate`` (KV cache), dense vs the sparse
-runtime with fp32 values, int8 values, and int8 values + int8 lm_head; plus the 64-token greedy
+runtime with fp32 values, int8 values (fp32 lm_head on our dense kernel, and on torch's), and int8
+values + int8 lm_head; plus the 64-token greedy
 identity check of the sparse runtime against the same sparse model run densely.
 
 Every row is printed and appended to ``--jsonl`` as it is measured.
@@ -156,6 +157,98 @@ def run_chain(args, jsonl: Path | None) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ layers
+# SmolLM2-135M's decoder linears (out, in) in call order, and its tied lm_head
+SMOLLM2_LAYERS = {
+    "q_proj": (576, 576),
+    "k_proj": (192, 576),
+    "v_proj": (192, 576),
+    "o_proj": (576, 576),
+    "gate_proj": (1536, 576),
+    "up_proj": (1536, 576),
+    "down_proj": (576, 1536),
+}
+SMOLLM2_HEAD = (49152, 576)
+LAYER_VARIANTS = {"bitmask 70% fp32": None, "bitmask 70% int8": 8}
+
+
+def run_layers(args, jsonl: Path | None) -> list[dict]:
+    """Per-call time of each SmolLM2 linear, through the module a decode calls (nn.Linear or
+    SparseLinear, Python included), over 30 blocks of random 70%-pruned weights so that the
+    weights stream from memory as in a real decode; plus the dense fp32 lm_head."""
+    from torch import nn
+
+    from sparsecraft.runtime import SparseLinear
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    blocks = args.blocks
+    mods: dict[str, list[tuple[str, nn.Module]]] = {"dense fp32 (torch)": []}
+    for name in LAYER_VARIANTS:
+        mods[name] = []
+    for _ in range(blocks):
+        for lname, (o, i) in SMOLLM2_LAYERS.items():
+            w = torch.randn(o, i, generator=g) / i**0.5
+            w = w * layer_mask(w.abs(), 0.7)
+            lin = nn.Linear(i, o, bias=False)
+            lin.weight.data.copy_(w)
+            mods["dense fp32 (torch)"].append((lname, lin))
+            for vname, bits in LAYER_VARIANTS.items():
+                qw = rtn_quantize(w, w != 0, bits=bits, group_size=128) if bits else None
+                ct = compress_weight(qw.dequantize() if qw else w, "bitmask", 2, 4, qw)
+                mods[vname].append((lname, SparseLinear(ct, threads=args.threads)))
+    head_w = torch.randn(*SMOLLM2_HEAD, generator=g) / SMOLLM2_HEAD[1] ** 0.5
+    head = nn.Linear(SMOLLM2_HEAD[1], SMOLLM2_HEAD[0], bias=False)
+    head.weight.data.copy_(head_w)
+    heads = {"lm_head fp32 (torch F.linear)": head}
+    dense_kernel = _dense_head_module(head, args.threads)
+    if dense_kernel is not None:
+        heads["lm_head fp32 (sparsecraft dense kernel)"] = dense_kernel
+    times: dict[tuple[str, str], list[float]] = {}
+    xs = {i: torch.randn(1, i, generator=g) for i in (576, 1536)}
+    with torch.inference_mode():
+        for rep in range(args.repeats + 1):
+            for vname, ms in mods.items():
+                per: dict[str, float] = {}
+                for lname, mod in ms:
+                    x = xs[mod.in_features]
+                    t = time.perf_counter()
+                    mod(x)
+                    per[lname] = per.get(lname, 0.0) + time.perf_counter() - t
+                if rep:
+                    for lname, s in per.items():
+                        times.setdefault((vname, lname), []).append(s / blocks)
+            for hname, mod in heads.items():
+                t = time.perf_counter()
+                mod(xs[576])
+                if rep:
+                    times.setdefault((hname, "lm_head"), []).append(time.perf_counter() - t)
+    rows = []
+    for (vname, lname), ts in times.items():
+        row = {
+            "part": "layers",
+            "threads": args.threads,
+            "variant": vname,
+            "layer": lname,
+            "median_us": round(statistics.median(ts) * 1e6, 1),
+            "min_us": round(min(ts) * 1e6, 1),
+            "repeats": args.repeats,
+            "blocks": blocks,
+        }
+        rows.append(row)
+        _emit(row, jsonl)
+    return rows
+
+
+def _dense_head_module(head, threads: int):
+    """Our dense fp32 kernel on the lm_head, where the runtime has one (None otherwise)."""
+    try:
+        from sparsecraft.runtime.linear import DenseKernelLinear
+    except ImportError:
+        return None
+    return DenseKernelLinear(head.weight.detach(), None, threads=threads)
+
+
 # ------------------------------------------------------------------------------------------ e2e
 def prune_in_place(model, sparsity: float) -> None:
     """Per-layer magnitude pruning of the decoder linears (a stand-in for any pruning method:
@@ -185,6 +278,8 @@ def run_e2e(args, jsonl: Path | None) -> list[dict]:
     conv = {
         f"bitmask {sp}% fp32": {},
         f"bitmask {sp}% int8": {"bits": 8},
+        # the fp32 lm_head through torch's F.linear instead of our dense kernel (the default)
+        f"bitmask {sp}% int8, torch lm_head": {"bits": 8, "lm_head_kernel": False},
         f"bitmask {sp}% int8 + int8 lm_head": {"bits": 8, "lm_head_int8": True},
     }
     for name, kw in conv.items():
@@ -192,7 +287,7 @@ def run_e2e(args, jsonl: Path | None) -> list[dict]:
     # the same models with torch's own ops (norms, attention, rope) on one thread while the
     # sparse kernels keep args.threads: single-token ops are too small to gain from a second thread
     threads = {}
-    for name in [n for n in variants if n != f"{sp}% sparse, run densely"]:
+    for name in [n for n in variants if "run densely" not in n and "torch lm_head" not in n]:
         variants[f"{name} [torch 1 thread]"] = variants[name]
         threads[f"{name} [torch 1 thread]"] = 1
     rows = []
@@ -274,6 +369,28 @@ def markdown(jsonl: Path) -> str:
                 f"{r['ms_per_token']} | {r.get('linear_ms_per_token')} ({r.get('lm_head_ms')}) | "
                 f"{r.get('other_ms_per_token')} | {r['prefill_ms']} | **{r['speedup_vs_dense']}x** |"
             )
+    layers = [r for r in rows if r["part"] == "layers"]
+    if layers:
+        r0 = layers[0]
+        variants = list(dict.fromkeys(r["variant"] for r in layers if r["layer"] != "lm_head"))
+        cell = {(r["variant"], r["layer"]): r for r in layers}
+        out += [
+            "",
+            f"Per call, µs (median; min in brackets), {r0['blocks']} blocks of SmolLM2-135M shapes, "
+            f"batch 1, {r0['threads']} threads, {r0['repeats']} passes; module call incl. Python.",
+            "",
+            "| layer | " + " | ".join(variants) + " |",
+            "|---|" + "---:|" * len(variants),
+        ]
+        for lname in SMOLLM2_LAYERS:
+            vals = [cell.get((v, lname)) for v in variants]
+            out.append(
+                f"| {lname} | "
+                + " | ".join(f"{c['median_us']} ({c['min_us']})" if c else "" for c in vals)
+                + " |"
+            )
+        for r in (r for r in layers if r["layer"] == "lm_head"):
+            out.append(f"\n{r['variant']}: {r['median_us']} µs ({r['min_us']}) per call")
     for r in (r for r in rows if r["part"] == "e2e-identity"):
         out.append(
             f"\nGreedy identity, sparse runtime vs the same sparse model run densely: "
@@ -285,7 +402,8 @@ def markdown(jsonl: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["chain", "e2e", "all"], default="all")
+    p.add_argument("--part", choices=["chain", "layers", "e2e", "all"], default="all")
+    p.add_argument("--blocks", type=int, default=30, help="layers part: decoder blocks of weights")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=31)
@@ -313,6 +431,8 @@ def main(argv=None) -> int:
     _emit(head, args.jsonl)
     if args.part in ("chain", "all"):
         run_chain(args, args.jsonl)
+    if args.part in ("layers", "all"):
+        run_layers(args, args.jsonl)
     if args.part in ("e2e", "all"):
         run_e2e(args, args.jsonl)
     return 0

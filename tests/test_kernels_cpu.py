@@ -8,7 +8,16 @@ import torch
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.formats import BitmaskTensor, NMTensor, QuantInfo, QuantizedDenseTensor
 from sparsecraft.formats.qinfo import code_range, num_groups
-from sparsecraft.kernels.cpu import bind, bind_bitmask, bind_nm, bitmask_matmul, has_avx512, nm_matmul
+from sparsecraft.kernels.cpu import (
+    bind,
+    bind_bitmask,
+    bind_dense,
+    bind_nm,
+    bitmask_matmul,
+    check_qdense,
+    has_avx512,
+    nm_matmul,
+)
 
 VARIANTS = ["native", "portable"]
 
@@ -132,13 +141,49 @@ def test_quantized_dense_matches_dense(variant, bits, symmetric):
             assert _rel_err(k(x), _reference(x, w)) <= 1e-5
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dense_float_kernel_matches_dense(variant, dtype):
+    """The dense kernel (unpruned float weights, e.g. the lm_head): odd widths, batch 1..17."""
+    gen = torch.Generator().manual_seed(7)
+    for out_f, in_f in [(1, 1), (7, 15), (13, 64), (33, 577), (70, 200)]:
+        w = torch.randn(out_f, in_f, generator=gen).to(dtype)
+        bias = torch.randn(out_f, generator=gen)
+        k = bind_dense(w, bias=bias, threads=2, variant=variant)
+        for B in (1, 2, 3, 4, 5, 16, 17):
+            x = torch.randn(B, in_f, generator=gen)
+            assert _rel_err(k(x), _reference(x, w.float(), bias)) <= 1e-5, (out_f, in_f, B, dtype)
+    with pytest.raises(SparsecraftError, match="no scales"):
+        check_qdense(torch.randn(3, 4), (3, 4), 0, scales=torch.ones(3, 1).half())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_bitmask_64_column_words(variant, symmetric):
+    """int8 codes go 64 columns per mask word: whole words, a ragged tail, empty and full words,
+    the value buffer's end (a full last row), groups of 64 and 128."""
+    gen = torch.Generator().manual_seed(8)
+    for out_f, in_f, g in [(6, 192, 64), (5, 130, 64), (9, 576, 128), (3, 320, 128)]:
+        keep = torch.rand(out_f, in_f, generator=gen) < 0.3
+        keep[0, :64] = False
+        keep[1, 64:128] = True
+        keep[-1] = True
+        codes, q = _quant(out_f, in_f, 8, symmetric, g, gen, keep)
+        ct = BitmaskTensor.from_codes(codes, keep, q, torch.float32)
+        w = ct.to_dense()
+        k = bind(ct, variant=variant, threads=2)
+        for B in (1, 2, 4, 5):
+            x = torch.randn(B, in_f, generator=gen)
+            assert _rel_err(k(x), _reference(x, w)) <= 1e-5, (out_f, in_f, g, B)
+
+
 def test_native_and_portable_agree_on_threads():
     """Thread partitioning (nnz-balanced rows) must not change the result."""
     gen = torch.Generator().manual_seed(5)
-    w = _sparse_weight(301, 160, 0.4, gen)
-    w[:100] = 0  # very uneven rows stress the balanced split
+    w = _sparse_weight(601, 512, 0.4, gen)  # 308K elements: above the single-thread threshold
+    w[:200] = 0  # very uneven rows stress the dynamic split
     ct = BitmaskTensor.from_dense(w)
-    x = torch.randn(3, 160, generator=gen)
+    x = torch.randn(3, 512, generator=gen)
     ys = [bind(ct, threads=t)(x) for t in (1, 2, 3)]
     for y in ys[1:]:
         assert torch.equal(y, ys[0])

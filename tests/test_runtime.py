@@ -15,7 +15,14 @@ from sparsecraft.formats import BitmaskTensor, NMTensor
 from sparsecraft.models import load
 from sparsecraft.models.discovery import prunable_linears, set_weight_matrix, weight_matrix
 from sparsecraft.prune.masks import layer_mask, nm_mask
-from sparsecraft.runtime import SparseLinear, convert, greedy_identity, sparse_layers, weight_bytes
+from sparsecraft.runtime import (
+    DenseKernelLinear,
+    SparseLinear,
+    convert,
+    greedy_identity,
+    sparse_layers,
+    weight_bytes,
+)
 
 
 def _pruned(name: str, sparsity: float = 0.6, nm: bool = False, seed: int = 0):
@@ -75,6 +82,25 @@ def test_int8_lm_head_and_weight_bytes():
     a, b = _logits(dense, IDS), _logits(sparse, IDS)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
     assert weight_bytes(sparse)["linear_bytes"] < weight_bytes(dense)["linear_bytes"] / 3
+
+
+def test_lm_head_runs_on_the_dense_kernel_and_stays_tied():
+    dense = _pruned("tiny-llama", 0.7)
+    sparse = convert(copy.deepcopy(dense), format="bitmask")
+    head = sparse.get_output_embeddings()
+    assert isinstance(head, DenseKernelLinear) and isinstance(head, nn.Linear)
+    if dense.config.tie_word_embeddings:
+        assert head.weight is sparse.get_input_embeddings().weight
+    a, b = _logits(dense, IDS), _logits(sparse, IDS)  # 22 rows: torch; one row below: the kernel
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    x = torch.randn(3, head.in_features)
+    with torch.inference_mode():
+        assert torch.allclose(head(x), x @ head.weight.T, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # re-bound when the Parameter's storage changes (re-tied, reloaded)
+        head.weight.data = head.weight.data * 2
+        assert torch.allclose(head(x), x @ head.weight.T, rtol=1e-5, atol=1e-5)
+    off = convert(copy.deepcopy(dense), format="bitmask", lm_head_kernel=False)
+    assert type(off.get_output_embeddings()) is nn.Linear
 
 
 def test_dense_fallback_for_large_batches_and_gradients():

@@ -5,7 +5,10 @@ layers the pruners touch) from its zeros; ``bits=8``/``4`` first quantizes the k
 round-to-nearest (``sparsecraft.quant.rtn_quantize``, zeros stay zeros) unless the quantizer's own
 results are passed in ``quantized``. Layers already held compressed (``CompressedLinear`` from
 ``formats.load_compressed(dense=False)``) are wrapped as they are. ``lm_head_int8`` replaces the
-(unpruned, often tied) output projection with an int8 quantized dense copy.
+(unpruned, often tied) output projection with an int8 quantized dense copy; otherwise
+``lm_head_kernel`` (default on) runs the float output projection through sparsecraft's dense CPU
+kernel at small batch (same weights, same Parameter: it streams them at the memory's bandwidth,
+where torch's batch-1 GEMV reaches a fraction of it).
 The model is changed in place and returned; ``generate`` works unchanged (KV cache included).
 """
 
@@ -22,7 +25,7 @@ from ..formats import QuantizedDenseTensor
 from ..formats.checkpoint import CompressedLinear, compress_weight
 from ..formats.qinfo import QuantizedWeight
 from ..models.discovery import Conv1D, is_linear, prunable_linears, weight_matrix
-from .linear import DEFAULT_MAX_KERNEL_BATCH, SparseLinear
+from .linear import DEFAULT_DENSE_KERNEL_ROWS, DEFAULT_MAX_KERNEL_BATCH, DenseKernelLinear, SparseLinear
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class ConvertConfig:
     n: int = 2
     m: int = 4
     lm_head_int8: bool = False
+    lm_head_kernel: bool = True
     threads: int = 0
     max_kernel_batch: int = DEFAULT_MAX_KERNEL_BATCH
 
@@ -96,6 +100,7 @@ def convert(
     group_size: int = 128,
     lm_head_int8: bool = False,
     *,
+    lm_head_kernel: bool = True,
     symmetric: bool = True,
     n: int = 2,
     m: int = 4,
@@ -112,9 +117,21 @@ def convert(
     dtype: store float values as float32/bfloat16/float16 (default: the weight's dtype).
     bits: 8 or 4 to store integer codes with per-``group_size`` scales (RTN unless ``quantized``
     holds the quantizer's results by layer name).
+    lm_head_kernel: run the unpruned float lm_head through our dense kernel for up to
+    ``DEFAULT_DENSE_KERNEL_ROWS`` rows (torch beyond); ignored with ``lm_head_int8``.
     """
     cfg = ConvertConfig(
-        format, dtype, bits, group_size, symmetric, n, m, lm_head_int8, threads, max_kernel_batch
+        format,
+        dtype,
+        bits,
+        group_size,
+        symmetric,
+        n,
+        m,
+        lm_head_int8,
+        lm_head_kernel,
+        threads,
+        max_kernel_batch,
     )
     quantized = dict(quantized or {})
     names = list(prunable_linears(model, targets, ignore))
@@ -150,6 +167,8 @@ def convert(
         )
     if cfg.lm_head_int8:
         _int8_lm_head(model, cfg)
+    elif cfg.lm_head_kernel:
+        _kernel_lm_head(model, cfg)
     log.info("convert: %d layers -> SparseLinear (%s), %d left dense", converted, cfg.format, kept_dense)
     return model
 
@@ -184,6 +203,20 @@ def _int8_lm_head(model: nn.Module, cfg: ConvertConfig) -> None:
     # the projection is no longer the embedding's matrix: keep transformers from re-tying them
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
+
+
+def _kernel_lm_head(model: nn.Module, cfg: ConvertConfig) -> None:
+    """A float nn.Linear output projection on the CPU -> DenseKernelLinear over the same Parameter
+    (tied embeddings stay tied). Anything else (Conv1D, already converted, on a GPU) is left alone."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or isinstance(head, DenseKernelLinear):
+        return
+    w = head.weight
+    if w.device.type != "cpu" or w.dtype not in FLOAT_DTYPES or not w.is_contiguous():
+        return
+    new = DenseKernelLinear(w, head.bias, threads=cfg.threads, max_kernel_batch=DEFAULT_DENSE_KERNEL_ROWS)
+    if hasattr(model, "set_output_embeddings"):
+        model.set_output_embeddings(new)
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:

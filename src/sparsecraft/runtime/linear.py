@@ -50,6 +50,7 @@ class SparseLinear(nn.Module):
             raise SparsecraftError(f"max_kernel_batch must be >= 0, got {max_kernel_batch}")
         self.weight_compressed = weight
         self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self._out_shape = (self.out_features,)
         self.layer_type = layer_type
         self.max_kernel_batch = int(max_kernel_batch)
         if bias is not None:
@@ -86,7 +87,7 @@ class SparseLinear(nn.Module):
                 )
             rows = x.numel() // self.in_features
             if rows <= self.max_kernel_batch and not (x.requires_grad and torch.is_grad_enabled()):
-                return k.call_rows(x, rows).view(*shape[:-1], self.out_features)
+                return k.call_rows(x, rows, shape[:-1] + self._out_shape)
         return self._forward_other(x)
 
     def _forward_other(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,4 +143,81 @@ class SparseLinear(nn.Module):
         kern = "cpu-kernel" if self._kernel is not None else "dense-fallback"
         return (
             f"in={self.in_features}, out={self.out_features}, {fmt}{q}, bias={self.bias is not None}, {kern}"
+        )
+
+
+# Rows up to which DenseKernelLinear runs our dense kernel; beyond, torch's GEMM (compute-bound
+# prefill). Measured on the lm_head (49152x576 fp32, 2 threads), see docs/results/cpu_runtime.md.
+DEFAULT_DENSE_KERNEL_ROWS = 16
+
+
+def _frozen_param(t: torch.Tensor | None) -> nn.Parameter | None:
+    """t itself when it is already a Parameter (a tied weight stays shared), else wrapped, frozen."""
+    return t if t is None or isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+
+class DenseKernelLinear(nn.Linear):
+    """An unpruned float ``nn.Linear`` (e.g. the tied lm_head) run by sparsecraft's dense CPU kernel
+    at small batch, which streams the weight at close to the machine's read bandwidth (torch's
+    batch-1 GEMV reads it at a fraction of that); larger batches go to ``F.linear``.
+
+    ``weight`` is the original Parameter (a tied embedding stays tied, nothing is copied); it is an
+    ``nn.Linear`` to everything that inspects the model (layer discovery, timers, byte counts)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        threads: int = 0,
+        max_kernel_batch: int = DEFAULT_DENSE_KERNEL_ROWS,
+    ):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a fresh weight
+        if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise SparsecraftError(
+                f"DenseKernelLinear needs a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}"
+            )
+        if max_kernel_batch < 0:
+            raise SparsecraftError(f"max_kernel_batch must be >= 0, got {max_kernel_batch}")
+        self.weight = _frozen_param(weight)
+        self.bias = _frozen_param(bias)
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.threads = int(threads)
+        self.max_kernel_batch = int(max_kernel_batch)
+        self._kernel = None
+        self._bound_ptr = None
+
+    def _bind(self):
+        from ..kernels.cpu import bind_dense
+
+        w = self.weight.detach()
+        if w.device.type != "cpu" or not w.is_contiguous():
+            self._kernel, self._bound_ptr = None, None
+            return None
+        b = self.bias.detach() if self.bias is not None else None
+        try:
+            self._kernel = bind_dense(w, bias=b, threads=self.threads)
+        except SparsecraftError as e:  # no C compiler: torch serves every call, as before
+            if "compile" not in str(e) and "compiler" not in str(e):
+                raise
+            self.max_kernel_batch = 0
+            return None
+        self._bound_ptr = w.data_ptr()
+        return self._kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == self.in_features:
+            rows = x.numel() // self.in_features
+            grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+            if rows <= self.max_kernel_batch and not grad:
+                k = self._kernel
+                if k is None or self._bound_ptr != self.weight.data_ptr():  # re-tied or moved
+                    k = self._bind()
+                if k is not None:
+                    return k.call_rows(x, rows, x.shape[:-1] + (self.out_features,))
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, {str(self.weight.dtype)[6:]}, "
+            f"bias={self.bias is not None}, dense cpu-kernel up to {self.max_kernel_batch} rows"
         )

@@ -27,7 +27,7 @@ import torch  # noqa: F401  (loads torch's libgomp first, see module docstring)
 from ...errors import SparsecraftError
 
 SOURCE = Path(__file__).with_name("sc_kernels.c")
-ABI_VERSION = 4  # must match sc_abi_version() in the C file
+ABI_VERSION = 5  # must match sc_abi_version() in the C file
 
 # "native": every instruction this CPU has (AVX-512 path when present);
 # "portable": baseline x86-64 / generic code, i.e. the scalar path (used by tests and as a fallback)
@@ -150,67 +150,10 @@ def load_library(variant: str = "native") -> ctypes.CDLL:
             f"stale kernel library (ABI {lib.sc_abi_version()} != {ABI_VERSION}); "
             f"delete {cache_dir()} and retry"
         )
-    lib.sc_bitmask_matmul.argtypes = [
-        _P,
-        _P,
-        _P,
-        _I64,
-        _I64,
-        _INT,
-        _P,
-        _P,
-        _I64,
-        _P,
-        _I64,
-        _I64,
-        _P,
-        _I64,
-        _P,
-        _INT,
-        _INT,
-    ]
-    lib.sc_bitmask_matmul.restype = _INT
-    lib.sc_nm_matmul.argtypes = [
-        _P,
-        _P,
-        _I64,
-        _I64,
-        _INT,
-        _INT,
-        _INT,
-        _P,
-        _P,
-        _I64,
-        _P,
-        _I64,
-        _I64,
-        _P,
-        _I64,
-        _P,
-        _INT,
-        _INT,
-    ]
-    lib.sc_nm_matmul.restype = _INT
-    lib.sc_qdense_matmul.argtypes = [
-        _P,
-        _I64,
-        _I64,
-        _INT,
-        _P,
-        _P,
-        _I64,
-        _P,
-        _I64,
-        _I64,
-        _P,
-        _I64,
-        _P,
-        _INT,
-        _INT,
-    ]
-    lib.sc_qdense_matmul.restype = _INT
     lib.sc_matmul.argtypes = [ctypes.POINTER(Desc), _P, _I64, _I64, _P, _I64]
     lib.sc_matmul.restype = _INT
+    lib.sc_matmul_rows.argtypes = [ctypes.POINTER(Desc), _P, _I64, _P]
+    lib.sc_matmul_rows.restype = _INT
     lib.sc_stream_copy.argtypes = [_P, _P, _I64, _INT]
     lib.sc_stream_copy.restype = None
     lib.sc_stream_read.argtypes = [_P, _I64, _INT]

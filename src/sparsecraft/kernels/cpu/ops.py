@@ -3,8 +3,9 @@
 ``bind_bitmask`` / ``bind_nm`` check a compressed weight against the layout contract (shapes,
 dtypes, offsets, mask popcounts, index ranges) and return a ``BoundKernel`` that keeps the tensors
 alive with their pointers and constant arguments pre-packed; calling it on an activation
-``(B, in)`` fp32 tensor runs one ctypes call. ``bitmask_matmul`` / ``nm_matmul`` are the
-one-shot conveniences (bind + call) used by tests and benchmarks.
+``(B, in)`` fp32 tensor runs one ctypes call. ``bind_qdense`` / ``bind_dense`` do the same for
+dense weights (quantized codes, or float values such as an unpruned lm_head). ``bitmask_matmul`` /
+``nm_matmul`` are the one-shot conveniences (bind + call) used by tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class BoundKernel:
     The weight's constant arguments sit in a C descriptor built once, so a call is one ctypes
     call with six arguments (a few µs: the model calls 210 of these per token)."""
 
-    fn: object  # ctypes sc_matmul
+    fn: object  # ctypes sc_matmul (any strides)
+    rows_fn: object  # ctypes sc_matmul_rows (contiguous rows)
     desc: Desc
     keep: tuple  # tensors whose memory the descriptor points into
     out_features: int
@@ -199,6 +201,7 @@ class BoundKernel:
 
     def __post_init__(self) -> None:
         self._ref = ctypes.byref(self.desc)
+        self._rows_fn = self.rows_fn
 
     @property
     def threads(self) -> int:
@@ -208,10 +211,11 @@ class BoundKernel:
     def portable(self) -> bool:
         return bool(self.desc.force_scalar)
 
-    def call_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """Hot path for a contiguous fp32 (rows, in) x: no stride queries, no checks."""
-        out = torch.empty((rows, self.out_features), dtype=torch.float32)
-        if self.fn(self._ref, x.data_ptr(), rows, self.in_features, out.data_ptr(), self.out_features):
+    def call_rows(self, x: torch.Tensor, rows: int, shape: tuple | None = None) -> torch.Tensor:
+        """Hot path for a contiguous fp32 x holding ``rows`` rows of ``in_features``: no stride
+        queries, no checks; the result has ``shape`` (default ``(rows, out_features)``)."""
+        out = torch.empty(shape or (rows, self.out_features), dtype=torch.float32)
+        if self._rows_fn(self._ref, x.data_ptr(), rows, out.data_ptr()):
             raise SparsecraftError("CPU kernel rejected its arguments")
         return out
 
@@ -261,7 +265,13 @@ def _bound(
         force_scalar=int(variant == "portable"),
     )
     return BoundKernel(
-        lib.sc_matmul, desc, (meta, values, row_offsets, scales, zeros, b), out, in_features, b
+        lib.sc_matmul,
+        lib.sc_matmul_rows,
+        desc,
+        (meta, values, row_offsets, scales, zeros, b),
+        out,
+        in_features,
+        b,
     )
 
 
@@ -315,18 +325,16 @@ def bind_nm(
 
 
 def check_qdense(
-    values, shape, vt, scales=None, zeros=None, group_size=128, name: str = "quantized dense tensor"
+    values, shape, vt, scales=None, zeros=None, group_size=128, name: str = "dense tensor"
 ) -> None:
-    """Raise SparsecraftError unless the tensors follow the quantized dense layout contract."""
+    """Raise SparsecraftError unless the tensors follow the dense layout contract: (out, in) float
+    values, or (out, in) int8 / (out, ceil(in/2)) int4 codes with scales."""
     out, in_features = (int(s) for s in shape)
-    _need(
-        vt >= VT_I8,
-        f"{name}: dense weights need integer codes (bits=8 or 4); float dense weights "
-        "run through torch directly",
-    )
     cols = (in_features + 1) // 2 if vt in (VT_I4, VT_U4) else in_features
     _need(tuple(values.shape) == (out, cols), f"{name}: values shape {tuple(values.shape)} != {(out, cols)}")
     _check_cpu_contig(f"{name}.values", values)
+    if vt < VT_I8:
+        _need(scales is None and zeros is None, f"{name}: float values take no scales or zeros")
     _check_quant(name, out, in_features, vt, scales, zeros, group_size)
 
 
@@ -334,7 +342,7 @@ def bind_qdense(
     values,
     shape,
     *,
-    bits,
+    bits=None,
     symmetric=True,
     scales=None,
     zeros=None,
@@ -344,10 +352,18 @@ def bind_qdense(
     variant="native",
     check=True,
 ) -> BoundKernel:
+    """A dense weight: quantized codes (bits=8/4 with scales) or, with bits=None, float values
+    (fp32/bf16/fp16, e.g. an unpruned lm_head read at the memory's bandwidth)."""
     vt = value_type(values, bits, symmetric)
     if check:
         check_qdense(values, shape, vt, scales, zeros, group_size)
     return _bound(2, vt, shape, None, values, None, 0, 0, scales, zeros, group_size, bias, threads, variant)
+
+
+def bind_dense(weight: torch.Tensor, *, bias=None, threads=0, variant="native") -> BoundKernel:
+    """Our dense float kernel on a (out, in) fp32/bf16/fp16 weight (kept alive, not copied)."""
+    _need(weight.dim() == 2, f"dense weight must be 2-D, got shape {tuple(weight.shape)}")
+    return bind_qdense(weight, tuple(weight.shape), bias=bias, threads=threads, variant=variant)
 
 
 def bind(ct, *, bias=None, threads: int = 0, variant: str = "native", check: bool = True) -> BoundKernel:

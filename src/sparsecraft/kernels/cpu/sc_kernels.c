@@ -20,8 +20,14 @@
  *    per call and keeps all arithmetic in registers.  With AVX-512 a 16-bit chunk of the mask is
  *    the write mask of an expand-load, which places the next popcount(mask) values at their dense
  *    positions; x is loaded under the same mask, so pruned positions cost nothing but a zero lane.
+ *  - int8 codes at batch 1 go 64 columns per mask word: one byte expand (VBMI2) places 64 codes,
+ *    which are widened 16 at a time; fp32 values take four 16-lane expands per 64-bit word.
+ *  - Dense rows (kind 2: float values, e.g. an unpruned lm_head, or quantized codes) are one
+ *    sequential stream read with four independent accumulators, at the memory's read bandwidth.
  *  - Batches up to 4 rows share one decode per chunk (weights decoded once, reused from registers);
  *    larger batches run in tiles of 4 over the same row while it is hot in L1.
+ *  - Small layers (under SC_PAR_MIN_ELEMS weights) run on the calling thread: an OpenMP fork/join
+ *    costs more than it saves there.
  *  - Threads get contiguous row ranges balanced by stored bytes (bitmask rows differ in density).
  *  - Everything has a portable scalar twin used when __AVX512F__ is absent (and in tests).
  */
@@ -44,7 +50,7 @@
 enum { VT_F32 = 0, VT_BF16 = 1, VT_F16 = 2, VT_I8 = 3, VT_U8 = 4, VT_I4 = 5, VT_U4 = 6 };
 
 int sc_has_avx512(void) { return SC_AVX512; }
-int sc_abi_version(void) { return 4; }
+int sc_abi_version(void) { return 5; }
 
 /* ------------------------------------------------------------------ scalar helpers */
 static inline float f16_to_f32(uint16_t h) {
@@ -75,6 +81,10 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 static inline int is_quant(int vt) { return vt >= VT_I8; }
 static inline int is_int4(int vt) { return vt == VT_I4 || vt == VT_U4; }
+/* bytes from the start of a dense (or N:M) value row i of Lpad slots */
+static inline int64_t row_byte_offset(int vt, int64_t i, int64_t Lpad) {
+    return is_int4(vt) ? i * Lpad / 2 : i * Lpad * (vt == VT_F32 ? 4 : (vt == VT_BF16 || vt == VT_F16) ? 2 : 1);
+}
 
 /* raw value of slot s (before scale) */
 static inline float raw_value(int vt, const void* values, int64_t s) {
@@ -103,6 +113,28 @@ typedef struct {
     int64_t G;
     int gshift; /* log2(G) when G is a power of two (the contract's 32/64/128), else -1 */
 } quant_t;
+
+/* Everything one call needs, shared read-only by the threads. */
+typedef struct {
+    int kind, vt; /* kind: 0 bitmask, 1 N:M, 2 dense */
+    int64_t out, in;
+    const uint8_t* meta; /* bitmask mask / N:M indices */
+    const void* values;
+    const int64_t* ro; /* bitmask row offsets */
+    int64_t nslots;    /* bitmask: value slots in all */
+    int N, M;
+    quant_t q;
+    const float* x;
+    int64_t B, ldx;
+    float* y;
+    int64_t ldy;
+    const float* bias;
+    const float* xT; /* x transposed for the batched path, or NULL */
+} job_t;
+
+#ifndef SC_PAR_MIN_ELEMS
+#define SC_PAR_MIN_ELEMS (256 * 1024)
+#endif
 
 static inline int log2_exact(int64_t v) {
     for (int k = 0; k < 62; k++)
@@ -183,8 +215,28 @@ static void qd_rows_scalar(const void* values, int64_t in, int vt, const quant_t
 /* ------------------------------------------------------------------ AVX-512 kernels */
 #define SC_INLINE static inline __attribute__((always_inline))
 
+/* batch rows in tiles of 4, then the last 1..3, so that NB is a compile-time constant in every tile
+ * call (its accumulators stay in registers); TILE(NB) sees the tile's first row as b */
+#define SC_BATCH_TILES(TILE)                     \
+    do {                                         \
+        int64_t b = 0;                           \
+        for (; b + 4 <= B; b += 4) TILE(4);      \
+        switch (B - b) {                         \
+            case 3: TILE(3); break;              \
+            case 2: TILE(2); break;              \
+            case 1: TILE(1); break;              \
+            default: break;                      \
+        }                                        \
+    } while (0)
+
+#ifndef SC_F32_WIDE
+#define SC_F32_WIDE 1
+#endif
+#ifndef SC_MASK_PF_ROWS
+#define SC_MASK_PF_ROWS 16 /* mask rows prefetched ahead */
+#endif
 #ifndef SC_PF_BYTES
-#define SC_PF_BYTES 1536 /* software prefetch distance: the value stream advances by a data-dependent
+#define SC_PF_BYTES 4096 /* software prefetch distance: the value stream advances by a data-dependent
                             amount, which the hardware prefetchers here follow poorly */
 #endif
 /* 16 raw codes/values (as fp32) expanded under mask m from the value stream at slot *s.
@@ -278,20 +330,24 @@ SC_INLINE __mmask16 load_mask16(const uint8_t* mr, int64_t j, int64_t in) {
     return (__mmask16)(v & ((1u << rem) - 1));
 }
 
-/* One output row, NB (compile-time) batch rows. */
+/* One output row, NB (compile-time) batch rows; float values (quantized codes: the _q / _i8 tiles).
+ * At NB = 1 one 64-bit mask word feeds four 16-lane expands into four accumulators, and x is loaded
+ * unmasked (a pruned lane of w is 0) except in the last partial chunk. */
 SC_INLINE void bm_row_tile(const uint8_t* mr, const void* values, int64_t s, int64_t safe, int64_t in, int vt,
                            const quant_t* q, int64_t i, const float* x, int64_t ldx, float* y, int64_t ldy,
                            float bias, const int NB) {
-    __m512 acc[NB > 1 ? NB : 2];
-    for (int b = 0; b < (NB > 1 ? NB : 2); b++) acc[b] = _mm512_setzero_ps();
+    __m512 acc[NB > 1 ? NB : 4];
+    for (int b = 0; b < (NB > 1 ? NB : 4); b++) acc[b] = _mm512_setzero_ps();
     int64_t j = 0;
-    if (NB == 1) { /* two accumulators hide the FMA latency */
-        for (; j + 32 <= in; j += 32) {
-            __mmask16 m0 = load_mask16(mr, j, in), m1 = load_mask16(mr, j + 16, in);
-            __m512 w0 = apply_quant(vt, bm_decode(vt, m0, values, &s, safe), m0, q, i, j);
-            __m512 w1 = apply_quant(vt, bm_decode(vt, m1, values, &s, safe), m1, q, i, j + 16);
-            acc[0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, x + j), acc[0]);
-            acc[1] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, x + j + 16), acc[1]);
+    if (NB == 1 && SC_F32_WIDE) {
+        for (; j + 64 <= in; j += 64) {
+            uint64_t m;
+            memcpy(&m, mr + (j >> 3), 8);
+            for (int k = 0; k < 4; k++) {
+                __mmask16 mk = (__mmask16)(m >> (16 * k));
+                __m512 w = apply_quant(vt, bm_decode(vt, mk, values, &s, safe), mk, q, i, j + 16 * k);
+                acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + j + 16 * k), acc[k]);
+            }
         }
     }
     for (; j < in; j += 16) {
@@ -301,7 +357,7 @@ SC_INLINE void bm_row_tile(const uint8_t* mr, const void* values, int64_t s, int
             acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + b * ldx + j), acc[b]);
     }
     if (NB == 1) {
-        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + bias;
+        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + bias;
     } else {
         for (int b = 0; b < NB; b++) y[b * ldy + i] = _mm512_reduce_add_ps(acc[b]) + bias;
     }
@@ -355,9 +411,72 @@ SC_INLINE void bm_row_tile_q(const uint8_t* mr, const void* values, int64_t s, i
     }
 }
 
+/* int8 / uint8 codes with group_size % 64 == 0: one 64-bit word of the mask drives one byte expand
+ * (VBMI2 vpexpandb) that places 64 codes at their dense positions; they are widened 16 at a time
+ * and multiplied with x unmasked (a pruned lane holds code 0), accumulated per quant group, and the
+ * group's scale applied once.  Per 64 columns that is one mask load, one popcount and one value
+ * load instead of four of each.  Columns past the last multiple of 64 take the 16-column path. */
+SC_INLINE __m512 widen_i8(int vt, __m512i c, const int k) {
+    __m128i c8 = k == 0 ? _mm512_castsi512_si128(c)
+                 : k == 1 ? _mm512_extracti32x4_epi32(c, 1)
+                 : k == 2 ? _mm512_extracti32x4_epi32(c, 2)
+                          : _mm512_extracti32x4_epi32(c, 3);
+    return _mm512_cvtepi32_ps(vt == VT_I8 ? _mm512_cvtepi8_epi32(c8) : _mm512_cvtepu8_epi32(c8));
+}
+
+/* One batch row (the decode case), named accumulators: an array indexed in the group loop would live
+ * in memory.  Batches of 2-4 rows take bm_row_tile_q, 5 and more the batched path. */
+SC_INLINE float bm_row_i8(const uint8_t* mr, const void* values, int64_t s, int64_t nslots, int64_t safe, int64_t in,
+                          int vt, const quant_t* q, int64_t i, const float* x) {
+    const uint8_t* v8 = (const uint8_t*)values;
+    const uint16_t* scales = q->scales + i * q->ngroups;
+    const uint8_t* zeros = q->zeros ? q->zeros + i * q->ngroups : NULL;
+    const int64_t G = q->G;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g0 = 0, gi = 0; g0 < in; g0 += G, gi++) {
+        const int64_t g1 = g0 + G < in ? g0 + G : in;
+        const __m512 zero = _mm512_set1_ps(zeros ? (float)zeros[gi] : 0.0f);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t j = g0;
+        for (; j + 64 <= g1; j += 64) {
+            uint64_t m;
+            memcpy(&m, mr + (j >> 3), 8);
+            const int pc = __builtin_popcountll(m);
+            const uint8_t* p = v8 + s;
+            _mm_prefetch((const char*)p + SC_PF_BYTES / 2, _MM_HINT_T0);
+            __m512i raw = s + 64 <= nslots ? _mm512_loadu_si512(p)
+                                           : _mm512_maskz_loadu_epi8(pc == 64 ? ~0ull : (1ull << pc) - 1, p);
+            const __m512i c = _mm512_maskz_expand_epi8((__mmask64)m, raw);
+            s += pc;
+            __m512 w0 = widen_i8(vt, c, 0), w1 = widen_i8(vt, c, 1), w2 = widen_i8(vt, c, 2), w3 = widen_i8(vt, c, 3);
+            if (vt == VT_U8) {
+                w0 = _mm512_maskz_sub_ps((__mmask16)m, w0, zero);
+                w1 = _mm512_maskz_sub_ps((__mmask16)(m >> 16), w1, zero);
+                w2 = _mm512_maskz_sub_ps((__mmask16)(m >> 32), w2, zero);
+                w3 = _mm512_maskz_sub_ps((__mmask16)(m >> 48), w3, zero);
+            }
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + j + 16), a1);
+            a2 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + j + 32), a2);
+            a3 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + j + 48), a3);
+        }
+        for (; j < g1; j += 16) {
+            __mmask16 m = load_mask16(mr, j, in);
+            __m512 w = bm_decode(vt, m, values, &s, safe);
+            if (vt == VT_U8) w = _mm512_maskz_sub_ps(m, w, zero);
+            a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + j), a0);
+        }
+        const __m512 t = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        acc = _mm512_fmadd_ps(t, _mm512_set1_ps(_cvtsh_ss(scales[gi])), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 #define BM_TILE(NB_)                                                                                        \
     do {                                                                                                   \
-        if (is_quant(vt))                                                                                  \
+        if ((vt == VT_I8 || vt == VT_U8) && i8_wide && NB_ == 1)                                          \
+            y[b * ldy + i] = bm_row_i8(mr, values, ro[i], nslots, safe, in, vt, q, i, x + b * ldx) + bi; \
+        else if (is_quant(vt))                                                                             \
             bm_row_tile_q(mr, values, ro[i], safe, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, NB_); \
         else                                                                                               \
             bm_row_tile(mr, values, ro[i], safe, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, NB_);   \
@@ -368,35 +487,12 @@ SC_INLINE void bm_rows_vt(const uint8_t* mask, const void* values, const int64_t
                           const float* bias, int64_t r0, int64_t r1) {
     int64_t mb = (in + 7) / 8;
     int64_t safe = safe_slot(vt, nslots);
+    const int i8_wide = is_quant(vt) && q->G % 64 == 0;
     for (int64_t i = r0; i < r1; i++) {
         const uint8_t* mr = mask + i * mb;
-        _mm_prefetch((const char*)(mr + 4 * mb), _MM_HINT_T0);
-        _mm_prefetch((const char*)(mr + 4 * mb) + 64, _MM_HINT_T0);
-        _mm_prefetch((const char*)(mr + 4 * mb) + 128, _MM_HINT_T0);
+        for (int64_t o = 0; o < mb; o += 64) _mm_prefetch((const char*)(mr + SC_MASK_PF_ROWS * mb + o), _MM_HINT_T0);
         float bi = bias ? bias[i] : 0.0f;
-        int64_t b = 0;
-        for (; b + 4 <= B; b += 4)
-            BM_TILE(4);
-        switch (B - b) {
-            case 3: BM_TILE(3); break;
-            case 2: BM_TILE(2); break;
-            case 1: BM_TILE(1); break;
-            default: break;
-        }
-    }
-}
-
-static void bm_rows_avx512(const uint8_t* mask, const void* values, const int64_t* ro, int64_t nslots, int64_t in, int vt,
-                           const quant_t* q, const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy,
-                           const float* bias, int64_t r0, int64_t r1) {
-    switch (vt) { /* one specialised copy per value type: the switch in bm_decode folds away */
-        case VT_F32: bm_rows_vt(mask, values, ro, nslots, in, VT_F32, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_BF16: bm_rows_vt(mask, values, ro, nslots, in, VT_BF16, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_F16: bm_rows_vt(mask, values, ro, nslots, in, VT_F16, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_I8: bm_rows_vt(mask, values, ro, nslots, in, VT_I8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_U8: bm_rows_vt(mask, values, ro, nslots, in, VT_U8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_I4: bm_rows_vt(mask, values, ro, nslots, in, VT_I4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        default: bm_rows_vt(mask, values, ro, nslots, in, VT_U4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+        SC_BATCH_TILES(BM_TILE);
     }
 }
 
@@ -521,61 +617,46 @@ SC_INLINE void nm_rows_vt(const uint8_t* idx, const void* values, int64_t in, in
     int lane_base[16];
     for (int l = 0; l < 16; l++) lane_base[l] = (l / N) * M;
     __m512i base = _mm512_loadu_si512(lane_base);
-    int esize = vt == VT_F32 ? 4 : (vt == VT_BF16 || vt == VT_F16) ? 2 : 1;
     for (int64_t i = r0; i < r1; i++) {
         const uint8_t* ir = idx + i * ib;
-        const void* vrow = is_int4(vt) ? (const void*)((const uint8_t*)values + i * Lpad / 2)
-                                       : (const void*)((const uint8_t*)values + i * Lpad * esize);
+        const void* vrow = (const uint8_t*)values + row_byte_offset(vt, i, Lpad);
         float bi = bias ? bias[i] : 0.0f;
-        int64_t b = 0;
-        for (; b + 4 <= B; b += 4)
-            nm_row_tile(ir, ib, vrow, L, in, N, M, bits, W, base, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 4);
-        switch (B - b) {
-            case 3: nm_row_tile(ir, ib, vrow, L, in, N, M, bits, W, base, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 3); break;
-            case 2: nm_row_tile(ir, ib, vrow, L, in, N, M, bits, W, base, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 2); break;
-            case 1: nm_row_tile(ir, ib, vrow, L, in, N, M, bits, W, base, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 1); break;
-            default: break;
-        }
+#define NM_TILE(NB_) nm_row_tile(ir, ib, vrow, L, in, N, M, bits, W, base, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, NB_)
+        SC_BATCH_TILES(NM_TILE);
+#undef NM_TILE
     }
 }
 
-static void nm_rows_avx512(const uint8_t* idx, const void* values, int64_t in, int N, int M, int vt,
-                           const quant_t* q, const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy,
-                           const float* bias, int64_t r0, int64_t r1) {
-    switch (vt) {
-        case VT_F32: nm_rows_vt(idx, values, in, N, M, VT_F32, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_BF16: nm_rows_vt(idx, values, in, N, M, VT_BF16, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_F16: nm_rows_vt(idx, values, in, N, M, VT_F16, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_I8: nm_rows_vt(idx, values, in, N, M, VT_I8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_U8: nm_rows_vt(idx, values, in, N, M, VT_U8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_I4: nm_rows_vt(idx, values, in, N, M, VT_I4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        default: nm_rows_vt(idx, values, in, N, M, VT_U4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-    }
-}
 
+/* Dense rows: float values (fp32/bf16/fp16, e.g. an unpruned lm_head) or quantized codes.
+ * At NB = 1 four accumulators over 64 columns keep the loads independent; the weight rows are one
+ * sequential stream, prefetched SC_PF_BYTES ahead, so this runs at the memory's read bandwidth. */
 SC_INLINE void qd_row_tile(const void* vrow, int64_t in, int vt, const quant_t* q, int64_t i, const float* x,
                            int64_t ldx, float* y, int64_t ldy, float bias, const int NB) {
-    __m512 acc[NB > 1 ? NB : 2];
-    for (int b = 0; b < (NB > 1 ? NB : 2); b++) acc[b] = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < in; k0 += 16) {
+    const int KK = NB == 1 ? 4 : 1;
+    __m512 acc[NB][4];
+    for (int b = 0; b < NB; b++)
+        for (int k = 0; k < 4; k++) acc[b][k] = _mm512_setzero_ps();
+    const char* pf = (const char*)vrow;
+    const int esz = vt == VT_F32 ? 4 : (vt == VT_BF16 || vt == VT_F16) ? 2 : 1;
+    int64_t k0 = 0;
+    for (int kk = 0; k0 < in; k0 += 16, kk++) {
         int64_t rem = in - k0;
         __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
+        if (!is_int4(vt) && ((k0 * esz) & 63) == 0) _mm_prefetch(pf + k0 * esz + SC_PF_BYTES, _MM_HINT_T0);
         __m512 w = nm_decode(vt, vm, vrow, k0);
-        int64_t g = i * q->ngroups + group_of(q, k0);
-        if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
-        w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
-        if (NB == 1) {
-            __m512 t = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(vm, x + k0), acc[1]);
-            acc[1] = acc[0];
-            acc[0] = t;
-        } else {
-            for (int b = 0; b < NB; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(vm, x + b * ldx + k0), acc[b]);
+        if (is_quant(vt)) {
+            int64_t g = i * q->ngroups + group_of(q, k0);
+            if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
+            w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
         }
+        const int a = KK == 4 ? (kk & 3) : 0;
+        for (int b = 0; b < NB; b++) acc[b][a] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(vm, x + b * ldx + k0), acc[b][a]);
     }
-    if (NB == 1) {
-        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + bias;
-    } else {
-        for (int b = 0; b < NB; b++) y[b * ldy + i] = _mm512_reduce_add_ps(acc[b]) + bias;
+    for (int b = 0; b < NB; b++) {
+        __m512 t = acc[b][0];
+        if (KK == 4) t = _mm512_add_ps(_mm512_add_ps(t, acc[b][1]), _mm512_add_ps(acc[b][2], acc[b][3]));
+        y[b * ldy + i] = _mm512_reduce_add_ps(t) + bias;
     }
 }
 
@@ -583,26 +664,11 @@ SC_INLINE void qd_rows_vt(const void* values, int64_t in, int vt, const quant_t*
                           int64_t ldx, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
     int64_t Lpad = is_int4(vt) ? (in + 1) / 2 * 2 : in;
     for (int64_t i = r0; i < r1; i++) {
-        const void* vrow = (const uint8_t*)values + (is_int4(vt) ? i * Lpad / 2 : i * Lpad);
+        const void* vrow = (const uint8_t*)values + row_byte_offset(vt, i, Lpad);
         float bi = bias ? bias[i] : 0.0f;
-        int64_t b = 0;
-        for (; b + 4 <= B; b += 4) qd_row_tile(vrow, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 4);
-        switch (B - b) {
-            case 3: qd_row_tile(vrow, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 3); break;
-            case 2: qd_row_tile(vrow, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 2); break;
-            case 1: qd_row_tile(vrow, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, 1); break;
-            default: break;
-        }
-    }
-}
-
-static void qd_rows_avx512(const void* values, int64_t in, int vt, const quant_t* q, const float* x, int64_t B,
-                           int64_t ldx, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
-    switch (vt) {
-        case VT_I8: qd_rows_vt(values, in, VT_I8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_U8: qd_rows_vt(values, in, VT_U8, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        case VT_I4: qd_rows_vt(values, in, VT_I4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
-        default: qd_rows_vt(values, in, VT_U4, q, x, B, ldx, y, ldy, bias, r0, r1); break;
+#define QD_TILE(NB_) qd_row_tile(vrow, in, vt, q, i, x + b * ldx, ldx, y + b * ldy, ldy, bi, NB_)
+        SC_BATCH_TILES(QD_TILE);
+#undef QD_TILE
     }
 }
 
@@ -652,9 +718,11 @@ SC_INLINE int64_t qd_row_list(const void* vrow, int64_t in, int vt, const quant_
         int64_t rem = in - k0;
         __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
         __m512 w = nm_decode(vt, vm, vrow, k0);
-        int64_t g = i * q->ngroups + group_of(q, k0);
-        if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
-        w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
+        if (is_quant(vt)) {
+            int64_t g = i * q->ngroups + group_of(q, k0);
+            if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
+            w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
+        }
         _mm512_storeu_ps(wl + k0, w);
         _mm512_storeu_si512(il + k0, _mm512_add_epi32(iota, _mm512_set1_epi32((int)k0)));
     }
@@ -709,20 +777,6 @@ SC_INLINE void bm_rows_nz_vt(const uint8_t* mask, const void* values, const int6
     }
 }
 
-static void bm_rows_nz(const uint8_t* mask, const void* values, const int64_t* ro, int64_t nslots, int64_t in, int vt,
-                       const quant_t* q, const float* xT, int64_t B, float* y, int64_t ldy, const float* bias,
-                       int64_t r0, int64_t r1, float* wl, int32_t* il) {
-    switch (vt) {
-        case VT_F32: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_F32, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_BF16: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_BF16, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_F16: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_F16, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_I8: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_I8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_U8: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_U8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_I4: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_I4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        default: bm_rows_nz_vt(mask, values, ro, nslots, in, VT_U4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-    }
-}
-
 SC_INLINE void nm_rows_nz_vt(const uint8_t* idx, const void* values, int64_t in, int N, int M, int vt, const quant_t* q,
                              const float* xT, int64_t B, float* y, int64_t ldy, const float* bias, int64_t r0,
                              int64_t r1, float* wl, int32_t* il) {
@@ -733,26 +787,10 @@ SC_INLINE void nm_rows_nz_vt(const uint8_t* idx, const void* values, int64_t in,
     int lane_base[16];
     for (int l = 0; l < 16; l++) lane_base[l] = (l / N) * M;
     __m512i base = _mm512_loadu_si512(lane_base);
-    int esize = vt == VT_F32 ? 4 : (vt == VT_BF16 || vt == VT_F16) ? 2 : 1;
     for (int64_t i = r0; i < r1; i++) {
-        const void* vrow = is_int4(vt) ? (const void*)((const uint8_t*)values + i * Lpad / 2)
-                                       : (const void*)((const uint8_t*)values + i * Lpad * esize);
+        const void* vrow = (const uint8_t*)values + row_byte_offset(vt, i, Lpad);
         int64_t n = nm_row_list(idx + i * ib, ib, vrow, L, N, M, bits, base, vt, q, i, wl, il);
         nz_fma(wl, il, n, xT, in, B, y, ldy, i, bias ? bias[i] : 0.0f);
-    }
-}
-
-static void nm_rows_nz(const uint8_t* idx, const void* values, int64_t in, int N, int M, int vt, const quant_t* q,
-                       const float* xT, int64_t B, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1,
-                       float* wl, int32_t* il) {
-    switch (vt) {
-        case VT_F32: nm_rows_nz_vt(idx, values, in, N, M, VT_F32, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_BF16: nm_rows_nz_vt(idx, values, in, N, M, VT_BF16, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_F16: nm_rows_nz_vt(idx, values, in, N, M, VT_F16, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_I8: nm_rows_nz_vt(idx, values, in, N, M, VT_I8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_U8: nm_rows_nz_vt(idx, values, in, N, M, VT_U8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_I4: nm_rows_nz_vt(idx, values, in, N, M, VT_I4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        default: nm_rows_nz_vt(idx, values, in, N, M, VT_U4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
     }
 }
 
@@ -760,46 +798,78 @@ SC_INLINE void qd_rows_nz_vt(const void* values, int64_t in, int vt, const quant
                              float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1, float* wl, int32_t* il) {
     int64_t Lpad = is_int4(vt) ? (in + 1) / 2 * 2 : in;
     for (int64_t i = r0; i < r1; i++) {
-        const void* vrow = (const uint8_t*)values + (is_int4(vt) ? i * Lpad / 2 : i * Lpad);
+        const void* vrow = (const uint8_t*)values + row_byte_offset(vt, i, Lpad);
         int64_t n = qd_row_list(vrow, in, vt, q, i, wl, il);
         nz_fma(wl, il, n, xT, in, B, y, ldy, i, bias ? bias[i] : 0.0f);
     }
 }
 
-static void qd_rows_nz(const void* values, int64_t in, int vt, const quant_t* q, const float* xT, int64_t B, float* y,
-                       int64_t ldy, const float* bias, int64_t r0, int64_t r1, float* wl, int32_t* il) {
-    switch (vt) {
-        case VT_I8: qd_rows_nz_vt(values, in, VT_I8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_U8: qd_rows_nz_vt(values, in, VT_U8, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        case VT_I4: qd_rows_nz_vt(values, in, VT_I4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
-        default: qd_rows_nz_vt(values, in, VT_U4, q, xT, B, y, ldy, bias, r0, r1, wl, il); break;
+
+/* One specialised copy of every row loop per (value type, format, path): the switches on vt inside
+ * the decoders fold away at compile time. */
+SC_INLINE void rows_vt(const job_t* J, const int vt, int64_t r0, int64_t r1, float* wl, int32_t* il) {
+    const quant_t* q = &J->q;
+    if (J->xT) {
+        switch (J->kind) {
+            case 0: bm_rows_nz_vt(J->meta, J->values, J->ro, J->nslots, J->in, vt, q, J->xT, J->B, J->y, J->ldy, J->bias, r0, r1, wl, il); break;
+            case 1: nm_rows_nz_vt(J->meta, J->values, J->in, J->N, J->M, vt, q, J->xT, J->B, J->y, J->ldy, J->bias, r0, r1, wl, il); break;
+            default: qd_rows_nz_vt(J->values, J->in, vt, q, J->xT, J->B, J->y, J->ldy, J->bias, r0, r1, wl, il); break;
+        }
+    } else {
+        switch (J->kind) {
+            case 0: bm_rows_vt(J->meta, J->values, J->ro, J->nslots, J->in, vt, q, J->x, J->B, J->ldx, J->y, J->ldy, J->bias, r0, r1); break;
+            case 1: nm_rows_vt(J->meta, J->values, J->in, J->N, J->M, vt, q, J->x, J->B, J->ldx, J->y, J->ldy, J->bias, r0, r1); break;
+            default: qd_rows_vt(J->values, J->in, vt, q, J->x, J->B, J->ldx, J->y, J->ldy, J->bias, r0, r1); break;
+        }
+    }
+}
+
+static void rows_avx512(const job_t* J, int64_t r0, int64_t r1, float* wl, int32_t* il) {
+    switch (J->vt) {
+        case VT_F32: rows_vt(J, VT_F32, r0, r1, wl, il); break;
+        case VT_BF16: rows_vt(J, VT_BF16, r0, r1, wl, il); break;
+        case VT_F16: rows_vt(J, VT_F16, r0, r1, wl, il); break;
+        case VT_I8: rows_vt(J, VT_I8, r0, r1, wl, il); break;
+        case VT_U8: rows_vt(J, VT_U8, r0, r1, wl, il); break;
+        case VT_I4: rows_vt(J, VT_I4, r0, r1, wl, il); break;
+        default: rows_vt(J, VT_U4, r0, r1, wl, il); break;
     }
 }
 #endif /* SC_AVX512 */
 
-/* ------------------------------------------------------------------ entry points */
-/* Threads: nthreads <= 0 means the OpenMP default; tiny problems run on the calling thread because
- * waking the pool costs more than the work. force_scalar selects the portable path (tests). */
-static int pick_threads(int nthreads, int64_t work_bytes) {
+/* ------------------------------------------------------------------ entry point */
+static void rows_scalar(const job_t* J, int64_t r0, int64_t r1) {
+    switch (J->kind) {
+        case 0: bm_rows_scalar(J->meta, J->values, J->ro, J->in, J->vt, &J->q, J->x, J->B, J->ldx, J->y, J->ldy, J->bias, r0, r1); break;
+        case 1: nm_rows_scalar(J->meta, J->values, J->in, J->N, J->M, J->vt, &J->q, J->x, J->B, J->ldx, J->y, J->ldy, J->bias, r0, r1); break;
+        default: qd_rows_scalar(J->values, J->in, J->vt, &J->q, J->x, J->B, J->ldx, J->y, J->ldy, J->bias, r0, r1); break;
+    }
+}
+
+/* Work (dense weight elements, out x in, times 2 for batches > 4) below which a call runs on the
+ * calling thread: waking the second thread and joining it costs more than it saves on a small
+ * layer.  Measured on SmolLM2's layers (2 threads against 1): k/v_proj (110K elements) run faster
+ * on one, q/o_proj (332K) break even with int8 values and gain with fp32, the MLP (885K) gains.
+ * SPARSECRAFT_PAR_MIN_ELEMS overrides it (tuning). */
+static int64_t par_min_elems(void) {
+    static int64_t v = -1;
+    if (v < 0) {
+        const char* e = getenv("SPARSECRAFT_PAR_MIN_ELEMS");
+        v = e && *e ? atoll(e) : (int64_t)SC_PAR_MIN_ELEMS;
+    }
+    return v;
+}
+
+/* Threads: nthreads <= 0 means the OpenMP default; small problems run on the calling thread. */
+static int pick_threads(int nthreads, int64_t work_elems) {
 #ifdef _OPENMP
     int nt = nthreads > 0 ? nthreads : omp_get_max_threads();
 #else
     int nt = 1;
     (void)nthreads;
 #endif
-    if (work_bytes < (int64_t)48 * 1024) nt = 1;
+    if (work_elems < par_min_elems()) nt = 1;
     return nt < 1 ? 1 : nt;
-}
-
-/* x transposed for the batched path, or NULL for the per-row path */
-static float* batched_input(int vec, const float* x, int64_t B, int64_t ldx, int64_t in) {
-#if SC_AVX512
-    if (vec && B >= SC_NZ_MIN_B) return make_xT(x, B, ldx, in);
-#else
-    (void)x; (void)ldx; (void)in;
-#endif
-    (void)vec; (void)B;
-    return NULL;
 }
 
 /* rows per dynamically scheduled block: ~8 blocks per thread, at least 4 rows */
@@ -808,157 +878,10 @@ static int64_t row_block(int64_t out, int nt) {
     return rb < 4 ? 4 : rb;
 }
 
-static int64_t value_bytes(int vt, int64_t slots) {
-    return vt == VT_F32 ? 4 * slots : (vt == VT_BF16 || vt == VT_F16) ? 2 * slots : is_int4(vt) ? slots / 2 : slots;
-}
-
-int sc_bitmask_matmul(const uint8_t* mask, const void* values, const int64_t* row_offsets, int64_t out, int64_t in,
-                      int vt, const uint16_t* scales, const uint8_t* zeros, int64_t group_size,
-                      const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy, const float* bias,
-                      int nthreads, int force_scalar) {
-    if (out <= 0 || B <= 0) return 0;
-    if (vt < 0 || vt > VT_U4) return -1;
-    if (is_quant(vt) && (!scales || group_size <= 0)) return -2;
-    quant_t q = {scales, zeros, is_quant(vt) ? (in + group_size - 1) / group_size : 0, group_size > 0 ? group_size : 1,
-                 log2_exact(group_size > 0 ? group_size : 1)};
-    int vec = SC_AVX512 && !force_scalar && (!is_quant(vt) || group_size % 16 == 0);
-    int64_t work = value_bytes(vt, row_offsets[out] - row_offsets[0]) + out * ((in + 7) / 8);
-    int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
-    float* xT = batched_input(vec, x, B, ldx, in);
-    int64_t rb = row_block(out, nt), nblk = (out + rb - 1) / rb;
-    int failed = 0;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        float* wl = NULL;
-        int32_t* il = NULL;
-#if SC_AVX512
-        if (vec && xT) {
-            wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
-            il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
-            if (!wl || !il) failed = 1;
-        }
-#endif
-        /* dynamic row blocks: a thread the OS deschedules (other jobs on the machine) does not hold up
-         * the rest of the team, and uneven bitmask rows balance themselves */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t blk = 0; blk < nblk; blk++) {
-            int64_t r0 = blk * rb, r1 = r0 + rb < out ? r0 + rb : out;
-#if SC_AVX512
-            if (vec && xT) {
-                if (wl && il) bm_rows_nz(mask, values, row_offsets, row_offsets[out], in, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
-            } else if (vec) bm_rows_avx512(mask, values, row_offsets, row_offsets[out], in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
-            else
-#endif
-            bm_rows_scalar(mask, values, row_offsets, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
-        }
-        free(wl);
-        free(il);
-    }
-    (void)vec;
-    free(xT);
-    return failed ? -4 : 0;
-}
-
-int sc_nm_matmul(const uint8_t* indices, const void* values, int64_t out, int64_t in, int N, int M,
-                 int vt, const uint16_t* scales, const uint8_t* zeros, int64_t group_size,
-                 const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy, const float* bias,
-                 int nthreads, int force_scalar) {
-    if (out <= 0 || B <= 0) return 0;
-    if (vt < 0 || vt > VT_U4) return -1;
-    if (N < 1 || M < 1 || N > M || M > 16 || in % M) return -3;
-    if (is_quant(vt) && (!scales || group_size <= 0)) return -2;
-    quant_t q = {scales, zeros, is_quant(vt) ? (in + group_size - 1) / group_size : 0, group_size > 0 ? group_size : 1,
-                 log2_exact(group_size > 0 ? group_size : 1)};
-    int W = (16 % N == 0) ? 16 / N * M : 1 << 30;
-    int vec = SC_AVX512 && !force_scalar && W <= 32 && (!is_quant(vt) || group_size % W == 0);
-    int64_t L = in / M * N;
-    int64_t work = value_bytes(vt, out * L) + out * ((L * (M <= 4 ? 2 : 4) + 7) / 8);
-    int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
-    float* xT = batched_input(vec, x, B, ldx, in);
-    int64_t rb = row_block(out, nt), nblk = (out + rb - 1) / rb;
-    int failed = 0;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        float* wl = NULL;
-        int32_t* il = NULL;
-#if SC_AVX512
-        if (vec && xT) {
-            wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
-            il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
-            if (!wl || !il) failed = 1;
-        }
-#endif
-        /* dynamic row blocks: a thread the OS deschedules (other jobs on the machine) does not hold up
-         * the rest of the team, and uneven bitmask rows balance themselves */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t blk = 0; blk < nblk; blk++) {
-            int64_t r0 = blk * rb, r1 = r0 + rb < out ? r0 + rb : out;
-#if SC_AVX512
-            if (vec && xT) {
-                if (wl && il) nm_rows_nz(indices, values, in, N, M, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
-            } else if (vec) nm_rows_avx512(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
-            else
-#endif
-            nm_rows_scalar(indices, values, in, N, M, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
-        }
-        free(wl);
-        free(il);
-    }
-    (void)vec;
-    free(xT);
-    return failed ? -4 : 0;
-}
-
-/* quantized dense weight (codes only, no sparsity metadata), e.g. an int8 lm_head */
-int sc_qdense_matmul(const void* values, int64_t out, int64_t in, int vt, const uint16_t* scales,
-                     const uint8_t* zeros, int64_t group_size, const float* x, int64_t B, int64_t ldx, float* y,
-                     int64_t ldy, const float* bias, int nthreads, int force_scalar) {
-    if (out <= 0 || B <= 0) return 0;
-    if (!is_quant(vt)) return -1;
-    if (!scales || group_size <= 0) return -2;
-    quant_t q = {scales, zeros, (in + group_size - 1) / group_size, group_size, log2_exact(group_size)};
-    int vec = SC_AVX512 && !force_scalar && group_size % 16 == 0;
-    int64_t work = value_bytes(vt, out * ((in + 1) / 2 * 2));
-    int nt = pick_threads(nthreads, work * (B > 4 ? 2 : 1));
-    float* xT = batched_input(vec, x, B, ldx, in);
-    int64_t rb = row_block(out, nt), nblk = (out + rb - 1) / rb;
-    int failed = 0;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        float* wl = NULL;
-        int32_t* il = NULL;
-#if SC_AVX512
-        if (vec && xT) {
-            wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
-            il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
-            if (!wl || !il) failed = 1;
-        }
-#endif
-        /* dynamic row blocks: a thread the OS deschedules (other jobs on the machine) does not hold up
-         * the rest of the team, and uneven bitmask rows balance themselves */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t blk = 0; blk < nblk; blk++) {
-            int64_t r0 = blk * rb, r1 = r0 + rb < out ? r0 + rb : out;
-#if SC_AVX512
-            if (vec && xT) {
-                if (wl && il) qd_rows_nz(values, in, vt, &q, xT, B, y, ldy, bias, r0, r1, wl, il);
-            } else if (vec) qd_rows_avx512(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
-            else
-#endif
-            qd_rows_scalar(values, in, vt, &q, x, B, ldx, y, ldy, bias, r0, r1);
-        }
-        free(wl);
-        free(il);
-    }
-    (void)vec;
-    free(xT);
-    return failed ? -4 : 0;
-}
-
 /* One call for any format: the constant arguments live in a descriptor built once per weight,
  * so a Python call passes 6 arguments instead of 18 (ctypes converts each one, ~0.3 us apiece). */
 typedef struct {
-    int32_t kind; /* 0 bitmask, 1 N:M, 2 quantized dense */
+    int32_t kind; /* 0 bitmask, 1 N:M, 2 dense (float values or quantized codes) */
     int32_t vt;
     int64_t out, in;
     const void* meta; /* bitmask: mask; N:M: indices; dense: unused */
@@ -973,31 +896,88 @@ typedef struct {
 } sc_desc;
 
 int sc_matmul(const sc_desc* d, const float* x, int64_t B, int64_t ldx, float* y, int64_t ldy) {
+    const int64_t out = d->out, in = d->in, gs = d->group_size;
+    const int vt = d->vt;
+    if (out <= 0 || B <= 0) return 0;
+    if (vt < 0 || vt > VT_U4) return -1;
+    if (is_quant(vt) && (!d->scales || gs <= 0)) return -2;
+    job_t J = {d->kind, vt, out, in, (const uint8_t*)d->meta, d->values, d->row_offsets, 0, d->n, d->m,
+               {d->scales, d->zeros, is_quant(vt) ? (in + gs - 1) / gs : 0, gs > 0 ? gs : 1, log2_exact(gs > 0 ? gs : 1)},
+               x, B, ldx, y, ldy, d->bias, NULL};
+    int vec = SC_AVX512 && !d->force_scalar, W = 16;
     switch (d->kind) {
         case 0:
-            return sc_bitmask_matmul((const uint8_t*)d->meta, d->values, d->row_offsets, d->out, d->in, d->vt, d->scales,
-                                     d->zeros, d->group_size, x, B, ldx, y, ldy, d->bias, d->nthreads, d->force_scalar);
-        case 1:
-            return sc_nm_matmul((const uint8_t*)d->meta, d->values, d->out, d->in, d->n, d->m, d->vt, d->scales, d->zeros,
-                                d->group_size, x, B, ldx, y, ldy, d->bias, d->nthreads, d->force_scalar);
+            J.nslots = d->row_offsets[out];
+            break;
+        case 1: {
+            const int N = d->n, M = d->m;
+            if (N < 1 || M < 1 || N > M || M > 16 || in % M) return -3;
+            W = (16 % N == 0) ? 16 / N * M : 1 << 30;
+            vec = vec && W <= 32;
+            break;
+        }
         case 2:
-            return sc_qdense_matmul(d->values, d->out, d->in, d->vt, d->scales, d->zeros, d->group_size, x, B, ldx, y,
-                                    ldy, d->bias, d->nthreads, d->force_scalar);
+            break;
         default:
             return -5;
     }
+    vec = vec && (!is_quant(vt) || gs % W == 0);
+    int nt = pick_threads(d->nthreads, out * in * (B > 4 ? 2 : 1));
+    float* xT = NULL;
+#if SC_AVX512
+    /* the batched (decode-list) path pays off for sparse or quantized rows; dense float rows
+     * stay on the tiles (weights reused from registers / L1 across the batch rows) */
+    if (vec && B >= SC_NZ_MIN_B && (d->kind != 2 || is_quant(vt))) {
+        xT = make_xT(x, B, ldx, in);
+        if (!xT) return -4;
+    }
+#endif
+    J.xT = xT;
+    int64_t rb = row_block(out, nt), nblk = (out + rb - 1) / rb;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float* wl = NULL;
+        int32_t* il = NULL;
+        if (xT) { /* per-thread decode lists of one row */
+            wl = (float*)malloc((size_t)(in + 64) * sizeof(float));
+            il = (int32_t*)malloc((size_t)(in + 64) * sizeof(int32_t));
+            if (!wl || !il) failed = 1;
+        }
+        /* dynamic row blocks: a thread the OS deschedules (other jobs on the machine) does not hold up
+         * the rest of the team, and uneven bitmask rows balance themselves */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            int64_t r0 = blk * rb, r1 = r0 + rb < out ? r0 + rb : out;
+            if (xT && !(wl && il)) continue;
+#if SC_AVX512
+            if (vec) {
+                rows_avx512(&J, r0, r1, wl, il);
+                continue;
+            }
+#endif
+            rows_scalar(&J, r0, r1);
+        }
+        free(wl);
+        free(il);
+    }
+    free(xT);
+    return failed ? -4 : 0;
 }
+
+/* the hot path from Python: contiguous x (B, in) -> y (B, out), four arguments to convert */
+int sc_matmul_rows(const sc_desc* d, const float* x, int64_t B, float* y) { return sc_matmul(d, x, B, d->in, y, d->out); }
 
 /* STREAM-like copy used by the benchmark for the machine's bandwidth bound: bytes moved = 2 * n * 4 */
 void sc_stream_copy(const float* a, float* b, int64_t n, int nthreads) {
-    int nt = pick_threads(nthreads, n * 4);
+    int nt = pick_threads(nthreads, n);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < n; i++) b[i] = a[i];
 }
 
 /* STREAM-like read (sum): bytes moved = n * 4; a decode pass is read-dominated like this */
 float sc_stream_read(const float* a, int64_t n, int nthreads) {
-    int nt = pick_threads(nthreads, n * 4);
+    int nt = pick_threads(nthreads, n);
     float total = 0.0f;
 #pragma omp parallel num_threads(nt) reduction(+ : total)
     {
