@@ -193,9 +193,10 @@ def run_ppl(args) -> None:
     calib = None
     try:
         for bits, method, sym in PPL_RUNS:
+            act_order = args.act_order and method == "gptq"
             run = f"int{bits}-g{args.group_size}-{'sym' if sym else 'asym'}-{method}" + (
                 "-clip" if args.clip else ""
-            )
+            ) + ("-ao" if act_order else "")
             if run in done or (args.only and run not in args.only):
                 continue
             t0 = time.perf_counter()
@@ -205,6 +206,7 @@ def run_ppl(args) -> None:
                 calib = calibration_windows(tok, "c4", args.nsamples, args.seqlen, seed=0)
             cfg = QuantConfig(
                 clip=args.clip,
+                act_order=act_order,
                 bits=bits,
                 group_size=args.group_size,
                 symmetric=sym,
@@ -237,6 +239,7 @@ def run_ppl(args) -> None:
                     "symmetric": sym,
                     "method": method,
                     "clip": args.clip,
+                    "act_order": act_order,
                     "ppl": ppl(back, tok),
                     "zeros_kept": zeros_kept,
                     "sparsity_after": rep["sparsity_after"],
@@ -322,6 +325,8 @@ def main(argv=None) -> int:
     q.add_argument("--dense-ref", default=None, help="also measure this dense model (e.g. smollm2-135m)")
     q.add_argument("--only", nargs="*")
     q.add_argument("--clip", action="store_true", help="clipping search for the grids (run names get -clip)")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ act-order, static groups (run names get -ao)")
     t = sub.add_parser("table")
     t.add_argument("--bits")
     t.add_argument("--ppl")

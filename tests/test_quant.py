@@ -134,6 +134,47 @@ def test_gptq_matches_sequential_obs_reference(sym, sparsity):
     torch.testing.assert_close(qw.dequantize(), want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_act_order_matches_permuted_obs_with_static_grids(sym):
+    """act-order = sequential OBS in order of decreasing diag(H), each column on its own group's
+    grid fitted up front to the original weights; codes land at the original columns."""
+    from sparsecraft.quant.gptq import act_order_perm
+
+    gen = torch.Generator().manual_seed(11)
+    rows, cols, g = 6, 16, 8
+    w = _sparse(gen, rows, cols, 0.5)
+    x = _correlated_inputs(gen, 64, cols) * torch.linspace(0.2, 3.0, cols)  # uneven channel energy
+    h = x.t() @ x
+    perm = act_order_perm(h)
+    assert not torch.equal(perm, torch.arange(cols))
+    qw, _ = gptq_quantize(w, h, None, 4, g, sym, blocksize=4, perm=perm)
+
+    mask = w != 0
+    grid = rtn_quantize(w, mask, 4, g, sym).info  # static grids from the original weights
+    lo, hi = (-8, 7) if sym else (0, 15)
+    wd, hp = w.double()[:, perm].clone(), h.double()[perm][:, perm]
+    hp += 0.01 * torch.diagonal(hp).mean() * torch.eye(cols, dtype=torch.float64)
+    want = torch.zeros(rows, cols, dtype=torch.float64)
+    for j in range(cols):
+        col = int(perm[j])
+        s = grid.scales[:, col // g].double()
+        z = grid.zeros[:, col // g].double() if grid.zeros is not None else torch.zeros_like(s)
+        c = (torch.round(wd[:, j] / s) + z).clamp(lo, hi)
+        q = torch.where(mask[:, col], (c - z) * s, torch.zeros_like(s))
+        hinv = torch.linalg.inv(hp[j:, j:])
+        e = (wd[:, j] - q) / hinv[0, 0]
+        wd[:, j:] -= e.unsqueeze(1) * hinv[0].unsqueeze(0)
+        want[:, col] = q
+    torch.testing.assert_close(qw.dequantize(), want.float(), rtol=0, atol=1e-4)
+    assert torch.equal(qw.dequantize()[~mask], torch.zeros(int((~mask).sum())))
+    assert torch.equal(qw.info.scales, grid.scales)
+
+
+def test_act_order_needs_gptq():
+    with pytest.raises(SparsecraftError, match="act_order"):
+        QuantConfig(bits=4, method="rtn", act_order=True)
+
+
 def test_gptq_with_diagonal_hessian_is_rtn():
     gen = torch.Generator().manual_seed(1)
     w = _sparse(gen, 8, 40, 0.5)

@@ -39,6 +39,11 @@ def register(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening (fraction of mean diag H)")
+    p.add_argument(
+        "--act-order",
+        action="store_true",
+        help="GPTQ: quantize columns in order of decreasing Hessian diagonal (static group grids)",
+    )
     p.add_argument("--blocksize", type=int, default=128, help="GPTQ column block")
     p.add_argument(
         "--calib-dtype",
@@ -70,6 +75,7 @@ def run(args) -> int:
         symmetric=not args.asym,
         method=args.method,
         clip=args.clip,
+        act_order=args.act_order,
         blocksize=args.blocksize,
         percdamp=args.percdamp,
         calib=args.calib,

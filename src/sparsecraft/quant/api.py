@@ -19,7 +19,7 @@ from ..formats.qinfo import QuantizedWeight
 from ..models.discovery import prunable_linears, set_weight_matrix, weight_matrix
 from ..prune.engine import EngineOptions, SolveResult, run_sequential
 from ..prune.sparsegpt import inverse_cholesky
-from .gptq import gptq_quantize
+from .gptq import act_order_perm, gptq_quantize
 from .rtn import QuantConfig, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ class GPTQSolver:
         self.config = config
         self.results: dict[str, QuantizedWeight] = {}
 
-    def _one(self, name: str, weight: Tensor, upper: Tensor, damp_info: dict) -> SolveResult:
+    def _one(
+        self, name: str, weight: Tensor, upper: Tensor, perm: Tensor | None, damp_info: dict
+    ) -> SolveResult:
         c = self.config
         mask = weight != 0
         qw, _ = gptq_quantize(
@@ -49,21 +51,25 @@ class GPTQSolver:
             where=name,
             upper=upper,
             clip=c.clip,
+            perm=perm,
         )
         self.results[name] = qw
         return SolveResult(weight=qw.dequantize(), mask=mask, info=dict(damp_info))
 
-    def _factor(self, name: str, weight: Tensor, stats) -> tuple[Tensor, dict]:
-        upper, damp, dead = inverse_cholesky(stats.hessian.to(weight.device), self.config.percdamp, name)
-        return upper, {"damping": damp, "dead_inputs": int(dead.sum())}
+    def _factor(self, name: str, weight: Tensor, stats) -> tuple[Tensor, Tensor | None, dict]:
+        h = stats.hessian.to(weight.device)
+        perm = act_order_perm(h) if self.config.act_order else None
+        if perm is not None:
+            h = h[perm][:, perm]
+        upper, damp, dead = inverse_cholesky(h, self.config.percdamp, name)
+        return upper, perm, {"damping": damp, "dead_inputs": int(dead.sum())}
 
     def solve(self, name, layer, weight, stats) -> SolveResult:
-        upper, info = self._factor(name, weight, stats)
-        return self._one(name, weight, upper, info)
+        return self.solve_group([name], [layer], [weight], stats)[0]
 
     def solve_group(self, names, layers, weights, stats) -> list[SolveResult]:
-        upper, info = self._factor(names[0], weights[0], stats)  # one factorisation for q/k/v
-        return [self._one(n, w, upper, info) for n, w in zip(names, weights)]
+        upper, perm, info = self._factor(names[0], weights[0], stats)  # one factorisation for q/k/v
+        return [self._one(n, w, upper, perm, info) for n, w in zip(names, weights)]
 
 
 def _dequantized_matches(layer: nn.Module, qw: QuantizedWeight) -> bool:

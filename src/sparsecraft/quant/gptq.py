@@ -14,6 +14,12 @@ layer output WX is preserved as well as possible. Two changes for sparse weights
   group's kept weights as updated so far (like GPTQ without static groups); column blocks are
   aligned to the group size so that every group lies within one block.
 
+``act_order``: columns are processed in order of decreasing Hessian diagonal (the inputs with the
+largest energy first, so their rounding error is compensated by the many columns after them).
+The groups stay contiguous in the stored layout, so each (row, group) grid is then fitted once,
+up front, from the original weights ("static groups"), and a column uses its own group's grid
+whatever its place in the processing order.
+
 The Cholesky factor comes from the pruning engine's SparseGPT helper (same damping policy:
 raised step by step with a warning, an error past the limit).
 """
@@ -29,6 +35,11 @@ from ..prune.sparsegpt import inverse_cholesky
 from .rtn import check_weight, fit_params, quantize_columns
 
 
+def act_order_perm(hessian: Tensor) -> Tensor:
+    """Column order of decreasing Hessian diagonal (stable, so ties keep their order)."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+
+
 @torch.no_grad()
 def gptq_quantize(
     w: Tensor,
@@ -42,11 +53,15 @@ def gptq_quantize(
     where: str = "weight",
     upper: Tensor | None = None,
     clip: bool = False,
+    perm: Tensor | None = None,
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize ``w`` (out, in) given ``hessian`` (in, in) ∝ Σ x xᵀ (its scale is irrelevant).
 
     ``clip``: clipping search for each group's grid (see :func:`.rtn.fit_params`).
-    ``upper`` may pass a precomputed factor (layers sharing one input). Returns the quantized
+    ``perm``: processing order of the columns (act-order: :func:`act_order_perm`) with static
+    group grids; None processes them left to right with grids fitted as the loop reaches them.
+    ``upper`` may pass a precomputed factor (layers sharing one input; for ``perm``, the factor
+    of the permuted Hessian ``H[perm][:, perm]``). Returns the quantized
     weight (codes, params, mask; ``.dequantize()`` is the new weight, 0 wherever the mask is False)
     and info (damping used, dead inputs).
     """
@@ -58,29 +73,48 @@ def gptq_quantize(
         if hessian is None or hessian.shape != (cols, cols):
             shape = None if hessian is None else tuple(hessian.shape)
             raise SparsecraftError(f"{where}: GPTQ needs an ({cols}, {cols}) Hessian, got {shape}")
-        upper, damp, dead = inverse_cholesky(hessian.to(w.device), percdamp, where)
+        h = hessian.to(w.device)
+        if perm is not None:
+            h = h[perm][:, perm]
+        upper, damp, dead = inverse_cholesky(h, percdamp, where)
     g = group_size
-    bs = max(g, (blocksize // g) * g) if g <= blocksize else g  # groups never straddle blocks
     ng = num_groups(cols, g)
     scales = torch.ones(rows, ng, dtype=torch.float16, device=w.device)
     zeros = None if symmetric else torch.zeros(rows, ng, dtype=torch.uint8, device=w.device)
     codes = torch.zeros(rows, cols, dtype=torch.float32, device=w.device)
+    loop_mask = mask  # the mask in processing order
+    if perm is None:
+        order = torch.arange(cols, device=w.device)
+        bs = max(g, (blocksize // g) * g) if g <= blocksize else g  # groups never straddle blocks
+    else:
+        order = perm.to(w.device)
+        bs = blocksize
+        for gi in range(ng):  # static groups: every grid from the original weights
+            cs = slice(gi * g, (gi + 1) * g)
+            s, z = fit_params(w[:, cs], mask[:, cs], bits, symmetric, clip)
+            scales[:, gi] = s
+            if zeros is not None:
+                zeros[:, gi] = z
+        w, loop_mask = w[:, order], mask[:, order]
+    group_of = (order // g).tolist()
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = upper[i1:i2, i1:i2]
-        s = z = None
         for i in range(i2 - i1):
             j = i1 + i
-            if j % g == 0:
-                gi = j // g
-                s, z = fit_params(w1[:, i : i + g], mask[:, j : j + g], bits, symmetric, clip)
+            gi = group_of[j]
+            if perm is None and j % g == 0:  # dynamic grid, fitted to the updated group
+                s, z = fit_params(w1[:, i : i + g], loop_mask[:, j : j + g], bits, symmetric, clip)
                 scales[:, gi] = s
                 if zeros is not None:
                     zeros[:, gi] = z
-            c, q = quantize_columns(w1[:, i : i + 1], mask[:, j : j + 1], s, z, bits, symmetric)
-            codes[:, j] = c[:, 0]
+            z = zeros[:, gi] if zeros is not None else None
+            c, q = quantize_columns(
+                w1[:, i : i + 1], loop_mask[:, j : j + 1], scales[:, gi], z, bits, symmetric
+            )
+            codes[:, order[j]] = c[:, 0]
             e = (w1[:, i] - q[:, 0]) / u1[i, i]
             w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
             err1[:, i] = e

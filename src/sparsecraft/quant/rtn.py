@@ -34,6 +34,7 @@ class QuantConfig:
     # search a clipped range per (row, group) minimising the squared rounding error
     clip: bool = False
     # GPTQ
+    act_order: bool = False  # columns in order of decreasing Hessian diagonal, static group grids
     blocksize: int = 128
     percdamp: float = 0.01
     # calibration (GPTQ only)
@@ -53,6 +54,8 @@ class QuantConfig:
             )
         if self.method not in METHODS:
             raise SparsecraftError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.act_order and self.method != "gptq":
+            raise SparsecraftError("act_order reorders GPTQ's columns; it needs method='gptq'")
         if self.blocksize <= 0:
             raise SparsecraftError(f"blocksize {self.blocksize}: must be positive")
         if not (0.0 <= self.percdamp <= 10.0):
@@ -69,6 +72,7 @@ class QuantConfig:
             "symmetric": self.symmetric,
             "method": self.method,
             "clip": self.clip,
+            "act_order": self.act_order,
         }
 
 
