@@ -47,7 +47,9 @@ def _label(spec) -> str:
 # expected row errors are mostly below 0.1, so the default leaves most rows untouched)
 # the reference implementation compares its threshold with per-sequence sums of the error (its
 # "mean" statistic is a sum over the tokens of each sample), so its 0.1 is ~0 in our mean units
-VARIANTS = {"dsnot": {}, "dsnot-t0.01": {"update_threshold": 0.01}, "dsnot-t0": {"update_threshold": 0.0}}
+VARIANTS = {"dsnot": {}, "dsnot-t0.01": {"update_threshold": 0.01}, "dsnot-t0": {"update_threshold": 0.0},
+            "dsnot-guard": {"variance_guard": True},
+            "dsnot-guard-t0": {"variance_guard": True, "update_threshold": 0.0}}
 
 
 def rows() -> list[dict]:
@@ -71,9 +73,12 @@ def rows() -> list[dict]:
 
     # most informative first: the paper's headline is Wanda at 70%; SparseGPT already drives the
     # expected error close to 0 (least squares), so its low-threshold rows come last
-    for method in ("wanda", "sparsegpt"):  # the reference's effective threshold, at 60%
-        add(method, 0.6, None)
-        add(method, 0.6, "dsnot-t0")
+    for spec in (0.6, 0.7):  # the variance guard, and the reference's effective threshold
+        for method in ("wanda", "sparsegpt"):
+            add(method, spec, None)
+            add(method, spec, "dsnot-guard")
+            add(method, spec, "dsnot-guard-t0")
+            add(method, spec, "dsnot-t0")
     for spec in (0.7, 0.6, "2:4"):
         for method in ("wanda", "sparsegpt"):
             add(method, spec, None)

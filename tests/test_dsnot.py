@@ -277,3 +277,28 @@ def test_cuda_matches_cpu(nm, without_same_sign):
     assert torch.equal(gpu_m.cpu(), cpu_m)
     torch.testing.assert_close(gpu_w.cpu(), cpu_w)
     assert not torch.equal(cpu_m, mask)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+@pytest.mark.parametrize("perturb", [0.0, 0.3])  # 0.3: kept values moved as SparseGPT does
+def test_variance_guard_never_raises_expected_squared_error(nm, perturb):
+    w, x = _layer(out=24, n_in=64, nsamples=128, seed=3, offset=0.5)
+    mask = _wanda_mask(w, x, 0.6, nm)
+    g = torch.Generator().manual_seed(5)
+    sparse = (w + perturb * torch.randn(w.shape, generator=g)) * mask
+    stats = _stats(x)
+    mean, var = stats.mean.double(), stats.var.double()
+
+    def q(weight):  # e² + Σ_j (dense_j − w_j)² Var_j per row
+        d = w.double() - weight.double()
+        return (d @ mean) ** 2 + (d * d) @ var
+
+    history = [q(sparse)]
+    cfg = DSnoTConfig(update_threshold=0.0, variance_guard=True)
+    new_w, new_mask = dsnot_refine(w, sparse, mask, stats, cfg, nm,
+                                   trace=lambda c, e, wt, m: history.append(q(wt)))
+    for before, after in zip(history, history[1:]):
+        assert bool((after <= before + 1e-9 * before.abs().clamp_min(1)).all())
+    assert not torch.equal(new_mask, mask)  # the guard still lets useful swaps through
+    assert torch.equal(new_mask.sum(1), mask.sum(1))
+    assert float(q(new_w).sum()) < float(history[0].sum())

@@ -56,6 +56,33 @@ def calibration_config(args) -> dict:
     )
 
 
+def add_dsnot_options(p) -> None:
+    """DSnoT settings, shared by ``prune --refine dsnot`` and ``refine``."""
+    p.add_argument("--dsnot-cycles", type=int, default=50, help="DSnoT maximum cycles")
+    p.add_argument("--dsnot-threshold", type=float, default=0.1, help="DSnoT update threshold")
+    p.add_argument("--dsnot-gamma", type=float, default=1.0, help="DSnoT: power of Var in the growth score")
+    p.add_argument("--dsnot-skip", action="append", default=None, help="regex of layers DSnoT leaves alone")
+    p.add_argument("--dsnot-without-same-sign", action="store_true", help="DSnoT: drop the same-sign check")
+    p.add_argument(
+        "--dsnot-variance-guard",
+        action="store_true",
+        help="DSnoT: refuse swaps that raise the expected squared error (mean and variance terms)",
+    )
+
+
+def dsnot_config(args):
+    from ..prune.dsnot import DSnoTConfig
+
+    return DSnoTConfig(
+        max_cycles=args.dsnot_cycles,
+        update_threshold=args.dsnot_threshold,
+        pow_of_var_regrowing=args.dsnot_gamma,
+        skip_layer=tuple(args.dsnot_skip) if args.dsnot_skip else None,
+        without_same_sign=args.dsnot_without_same_sign,
+        variance_guard=args.dsnot_variance_guard,
+    )
+
+
 def add_output_options(p) -> None:
     p.add_argument("--out", required=True, help="output directory (standard HF layout + sparsecraft.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -91,10 +118,7 @@ def register(subparsers) -> None:
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x mean score)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread: block sparsities in S±λ")
     p.add_argument("--refine", choices=["dsnot"], default=None, help="refine each mask with DSnoT")
-    p.add_argument("--dsnot-cycles", type=int, default=50, help="DSnoT maximum cycles")
-    p.add_argument("--dsnot-threshold", type=float, default=0.1, help="DSnoT update threshold")
-    p.add_argument("--dsnot-skip", action="append", default=None, help="regex of layers DSnoT leaves alone")
-    p.add_argument("--dsnot-without-same-sign", action="store_true", help="DSnoT: drop the same-sign check")
+    add_dsnot_options(p)
     p.add_argument("--magnitude-scope", choices=["layer", "row"], default="layer")
     p.add_argument("--wanda-variant", action="store_true", help="Wanda's adaptive per-row variant")
     p.add_argument(
@@ -162,7 +186,6 @@ def run(args) -> int:
     from ..data import calibration_windows
     from ..models import load
     from ..prune import PruneConfig, prune
-    from ..prune.dsnot import DSnoTConfig
 
     out = Path(args.out)
     check_out(out, args.overwrite, args.resume)
@@ -178,12 +201,7 @@ def run(args) -> int:
         blocksize=args.blocksize,
         percdamp=args.percdamp,
         refine=args.refine,
-        dsnot=DSnoTConfig(
-            max_cycles=args.dsnot_cycles,
-            update_threshold=args.dsnot_threshold,
-            skip_layer=tuple(args.dsnot_skip) if args.dsnot_skip else None,
-            without_same_sign=args.dsnot_without_same_sign,
-        ),
+        dsnot=dsnot_config(args),
         true_sequential=args.true_sequential,
         **calibration_config(args),
         targets=tuple(args.targets) if args.targets else None,

@@ -15,10 +15,12 @@ from pathlib import Path
 from ..errors import SparsecraftError
 from .prune import (
     add_calibration_options,
+    add_dsnot_options,
     add_output_options,
     calibration_config,
     check_out,
     checkpoint_dir,
+    dsnot_config,
     finish,
 )
 
@@ -37,11 +39,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--pattern", default=None, help="N:M pattern of the masks (default: from sparsecraft.json)"
     )
-    p.add_argument("--dsnot-cycles", type=int, default=50)
-    p.add_argument("--dsnot-threshold", type=float, default=0.1)
-    p.add_argument("--dsnot-gamma", type=float, default=1.0, help="power of the variance in the growth score")
-    p.add_argument("--dsnot-skip", action="append", default=None, help="regex of layers to leave alone")
-    p.add_argument("--dsnot-without-same-sign", action="store_true")
+    add_dsnot_options(p)
     add_calibration_options(p)
     add_output_options(p)
     p.set_defaults(func=run)
@@ -62,20 +60,13 @@ def run(args) -> int:
     from ..models import load
     from ..prune import PruneConfig
     from ..prune.api import refine_model
-    from ..prune.dsnot import DSnoTConfig
     from ..prune.masks import nm_valid, parse_pattern
 
     out = Path(args.out)
     check_out(out, args.overwrite, args.resume)
     if Path(args.sparse_dir).resolve() == out.resolve():
         raise SparsecraftError("--out: must differ from SPARSE_DIR (the output is written separately)")
-    dsnot = DSnoTConfig(
-        max_cycles=args.dsnot_cycles,
-        update_threshold=args.dsnot_threshold,
-        pow_of_var_regrowing=args.dsnot_gamma,
-        skip_layer=tuple(args.dsnot_skip) if args.dsnot_skip else None,
-        without_same_sign=args.dsnot_without_same_sign,
-    )
+    dsnot = dsnot_config(args)
     pattern = args.pattern or _recorded_pattern(args.sparse_dir)
     nm = parse_pattern(pattern) if pattern else None
     config = PruneConfig(

@@ -91,6 +91,10 @@ class DSnoTConfig:
         engine's ``ignore``) of layers that are not refined; None or empty refines every layer.
     without_same_sign: if True, a swap is made even when it flips the sign of e (the paper's
         ablation); by default a row stops instead.
+    variance_guard: also stop a row when the swap would raise its expected squared error
+        e² + Σ_j (dense_j − w_j)² Var[x_j] (independent-input approximation). The paper's criterion only
+        looks at e, the *mean* error; a swap that lowers |e| can add more variance than it removes
+        (measured on SmolLM2's first block: +21% held-out error on q_proj without the guard).
     """
 
     max_cycles: int = 50
@@ -98,6 +102,7 @@ class DSnoTConfig:
     pow_of_var_regrowing: float = 1.0
     skip_layer: str | tuple[str, ...] | None = None
     without_same_sign: bool = False
+    variance_guard: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_cycles, bool) or not isinstance(self.max_cycles, int) or self.max_cycles < 0:
@@ -119,6 +124,8 @@ class DSnoTConfig:
             raise SparsecraftError(
                 f"DSnoT pow_of_var_regrowing={gamma!r}: expected a finite number >= 0 (default 1.0)"
             )
+        if not isinstance(self.variance_guard, bool):
+            raise SparsecraftError(f"DSnoT variance_guard={self.variance_guard!r}: expected True or False")
         if not isinstance(self.without_same_sign, bool):
             raise SparsecraftError(
                 f"DSnoT without_same_sign={self.without_same_sign!r}: expected True or False"
@@ -310,7 +317,7 @@ def dsnot_refine(
         sign = torch.sign(error).to(score.dtype).unsqueeze(1)
         sides = [_side(score, wanda, contrib_kept, pruned, sign, m)]
     del score, contrib_kept, wanda, pruned
-    _run_cycles(dense, weight, mask, mean, error, sides, m, config, trace)
+    _run_cycles(dense, weight, mask, mean, var, error, sides, m, config, trace)
     return weight, mask
 
 
@@ -334,6 +341,7 @@ def _run_cycles(
     weight: Tensor,
     mask: Tensor,
     mean: Tensor,
+    var: Tensor,
     error: Tensor,
     sides: list[_Side],
     m: int | None,
@@ -374,6 +382,13 @@ def _run_cycles(
         if not config.without_same_sign:
             # stop rather than overshoot: the error must keep its sign (or land exactly on 0)
             go &= torch.where(e > 0, after >= 0, after <= 0)
+        if config.variance_guard:
+            # expected squared error e² + Σ_j (dense_j − w_j)² Var[x_j]: growing j zeroes its
+            # term dense_j² Var_j; pruning k turns (dense_k − w_k)² Var_k into dense_k² Var_k
+            dk, wk = dense[rows, p_idx].double(), weight[rows, p_idx].double()
+            dj = dense[rows, g_idx].double()
+            d_var = (dk * dk - (dk - wk) ** 2) * var[p_idx].double() - dj * dj * var[g_idx].double()
+            go &= after * after - e * e + d_var < 0
         active[rows] = go
         if bool(go.any()):
             loc = go.nonzero().squeeze(1)
