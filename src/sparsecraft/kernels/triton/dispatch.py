@@ -1,16 +1,16 @@
 """Pick the kernel and its tile shape for one product y = x @ W^T, W a :class:`TritonWeight`.
 
-As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, run 5):
+As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, runs 5 and 6):
 
-* batch 1..``UNIT_MAX_BATCH``: the 8-column unit kernels (gemv.py) for 2:4 with float or int4
-  values and bitmask with float values (16-bit inputs, in_features % 8 == 0); other layouts at
-  batch 1 run the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
-* N:M up to ``DOT_MAX_BATCH`` rows otherwise: the decode-then-``tl.dot`` kernel (batch padded to 16);
-* otherwise (bitmask above 4 rows, anything above 16 rows, prefill): a dense weight and cuBLAS;
-  the dense weight is a cached copy when the model was prepared with ``keep_dense=True`` (then no
-  batch is slower than dense), else it is decoded on the fly by :func:`decompress`. Above batch 4
-  none of our kernels, nor torch's semi-structured 2:4, beat dense cuBLAS on that chain, so those
-  paths only save memory.
+* batch 1..``UNIT_MAX_BATCH`` (16): the 8-column unit kernels (gemv.py) for 2:4 with float or int4
+  values and bitmask with float values (16-bit inputs, in_features % 8 == 0), with the tile and
+  variant of ``UNIT_TILES`` (FMA rows or, for larger batches, the tensor-core ``dot`` variant);
+  other layouts at batch 1 run the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
+* other N:M layouts up to ``DOT_MAX_BATCH`` rows: the decode-then-``tl.dot`` kernel of sparse_mm.py;
+* otherwise (anything above 16 rows, prefill): a dense weight and cuBLAS; the dense weight is a
+  cached copy when the model was prepared with ``keep_dense=True`` (then no batch is slower than
+  dense), else it is decoded on the fly by :func:`decompress`. Above batch 1 none of our kernels
+  beat dense cuBLAS on that chain (best: 2:4 0.66x at batch 4-16), so those paths save memory only.
 
 Everything here depends on shapes only (no host syncs, no data-dependent choices), so a decode
 step can be captured in a CUDA graph; :func:`sparse_linear` is registered as the custom op
@@ -71,33 +71,40 @@ def _bk_for(tw: TritonWeight, want: int) -> int:
     return bk
 
 
-UNIT_MAX_BATCH = 4  # rows up to which the unit kernels run (measured at batch 1, 4 and 16)
+UNIT_MAX_BATCH = 16  # rows up to which the unit kernels run (measured at batch 1, 4 and 16)
 
 
 def unit_config(tw: TritonWeight, batch: int, device: torch.device) -> KernelConfig:
     """Tile of the unit kernels (gemv.py) from the H100 tuning (``UNIT_TILES``); the batch tile is the
-    batch rounded up to a power of two; K split for skinny layers."""
+    batch rounded up to a power of two (16 for the tensor-core ``dot`` variant); K split for skinny
+    layers."""
     out_f, in_f = tw.shape
-    bb = _pow2_at_least(batch, 1)
-    bn, bk, warps = UNIT_TILES.get((tw.fmt, tw.bits, 1 if bb == 1 else 4), (8, 512, 4))
+    size = 1 if batch == 1 else 4 if batch <= 4 else 16
+    bn, bk, warps, *flags = UNIT_TILES[(tw.fmt, tw.bits, size)]
+    bb = 16 if "dot" in flags else _pow2_at_least(batch, 1)
     split = 1
     n_prog = -(-out_f // bn) * -(-batch // bb)
     tiles = -(-in_f // bk)
     target = 2 * _sm_count(device)
     while n_prog * split < target and split * 2 <= tiles:
         split *= 2
-    return KernelConfig(bn=bn, bk=bk, bb=bb, num_warps=warps, split_k=split, unit=True)
+    return KernelConfig(bn=bn, bk=bk, bb=bb, num_warps=warps, split_k=split, unit=True,
+                        **{f: True for f in flags})
 
 
-# (fmt, bits, batch tile) -> (rows, columns, warps): the tile that won most of the llama-7b chain in
-# the H100 tuning run (docs/results/gpu_kernels.md); batch tile 2 uses the batch-4 entry
-UNIT_TILES: dict[tuple[str, int, int], tuple[int, int, int]] = {
+# (fmt, bits, batch size class 1 / 2-4 / 5-16) -> (rows, columns, warps, variant flags...): the
+# tile that won most layer shapes of the llama-7b chain in the H100 tuning run 6
+# (docs/results/gpu_kernels.md); "dot" runs the batch rows on the tensor cores (batch padded to 16)
+UNIT_TILES: dict[tuple[str, int, int], tuple] = {
     ("nm", 0, 1): (4, 512, 2),
-    ("nm", 4, 1): (4, 512, 2),
-    ("bitmask", 0, 1): (8, 512, 4),
-    ("nm", 0, 4): (4, 512, 2),
+    ("nm", 4, 1): (4, 512, 2, "xrow", "prmt"),
+    ("bitmask", 0, 1): (4, 256, 4, "scatter"),
+    ("nm", 0, 4): (32, 256, 4, "dot"),
     ("nm", 4, 4): (8, 512, 4),
     ("bitmask", 0, 4): (8, 512, 4),
+    ("nm", 0, 16): (32, 256, 4, "dot"),
+    ("nm", 4, 16): (32, 256, 4, "dot"),
+    ("bitmask", 0, 16): (32, 256, 4, "dot"),
 }
 
 
@@ -278,9 +285,9 @@ def use_kernel(tw: TritonWeight, batch: int) -> bool:
     """Whether a product of ``batch`` rows runs our kernels (else: dense weight + cuBLAS).
 
     Measured on the llama-7b chain (H100, docs/results/gpu_kernels.md): batch 1 always; up to
-    ``UNIT_MAX_BATCH`` rows the unit kernels where they take the weight; N:M up to ``DOT_MAX_BATCH``
-    rows the decode-then-dot kernel (it beat the unit kernels' FMA rows at batch 16); bitmask above
-    4 rows decodes to a dense temporary and calls cuBLAS.
+    ``UNIT_MAX_BATCH`` rows the unit kernels where they take the weight; other N:M layouts up to
+    ``DOT_MAX_BATCH`` rows the decode-then-dot kernel; everything else decodes to a dense
+    temporary and calls cuBLAS.
     """
     if batch == 1:
         return True
