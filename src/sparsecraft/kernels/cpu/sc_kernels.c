@@ -21,13 +21,13 @@
  *    the write mask of an expand-load, which places the next popcount(mask) values at their dense
  *    positions; x is loaded under the same mask, so pruned positions cost nothing but a zero lane.
  *  - int8 codes at batch 1 go 64 columns per mask word: one byte expand (VBMI2) places 64 codes,
- *    which are widened 16 at a time; fp32 values take four 16-lane expands per 64-bit word.
+ *    which are widened 16 at a time.
  *  - Dense rows (kind 2: float values, e.g. an unpruned lm_head, or quantized codes) are one
  *    sequential stream read with four independent accumulators, at the memory's read bandwidth.
  *  - Batches up to 4 rows share one decode per chunk (weights decoded once, reused from registers);
  *    larger batches run in tiles of 4 over the same row while it is hot in L1.
- *  - Small layers (under SC_PAR_MIN_ELEMS weights) run on the calling thread: an OpenMP fork/join
- *    costs more than it saves there.
+ *  - Small layers (under SC_PAR_MIN_BYTES compressed bytes) run on the calling thread: an OpenMP
+ *    fork/join costs more than it saves there.
  *  - Threads get contiguous row ranges balanced by stored bytes (bitmask rows differ in density).
  *  - Everything has a portable scalar twin used when __AVX512F__ is absent (and in tests).
  */
@@ -132,8 +132,8 @@ typedef struct {
     const float* xT; /* x transposed for the batched path, or NULL */
 } job_t;
 
-#ifndef SC_PAR_MIN_ELEMS
-#define SC_PAR_MIN_ELEMS (256 * 1024)
+#ifndef SC_PAR_MIN_BYTES
+#define SC_PAR_MIN_BYTES (96 * 1024)
 #endif
 
 static inline int log2_exact(int64_t v) {
@@ -229,14 +229,11 @@ static void qd_rows_scalar(const void* values, int64_t in, int vt, const quant_t
         }                                        \
     } while (0)
 
-#ifndef SC_F32_WIDE
-#define SC_F32_WIDE 1
-#endif
 #ifndef SC_MASK_PF_ROWS
-#define SC_MASK_PF_ROWS 16 /* mask rows prefetched ahead */
+#define SC_MASK_PF_ROWS 4 /* mask rows prefetched ahead */
 #endif
 #ifndef SC_PF_BYTES
-#define SC_PF_BYTES 4096 /* software prefetch distance: the value stream advances by a data-dependent
+#define SC_PF_BYTES 1536 /* software prefetch distance: the value stream advances by a data-dependent
                             amount, which the hardware prefetchers here follow poorly */
 #endif
 /* 16 raw codes/values (as fp32) expanded under mask m from the value stream at slot *s.
@@ -330,24 +327,20 @@ SC_INLINE __mmask16 load_mask16(const uint8_t* mr, int64_t j, int64_t in) {
     return (__mmask16)(v & ((1u << rem) - 1));
 }
 
-/* One output row, NB (compile-time) batch rows; float values (quantized codes: the _q / _i8 tiles).
- * At NB = 1 one 64-bit mask word feeds four 16-lane expands into four accumulators, and x is loaded
- * unmasked (a pruned lane of w is 0) except in the last partial chunk. */
+/* One output row, NB (compile-time) batch rows. */
 SC_INLINE void bm_row_tile(const uint8_t* mr, const void* values, int64_t s, int64_t safe, int64_t in, int vt,
                            const quant_t* q, int64_t i, const float* x, int64_t ldx, float* y, int64_t ldy,
                            float bias, const int NB) {
-    __m512 acc[NB > 1 ? NB : 4];
-    for (int b = 0; b < (NB > 1 ? NB : 4); b++) acc[b] = _mm512_setzero_ps();
+    __m512 acc[NB > 1 ? NB : 2];
+    for (int b = 0; b < (NB > 1 ? NB : 2); b++) acc[b] = _mm512_setzero_ps();
     int64_t j = 0;
-    if (NB == 1 && SC_F32_WIDE) {
-        for (; j + 64 <= in; j += 64) {
-            uint64_t m;
-            memcpy(&m, mr + (j >> 3), 8);
-            for (int k = 0; k < 4; k++) {
-                __mmask16 mk = (__mmask16)(m >> (16 * k));
-                __m512 w = apply_quant(vt, bm_decode(vt, mk, values, &s, safe), mk, q, i, j + 16 * k);
-                acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + j + 16 * k), acc[k]);
-            }
+    if (NB == 1) { /* two accumulators hide the FMA latency */
+        for (; j + 32 <= in; j += 32) {
+            __mmask16 m0 = load_mask16(mr, j, in), m1 = load_mask16(mr, j + 16, in);
+            __m512 w0 = apply_quant(vt, bm_decode(vt, m0, values, &s, safe), m0, q, i, j);
+            __m512 w1 = apply_quant(vt, bm_decode(vt, m1, values, &s, safe), m1, q, i, j + 16);
+            acc[0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, x + j), acc[0]);
+            acc[1] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, x + j + 16), acc[1]);
         }
     }
     for (; j < in; j += 16) {
@@ -357,7 +350,7 @@ SC_INLINE void bm_row_tile(const uint8_t* mr, const void* values, int64_t s, int
             acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + b * ldx + j), acc[b]);
     }
     if (NB == 1) {
-        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + bias;
+        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + bias;
     } else {
         for (int b = 0; b < NB; b++) y[b * ldy + i] = _mm512_reduce_add_ps(acc[b]) + bias;
     }
@@ -628,36 +621,54 @@ SC_INLINE void nm_rows_vt(const uint8_t* idx, const void* values, int64_t in, in
 }
 
 
+/* 16 weights of a dense row from column k0 (lanes under vm), dequantized */
+SC_INLINE __m512 qd_weights(int vt, __mmask16 vm, const void* vrow, int64_t k0, const quant_t* q, int64_t i) {
+    __m512 w = nm_decode(vt, vm, vrow, k0);
+    if (is_quant(vt)) {
+        int64_t g = i * q->ngroups + group_of(q, k0);
+        if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
+        w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
+    }
+    return w;
+}
+
 /* Dense rows: float values (fp32/bf16/fp16, e.g. an unpruned lm_head) or quantized codes.
- * At NB = 1 four accumulators over 64 columns keep the loads independent; the weight rows are one
- * sequential stream, prefetched SC_PF_BYTES ahead, so this runs at the memory's read bandwidth. */
+ * At NB = 1 four named accumulators over 64 columns keep the loads independent; the weight rows
+ * are one sequential stream, prefetched SC_PF_BYTES ahead, so this runs near the memory's read
+ * bandwidth.  Batches of 2-4 rows reuse each weight vector from registers. */
 SC_INLINE void qd_row_tile(const void* vrow, int64_t in, int vt, const quant_t* q, int64_t i, const float* x,
                            int64_t ldx, float* y, int64_t ldy, float bias, const int NB) {
-    const int KK = NB == 1 ? 4 : 1;
-    __m512 acc[NB][4];
-    for (int b = 0; b < NB; b++)
-        for (int k = 0; k < 4; k++) acc[b][k] = _mm512_setzero_ps();
-    const char* pf = (const char*)vrow;
     const int esz = vt == VT_F32 ? 4 : (vt == VT_BF16 || vt == VT_F16) ? 2 : 1;
+    const char* pf = (const char*)vrow + SC_PF_BYTES;
     int64_t k0 = 0;
-    for (int kk = 0; k0 < in; k0 += 16, kk++) {
+    if (NB == 1) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (; k0 + 64 <= in; k0 += 64) {
+            if (!is_int4(vt))
+                for (int o = 0; o < 64 * esz; o += 64) _mm_prefetch(pf + k0 * esz + o, _MM_HINT_T0);
+            a0 = _mm512_fmadd_ps(qd_weights(vt, 0xffff, vrow, k0, q, i), _mm512_loadu_ps(x + k0), a0);
+            a1 = _mm512_fmadd_ps(qd_weights(vt, 0xffff, vrow, k0 + 16, q, i), _mm512_loadu_ps(x + k0 + 16), a1);
+            a2 = _mm512_fmadd_ps(qd_weights(vt, 0xffff, vrow, k0 + 32, q, i), _mm512_loadu_ps(x + k0 + 32), a2);
+            a3 = _mm512_fmadd_ps(qd_weights(vt, 0xffff, vrow, k0 + 48, q, i), _mm512_loadu_ps(x + k0 + 48), a3);
+        }
+        for (; k0 < in; k0 += 16) {
+            int64_t rem = in - k0;
+            __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
+            a0 = _mm512_fmadd_ps(qd_weights(vt, vm, vrow, k0, q, i), _mm512_maskz_loadu_ps(vm, x + k0), a0);
+        }
+        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) + bias;
+        return;
+    }
+    __m512 acc[NB];
+    for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+    for (; k0 < in; k0 += 16) {
         int64_t rem = in - k0;
         __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
-        if (!is_int4(vt) && ((k0 * esz) & 63) == 0) _mm_prefetch(pf + k0 * esz + SC_PF_BYTES, _MM_HINT_T0);
-        __m512 w = nm_decode(vt, vm, vrow, k0);
-        if (is_quant(vt)) {
-            int64_t g = i * q->ngroups + group_of(q, k0);
-            if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
-            w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
-        }
-        const int a = KK == 4 ? (kk & 3) : 0;
-        for (int b = 0; b < NB; b++) acc[b][a] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(vm, x + b * ldx + k0), acc[b][a]);
+        if (!is_int4(vt) && ((k0 * esz) & 63) == 0) _mm_prefetch(pf + k0 * esz, _MM_HINT_T0);
+        __m512 w = qd_weights(vt, vm, vrow, k0, q, i);
+        for (int b = 0; b < NB; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(vm, x + b * ldx + k0), acc[b]);
     }
-    for (int b = 0; b < NB; b++) {
-        __m512 t = acc[b][0];
-        if (KK == 4) t = _mm512_add_ps(_mm512_add_ps(t, acc[b][1]), _mm512_add_ps(acc[b][2], acc[b][3]));
-        y[b * ldy + i] = _mm512_reduce_add_ps(t) + bias;
-    }
+    for (int b = 0; b < NB; b++) y[b * ldy + i] = _mm512_reduce_add_ps(acc[b]) + bias;
 }
 
 SC_INLINE void qd_rows_vt(const void* values, int64_t in, int vt, const quant_t* q, const float* x, int64_t B,
@@ -717,13 +728,7 @@ SC_INLINE int64_t qd_row_list(const void* vrow, int64_t in, int vt, const quant_
     for (int64_t k0 = 0; k0 < in; k0 += 16) {
         int64_t rem = in - k0;
         __mmask16 vm = rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1);
-        __m512 w = nm_decode(vt, vm, vrow, k0);
-        if (is_quant(vt)) {
-            int64_t g = i * q->ngroups + group_of(q, k0);
-            if (q->zeros) w = _mm512_maskz_sub_ps(vm, w, _mm512_set1_ps((float)q->zeros[g]));
-            w = _mm512_mul_ps(w, _mm512_set1_ps(_cvtsh_ss(q->scales[g])));
-        }
-        _mm512_storeu_ps(wl + k0, w);
+        _mm512_storeu_ps(wl + k0, qd_weights(vt, vm, vrow, k0, q, i));
         _mm512_storeu_si512(il + k0, _mm512_add_epi32(iota, _mm512_set1_epi32((int)k0)));
     }
     return in;
@@ -846,30 +851,34 @@ static void rows_scalar(const job_t* J, int64_t r0, int64_t r1) {
     }
 }
 
-/* Work (dense weight elements, out x in, times 2 for batches > 4) below which a call runs on the
- * calling thread: waking the second thread and joining it costs more than it saves on a small
- * layer.  Measured on SmolLM2's layers (2 threads against 1): k/v_proj (110K elements) run faster
- * on one, q/o_proj (332K) break even with int8 values and gain with fp32, the MLP (885K) gains.
- * SPARSECRAFT_PAR_MIN_ELEMS overrides it (tuning). */
-static int64_t par_min_elems(void) {
+/* Compressed bytes (times 2 for batches > 4) below which a call runs on the calling thread: waking
+ * the second thread and joining it costs more than it saves on a small layer.  Measured on
+ * SmolLM2's layers: int8 k/v_proj (50 KB) run faster on one thread (10 vs 15 us), int8 q/o_proj
+ * (151 KB) break even, fp32 k/v_proj (148 KB) and everything larger gain from two.
+ * SPARSECRAFT_PAR_MIN_BYTES overrides it (tuning). */
+static int64_t par_min_bytes(void) {
     static int64_t v = -1;
     if (v < 0) {
-        const char* e = getenv("SPARSECRAFT_PAR_MIN_ELEMS");
-        v = e && *e ? atoll(e) : (int64_t)SC_PAR_MIN_ELEMS;
+        const char* e = getenv("SPARSECRAFT_PAR_MIN_BYTES");
+        v = e && *e ? atoll(e) : (int64_t)SC_PAR_MIN_BYTES;
     }
     return v;
 }
 
 /* Threads: nthreads <= 0 means the OpenMP default; small problems run on the calling thread. */
-static int pick_threads(int nthreads, int64_t work_elems) {
+static int pick_threads(int nthreads, int64_t work_bytes) {
 #ifdef _OPENMP
     int nt = nthreads > 0 ? nthreads : omp_get_max_threads();
 #else
     int nt = 1;
     (void)nthreads;
 #endif
-    if (work_elems < par_min_elems()) nt = 1;
+    if (work_bytes < par_min_bytes()) nt = 1;
     return nt < 1 ? 1 : nt;
+}
+
+static int64_t value_bytes(int vt, int64_t slots) {
+    return vt == VT_F32 ? 4 * slots : (vt == VT_BF16 || vt == VT_F16) ? 2 * slots : is_int4(vt) ? slots / 2 : slots;
 }
 
 /* rows per dynamically scheduled block: ~8 blocks per thread, at least 4 rows */
@@ -905,24 +914,29 @@ int sc_matmul(const sc_desc* d, const float* x, int64_t B, int64_t ldx, float* y
                {d->scales, d->zeros, is_quant(vt) ? (in + gs - 1) / gs : 0, gs > 0 ? gs : 1, log2_exact(gs > 0 ? gs : 1)},
                x, B, ldx, y, ldy, d->bias, NULL};
     int vec = SC_AVX512 && !d->force_scalar, W = 16;
+    int64_t work; /* compressed bytes read */
     switch (d->kind) {
         case 0:
             J.nslots = d->row_offsets[out];
+            work = value_bytes(vt, J.nslots - d->row_offsets[0]) + out * ((in + 7) / 8);
             break;
         case 1: {
             const int N = d->n, M = d->m;
             if (N < 1 || M < 1 || N > M || M > 16 || in % M) return -3;
             W = (16 % N == 0) ? 16 / N * M : 1 << 30;
             vec = vec && W <= 32;
+            int64_t L = in / M * N;
+            work = value_bytes(vt, out * L) + out * ((L * (M <= 4 ? 2 : 4) + 7) / 8);
             break;
         }
         case 2:
+            work = value_bytes(vt, out * (is_int4(vt) ? (in + 1) / 2 * 2 : in));
             break;
         default:
             return -5;
     }
     vec = vec && (!is_quant(vt) || gs % W == 0);
-    int nt = pick_threads(d->nthreads, out * in * (B > 4 ? 2 : 1));
+    int nt = pick_threads(d->nthreads, work * (B > 4 ? 2 : 1));
     float* xT = NULL;
 #if SC_AVX512
     /* the batched (decode-list) path pays off for sparse or quantized rows; dense float rows
@@ -970,14 +984,14 @@ int sc_matmul_rows(const sc_desc* d, const float* x, int64_t B, float* y) { retu
 
 /* STREAM-like copy used by the benchmark for the machine's bandwidth bound: bytes moved = 2 * n * 4 */
 void sc_stream_copy(const float* a, float* b, int64_t n, int nthreads) {
-    int nt = pick_threads(nthreads, n);
+    int nt = pick_threads(nthreads, n * 4);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < n; i++) b[i] = a[i];
 }
 
 /* STREAM-like read (sum): bytes moved = n * 4; a decode pass is read-dominated like this */
 float sc_stream_read(const float* a, int64_t n, int nthreads) {
-    int nt = pick_threads(nthreads, n);
+    int nt = pick_threads(nthreads, n * 4);
     float total = 0.0f;
 #pragma omp parallel num_threads(nt) reduction(+ : total)
     {
