@@ -163,7 +163,7 @@ def markdown(done: dict[str, dict]) -> str:
             if r.get("nm_valid") is not None
             else f"max dev {r['max_sparsity_deviation']:.1e}"
         )
-        variant = "threshold 0.01" if spec["variant"] == "dsnot-t0.01" else "defaults"
+        variant = ", ".join(f"{k}={v}" for k, v in VARIANTS[spec["variant"]].items()) or "defaults"
         lines.append(
             f"| {spec['method']} | {spec['spec']} | {variant} | {b['ppl']:.2f} | {r['ppl']:.2f} | "
             f"{r['ppl'] / b['ppl']:.3f} | {b['prune_s']:.1f} | {r['prune_s']:.1f} | {r['dsnot_s']:.2f} | "
