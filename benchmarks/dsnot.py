@@ -276,12 +276,14 @@ def proxy(blocks=(0, 1, 12, 28), windows: int = 16) -> int:
                 for label, fields in PROXY_CONFIGS.items():
                     new_w, _ = dsnot_refine(w, sparse, m0, st, DSnoTConfig(**fields), nm)
                     after = ((w - new_w) @ x.T).pow(2).sum()
-                    ratios.setdefault((method, _label(spec), label), []).append(float((after / before).sqrt()))
+                    ratio = float((after / before).sqrt())
+                    ratios.setdefault((method, _label(spec), label), []).append(ratio)
     print(
         f"blocks {list(blocks)} ({len(layers)} layers), {windows} C4 windows x 512 "
         "(half statistics, half held out)"
     )
-    print("| initial method | sparsity | DSnoT | mean ratio of held-out error | layers improved | worst ratio |")
+    print("| initial method | sparsity | DSnoT | mean ratio of held-out error | layers improved "
+          "| worst ratio |")
     print("|---|---|---|---|---|---|")
     for (method, spec, label), v in ratios.items():
         better = sum(r < 1 for r in v)
