@@ -829,15 +829,30 @@ SC_INLINE void rows_vt(const job_t* J, const int vt, int64_t r0, int64_t r1, flo
     }
 }
 
+/* One out-of-line function per value type: a single function holding all seven inlined copies
+ * made gcc compile the fp32 row loop ~25% slower (SmolLM2 block 310 vs 240 us, interleaved A/B). */
+#define SC_ROWS_FN(NAME, VT)                                                                              \
+    static __attribute__((noinline)) void NAME(const job_t* J, int64_t r0, int64_t r1, float* wl, int32_t* il) { \
+        rows_vt(J, VT, r0, r1, wl, il);                                                                   \
+    }
+SC_ROWS_FN(rows_f32, VT_F32)
+SC_ROWS_FN(rows_bf16, VT_BF16)
+SC_ROWS_FN(rows_f16, VT_F16)
+SC_ROWS_FN(rows_i8, VT_I8)
+SC_ROWS_FN(rows_u8, VT_U8)
+SC_ROWS_FN(rows_i4, VT_I4)
+SC_ROWS_FN(rows_u4, VT_U4)
+#undef SC_ROWS_FN
+
 static void rows_avx512(const job_t* J, int64_t r0, int64_t r1, float* wl, int32_t* il) {
     switch (J->vt) {
-        case VT_F32: rows_vt(J, VT_F32, r0, r1, wl, il); break;
-        case VT_BF16: rows_vt(J, VT_BF16, r0, r1, wl, il); break;
-        case VT_F16: rows_vt(J, VT_F16, r0, r1, wl, il); break;
-        case VT_I8: rows_vt(J, VT_I8, r0, r1, wl, il); break;
-        case VT_U8: rows_vt(J, VT_U8, r0, r1, wl, il); break;
-        case VT_I4: rows_vt(J, VT_I4, r0, r1, wl, il); break;
-        default: rows_vt(J, VT_U4, r0, r1, wl, il); break;
+        case VT_F32: rows_f32(J, r0, r1, wl, il); break;
+        case VT_BF16: rows_bf16(J, r0, r1, wl, il); break;
+        case VT_F16: rows_f16(J, r0, r1, wl, il); break;
+        case VT_I8: rows_i8(J, r0, r1, wl, il); break;
+        case VT_U8: rows_u8(J, r0, r1, wl, il); break;
+        case VT_I4: rows_i4(J, r0, r1, wl, il); break;
+        default: rows_u4(J, r0, r1, wl, il); break;
     }
 }
 #endif /* SC_AVX512 */
