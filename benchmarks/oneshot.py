@@ -310,9 +310,11 @@ def markdown(done: dict[str, dict]) -> str:
             else f"max dev {r['max_sparsity_deviation']:.1e}"
         )
         calib = "none" if r["method"] == "magnitude" else f"{r['nsamples']}x512"
+        mode = "" if r["method"] == "magnitude" else r["mode"]
+        if spec["key"].endswith("-ts"):
+            mode += ", true sequential"
         lines.append(
-            f"| {spec['key'].rsplit('-n', 1)[0]} | {calib} | "
-            f"{'' if r['method'] == 'magnitude' else r['mode']} | {r['ppl']:.2f} | "
+            f"| {spec['key'].rsplit('-n', 1)[0]} | {calib} | {mode} | {r['ppl']:.2f} | "
             f"{r['prune_s']:.1f} | {t['forward_s']:.0f} / {t['statistics_s']:.0f} / {t['solve_s']:.0f} / "
             f"{t.get('error_s', float('nan')):.0f}"
             f"{' + owl ' + format(t['owl_profile_s'], '.0f') if t.get('owl_profile_s') else ''} | "
