@@ -126,24 +126,26 @@ def tables(data: Path) -> list[Table]:
         Table(
             "cpu-kernels",
             "CPU kernels: chain of 30 x (576x1536, 1536x576), speed-up vs torch fp32",
-            [locked([PY, "benchmarks/cpu_kernels.py", "--part", "chain", "--jsonl", f"{d}/cpu_chain.jsonl"])],
+            [locked([PY, "benchmarks/cpu_kernels.py", "--part", "chain",
+                     "--jsonl", f"{d}/cpu_runtime_chain.jsonl"])],
             "render_speed",
-            ["cpu_chain.jsonl"],
+            ["cpu_runtime_chain.jsonl"],
         ),
         Table(
             "cpu-e2e",
             "CPU decode of SmolLM2-135M at 70%",
-            [locked([PY, "benchmarks/cpu_kernels.py", "--part", "e2e", "--jsonl", f"{d}/cpu_e2e.jsonl"])],
+            [locked([PY, "benchmarks/cpu_kernels.py", "--part", "e2e",
+                     "--jsonl", f"{d}/cpu_runtime_e2e.jsonl"])],
             "render_speed",
-            ["cpu_e2e.jsonl"],
+            ["cpu_runtime_e2e.jsonl"],
         ),
         Table(
             "recipe",
             "One-command pipeline: recipes/sgpt50-dsnot-ft-int8.yaml",
             [locked([str(Path(PY).parent / "sparsecraft"), "run", "recipes/sgpt50-dsnot-ft-int8.yaml"])],
             "render_recipe",
-            ["runs/sgpt50-dsnot-ft-int8/summary.json"],
-            "runs/ is not committed: this table is rendered only where the recipe ran.",
+            ["recipe_summary.json"],
+            "Copy runs/sgpt50-dsnot-ft-int8/summary.json to the data folder to render a new run.",
         ),
     ]
 
