@@ -10,6 +10,18 @@ TINY_ARCHS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma", "tiny-ge
               "tiny-phi3", "tiny-opt", "tiny-gpt2", "tiny-gpt-neox"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP spin-waiting when the 2 cores are shared
+    (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny():
     """Factory: tiny('tiny-llama') -> (model, tokenizer), random weights, seed 0."""

@@ -13,14 +13,7 @@ from sparsecraft.finetune import gsm8k_windows, pack_tokens, text_windows, train
 from sparsecraft.finetune.data import GSM8K_TRAIN, instruction_windows
 from sparsecraft.models import byte_tokenizer, load, prunable_linears, save
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waiting when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pack_tokens_cuts_full_windows_in_order():
