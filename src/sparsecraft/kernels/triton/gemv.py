@@ -146,6 +146,28 @@ def _nm24_vals(q, s, z, QBITS: tl.constexpr, SYM: tl.constexpr, BF16: tl.constex
 
 
 @triton.jit
+def _program(x_ptr, N, K, stride_xb, split_k, BN: tl.constexpr, U: tl.constexpr, BB: tl.constexpr):
+    """This program's rows, first batch row, unit-tile range [kt0, kt1) of its K split and the unit
+    limit, x viewed as int64 (4 x 16-bit per element; batch 1: at its row), and the zeroed accumulator."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    b0 = tl.program_id(2) * BB
+    U_ALL = K // 8
+    n_kt = tl.cdiv(U_ALL, U)
+    per = tl.cdiv(n_kt, split_k)
+    kt0 = tl.program_id(1) * per
+    kt1 = tl.minimum(kt0 + per, n_kt)
+    U_LIM = tl.minimum(U_ALL, kt1 * U)
+    x64_ptr = x_ptr.to(tl.pointer_type(tl.int64))
+    if BB == 1:
+        x64_ptr += b0 * (stride_xb // 4)
+        acc = tl.zeros((BN, U), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BN, BB), dtype=tl.float32)
+    return rows, rmask, b0, kt0, kt1, U_LIM, x64_ptr, acc
+
+
+@triton.jit
 def nm24_gemv_kernel(
     x_ptr, out_ptr, vq_ptr, idx_ptr, s_ptr, z_ptr,
     B, N, K, stride_xb, stride_ob, vs, ms, ng, split_k,
@@ -155,23 +177,7 @@ def nm24_gemv_kernel(
     PRMT: tl.constexpr = False,
 ):
     """y = x @ W^T, W 2:4 (float values or int4 codes), x (B, K) with K % 8 == 0."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    b0 = tl.program_id(2) * BB
-    rows = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < N
-    U_ALL = K // 8
-    n_kt = tl.cdiv(U_ALL, U)
-    per = tl.cdiv(n_kt, split_k)
-    kt0 = pid_k * per
-    kt1 = tl.minimum(kt0 + per, n_kt)
-    U_LIM = tl.minimum(U_ALL, kt1 * U)
-    x64_ptr = x_ptr.to(tl.pointer_type(tl.int64))
-    if BB == 1:
-        x64_ptr += b0 * (stride_xb // 4)
-        acc = tl.zeros((BN, U), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BN, BB), dtype=tl.float32)
+    rows, rmask, b0, kt0, kt1, U_LIM, x64_ptr, acc = _program(x_ptr, N, K, stride_xb, split_k, BN, U, BB)
     q, ib, s, z, xa, xb = _nm24_load(kt0, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr, x64_ptr,
                                      vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW)
     for kt in range(kt0, kt1):
@@ -346,23 +352,7 @@ def bitmask_gemv_kernel(
     SCATTER: tl.constexpr = False,
 ):
     """y = x @ W^T, W bitmask with float values, K % 8 == 0, U * 8 a multiple of TILE."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    b0 = tl.program_id(2) * BB
-    rows = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < N
-    U_ALL = K // 8
-    n_kt = tl.cdiv(U_ALL, U)
-    per = tl.cdiv(n_kt, split_k)
-    kt0 = pid_k * per
-    kt1 = tl.minimum(kt0 + per, n_kt)
-    U_LIM = tl.minimum(U_ALL, kt1 * U)
-    x64_ptr = x_ptr.to(tl.pointer_type(tl.int64))
-    if BB == 1:
-        x64_ptr += b0 * (stride_xb // 4)
-        acc = tl.zeros((BN, U), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BN, BB), dtype=tl.float32)
+    rows, rmask, b0, kt0, kt1, U_LIM, x64_ptr, acc = _program(x_ptr, N, K, stride_xb, split_k, BN, U, BB)
     rstart = tl.load(rowoff_ptr + rows, mask=rmask, other=0)
     mb, toff, xa, xb = _bm_load(kt0, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles,
                                 stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
