@@ -95,29 +95,39 @@ def test_gptq_keeps_zeros_and_stores_exactly(rows, cols, bits, sym, g, bs, spars
     assert torch.equal(BitmaskTensor.from_dense(deq, quant=qw.info).to_dense(), deq)
 
 
-def _gptq_brute(w, h, mask, bits, g, sym, percdamp=0.01):
-    """Sequential OBS with explicit inverses of the remaining columns' Hessian, in float64."""
-    w = w.double().clone()
-    h = h.double().clone()
+def _gptq_brute(w, h, mask, bits, g, sym, percdamp=0.01, perm=None):
+    """Sequential OBS with explicit inverses of the remaining columns' Hessian, in float64.
+
+    ``perm``: process the columns in this order (act-order), each on its group's grid fitted up
+    front to the original weights (static groups); None: left to right, each group's grid fitted
+    to the updated weights when the loop reaches it."""
     cols = w.shape[1]
+    order = torch.arange(cols) if perm is None else perm
+    static = None if perm is None else rtn_quantize(w, mask, bits, g, sym).info
+    wd = w.double()[:, order].clone()
+    h = h.double()[order][:, order]
     h += percdamp * torch.diagonal(h).mean() * torch.eye(cols, dtype=torch.float64)
-    out = torch.zeros_like(w)
+    out = torch.zeros_like(wd)
+    lo, hi = ((-127, 127) if bits == 8 else (-8, 7)) if sym else (0, (1 << bits) - 1)
     scale = zero = None
     for j in range(cols):
-        if j % g == 0:
-            wg = (w[:, j : j + g] * mask[:, j : j + g]).float()  # the grid sees kept weights only
+        col = int(order[j])
+        if static is not None:
+            scale = static.scales[:, col // g].double()
+            zero = None if static.zeros is None else static.zeros[:, col // g : col // g + 1]
+        elif j % g == 0:
+            wg = (wd[:, j : j + g] * mask[:, j : j + g]).float()  # the grid sees kept weights only
             ref = _rtn_brute(wg, mask[:, j : j + g], bits, g, sym)
             qw = rtn_quantize(wg, mask[:, j : j + g], bits, g, sym)
             scale, zero = qw.info.scales[:, 0].double(), qw.info.zeros
             assert torch.allclose(ref, qw.dequantize(), atol=1e-6)
-        lo, hi = ((-127, 127) if bits == 8 else (-8, 7)) if sym else (0, (1 << bits) - 1)
         z = zero[:, 0].double() if zero is not None else torch.zeros_like(scale)
-        c = (torch.round(w[:, j] / scale) + z).clamp(lo, hi)
-        q = torch.where(mask[:, j], (c - z) * scale, torch.zeros_like(scale))
+        c = (torch.round(wd[:, j] / scale) + z).clamp(lo, hi)
+        q = torch.where(mask[:, col], (c - z) * scale, torch.zeros_like(scale))
         hinv = torch.linalg.inv(h[j:, j:])
-        e = (w[:, j] - q) / hinv[0, 0]
-        w[:, j:] -= e.unsqueeze(1) * hinv[0].unsqueeze(0)
-        out[:, j] = q
+        e = (wd[:, j] - q) / hinv[0, 0]
+        wd[:, j:] -= e.unsqueeze(1) * hinv[0].unsqueeze(0)
+        out[:, col] = q
     return out.float()
 
 
@@ -151,21 +161,8 @@ def test_gptq_act_order_matches_permuted_obs_with_static_grids(sym):
 
     mask = w != 0
     grid = rtn_quantize(w, mask, 4, g, sym).info  # static grids from the original weights
-    lo, hi = (-8, 7) if sym else (0, 15)
-    wd, hp = w.double()[:, perm].clone(), h.double()[perm][:, perm]
-    hp += 0.01 * torch.diagonal(hp).mean() * torch.eye(cols, dtype=torch.float64)
-    want = torch.zeros(rows, cols, dtype=torch.float64)
-    for j in range(cols):
-        col = int(perm[j])
-        s = grid.scales[:, col // g].double()
-        z = grid.zeros[:, col // g].double() if grid.zeros is not None else torch.zeros_like(s)
-        c = (torch.round(wd[:, j] / s) + z).clamp(lo, hi)
-        q = torch.where(mask[:, col], (c - z) * s, torch.zeros_like(s))
-        hinv = torch.linalg.inv(hp[j:, j:])
-        e = (wd[:, j] - q) / hinv[0, 0]
-        wd[:, j:] -= e.unsqueeze(1) * hinv[0].unsqueeze(0)
-        want[:, col] = q
-    torch.testing.assert_close(qw.dequantize(), want.float(), rtol=0, atol=1e-4)
+    want = _gptq_brute(w, h, mask, 4, g, sym, perm=perm)
+    torch.testing.assert_close(qw.dequantize(), want, rtol=0, atol=1e-4)
     assert torch.equal(qw.dequantize()[~mask], torch.zeros(int((~mask).sum())))
     assert torch.equal(qw.info.scales, grid.scales)
 
