@@ -207,6 +207,10 @@ def test_bench_cuda_runner(tmp_path, capsys):
     # timings of a 2-layer model on a loaded CPU are noise: check the rows, not the ratio
     assert rows["bitmask"]["tokens_per_s"] > 0 and "speedup_vs_dense" in rows["bitmask"]
     assert rows["bitmask"]["linear_weight_mb"] < rows["dense (torch)"]["linear_weight_mb"]
+    # the static-cache decode gives generate's tokens (fp32 on the CPU) and times its steps
+    for row in rows.values():
+        assert row["graph_tokens_equal_generate"] and row["graph_tokens_per_s"] > 0
+    assert "graph_speedup_vs_dense" in rows["bitmask"]
 
 
 UNIT_CASES = [

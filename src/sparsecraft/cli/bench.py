@@ -274,6 +274,13 @@ def _print(res: dict) -> None:
             f"{r['ms_per_token']:8.2f} {r['linear_weight_mb']:10.1f} {r['weight_mb']:11.1f} "
             f"{r['resident_mb']:8.1f}"
         )
+    if any("graph_tokens_per_s" in r for r in res["variants"].values()):
+        print("static cache, one CUDA graph per decode step (runtime.static_greedy):")
+        for name, r in res["variants"].items():
+            print(
+                f"  {name:26s} {r['graph_tokens_per_s']:8.2f} tok/s {r.get('graph_speedup_vs_dense', float('nan')):6.2f}x "
+                f"{r['graph_ms_per_step']:8.3f} ms/step  tokens equal generate's: {r['graph_tokens_equal_generate']}"
+            )
     print("per-layer decode time (median us per call) vs bandwidth bound (bytes / STREAM read):")
     for name, rows in ((n, r["layers"]) for n, r in res["variants"].items()):
         cells = ", ".join(f"{k} {v['us']:.0f}/{v['bound_us']:.0f}us" for k, v in rows.items())

@@ -3,18 +3,24 @@
 Same arguments and result rows as the CPU runner in :mod:`sparsecraft.cli.bench`: the model
 (optionally magnitude-pruned) runs in float16 on the device once densely (``F.linear`` / cuBLAS)
 and once per format through ``SparseLinear``, whose CUDA path calls the Triton kernels (weights
-prepared once by :func:`.dispatch.prepare_model`). Both go through the same ``generate`` call,
-attention and KV cache. Tokens/s come from ``runtime.decode_speed`` (interleaved, medians);
-``generate`` synchronises every step, so wall-clock timing is valid on the GPU. Float32 value
-formats are stored as float16 here (the GPU model runs in float16).
+prepared once by :func:`.dispatch.prepare_model`). Every model is timed twice, through the
+same attention and KV-cache code each time:
 
-Not measured in the session that wrote it (its device time was spent on the kernel benchmark);
-per-layer rows are left empty on the GPU (``benchmarks/gpu_kernels.py`` times the layers).
+* ``generate`` (eager, dynamic cache; ``runtime.decode_speed``, interleaved medians). On a GPU this
+  mostly measures the host launching kernels, so dense and sparse come out alike;
+* ``runtime.static_greedy``: static cache, one decode step replayed from a CUDA graph per token
+  (``graph_*`` keys, interleaved medians): the time of the forward pass itself.
+
+The model is built on the device in float16 (float32 value formats are stored as float16 there),
+magnitude-pruned there once, and each format converts a copy of that pruned model. Per-layer rows
+are left empty on the GPU (``benchmarks/gpu_kernels.py`` times the layers).
 """
 
 from __future__ import annotations
 
+import copy
 import gc
+import statistics
 
 import torch
 
@@ -38,9 +44,34 @@ def _copy_gbs(device: torch.device) -> float:
     return 10 * 2 * n * 2 / (a.elapsed_time(b) * 1e-3) / 1e9
 
 
+def graph_speed(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, dict]:
+    """Decode tokens/s of each model through ``static_greedy`` (CUDA graph on a GPU), medians of
+    ``repeats`` interleaved runs, and whether its tokens equal ``generate``'s for the same model."""
+    from ...runtime.measure import _generate
+    from ...runtime import static_greedy
+
+    seconds = {name: [] for name in models}
+    same = {}
+    for r in range(repeats):
+        for name, model in models.items():
+            tokens, s = static_greedy(model, prompt, new_tokens)
+            seconds[name].append(s)
+            if r == 0:
+                same[name] = bool(torch.equal(tokens, _generate(model, prompt, new_tokens)[:, prompt.shape[1] :]))
+    steps = prompt.shape[0] * (new_tokens - 1)
+    return {
+        name: {
+            "graph_tokens_per_s": round(steps / max(statistics.median(t), 1e-9), 2),
+            "graph_ms_per_step": round(statistics.median(t) / (new_tokens - 1) * 1e3, 3),
+            "graph_tokens_equal_generate": same[name],
+        }
+        for name, t in seconds.items()
+    }
+
+
 def run_cuda(args, specs, device: str | None = None) -> dict:
     """``device`` overrides ``args.device`` (tests run the plumbing on the CPU)."""
-    from ...cli.bench import _load, _magnitude, parse_nm
+    from ...cli.bench import _magnitude, parse_nm
     from ...runtime import convert, decode_speed, weight_bytes
     from .dispatch import prepare_model
 
@@ -54,8 +85,10 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
     dtype = torch.float16 if on_gpu else torch.float32
     models, memory = {}, {}
 
-    def base():
-        model, _ = _load(args.model)
+    def pruned_dense():
+        from ...models import load
+
+        model, _ = load(args.model, dtype=dtype, device=dev)  # compressed dirs are decompressed
         _magnitude(model, args.magnitude)
         return model.eval()
 
@@ -76,25 +109,33 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
         }
         models[name] = model
 
-    if not args.no_dense:
-        add("dense (torch)", lambda: base().to(dev, dtype))
+    dense = pruned_dense()
     for spec in specs:
         kw = spec.convert_kwargs(n, m, args.group_size)
         if spec.values == "fp32" and on_gpu:
             kw["dtype"] = torch.float16
-        add(spec.text, lambda kw=kw: convert(base(), **kw).to(dev, dtype))
+        add(spec.text, lambda kw=kw: convert(copy.deepcopy(dense), **kw).to(dev, dtype))
+    if args.no_dense:
+        del dense
+    else:
+        add("dense (torch)", lambda: dense)
+        models = {"dense (torch)": models.pop("dense (torch)"), **models}
     vocab = int(getattr(next(iter(models.values())).config, "vocab_size", 32000))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, max(vocab - 1, 1), (args.batch, args.prompt_len), generator=gen).to(dev)
     speed = decode_speed(models, prompt, args.new_tokens, repeats=args.repeats)
+    graph = graph_speed(models, prompt, args.new_tokens, args.repeats)
     base_name = "dense (torch)" if "dense (torch)" in speed else None
     variants = {}
     for name in models:
-        row = {**speed[name], **memory[name], "layers": {}}
+        row = {**speed[name], **graph[name], **memory[name], "layers": {}}
         if base_name:
             row["speedup_vs_dense"] = round(speed[name]["tokens_per_s"] / speed[base_name]["tokens_per_s"], 3)
+            row["graph_speedup_vs_dense"] = round(
+                graph[name]["graph_tokens_per_s"] / graph[base_name]["graph_tokens_per_s"], 3
+            )
         variants[name] = row
-    copy = _copy_gbs(dev) if on_gpu else float("nan")
+    copy_gbs = _copy_gbs(dev) if on_gpu else float("nan")
     return {
         "model": args.model,
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if on_gpu else ""),
@@ -104,7 +145,7 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
         "new_tokens": args.new_tokens,
         "magnitude": args.magnitude,
         # the CPU runner's STREAM columns; on the GPU: half the copy rate (read only) and the copy rate
-        "stream_read_gbs": round(copy / 2, 1),
-        "stream_copy_gbs": round(copy, 1),
+        "stream_read_gbs": round(copy_gbs / 2, 1),
+        "stream_copy_gbs": round(copy_gbs, 1),
         "variants": variants,
     }

@@ -1,0 +1,108 @@
+"""Greedy decoding with a static KV cache and, on a GPU, every decode step replayed from one CUDA graph.
+
+``generate`` in eager mode launches a few thousand small kernels per token of a 7B model and waits
+on the host between them, so on a GPU it measures Python, not weight streaming. This is gpt-fast's
+recipe on an unchanged Hugging Face model: transformers' ``StaticCache`` and attention code, a
+prepared 4-D boolean mask (so transformers builds none, which would read GPU values on the host),
+and one decode step (forward, argmax, cache position and mask update) captured once as a CUDA graph
+and replayed per token. Dense and sparse models run through exactly the same code, so the ratio of
+their tokens/s is the ratio of their forward passes. On the CPU the same step runs eagerly (tests).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..errors import SparsecraftError
+
+
+def _masks(config, batch: int, rows: torch.Tensor, length: int):
+    """(batch, 1, len(rows), length) bool masks: the query at position ``rows[i]`` sees keys
+    0..rows[i]. Models with per-layer attention types take a dict by type, as their forward does
+    (sliding windows never bind here: :func:`static_greedy` refuses windows shorter than the cache)."""
+    keys = torch.arange(length, device=rows.device)[None, :]
+    mask = (keys <= rows[:, None]).expand(batch, 1, rows.numel(), length)
+    if getattr(config, "layer_types", None):
+        return {kind: mask for kind in set(config.layer_types)}
+    return mask
+
+
+@torch.inference_mode()
+def static_greedy(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int, cuda_graph: bool | None = None
+) -> tuple[torch.Tensor, float]:
+    """Greedy continuation (batch, new_tokens) of ``prompt`` (batch, P) and the seconds its decode
+    steps took (prefill, warm-up and graph capture excluded; ``new_tokens - 1`` steps, since the
+    first new token comes from the prefill). ``cuda_graph`` defaults to ``prompt.is_cuda``."""
+    from transformers import StaticCache
+
+    if new_tokens < 1:
+        raise SparsecraftError(f"new_tokens must be >= 1, got {new_tokens}")
+    window = getattr(model.config, "sliding_window", None)
+    if window and window < prompt.shape[1] + new_tokens:
+        raise SparsecraftError(
+            f"static decoding covers full attention only; this model's sliding window ({window}) is "
+            f"shorter than prompt + new tokens ({prompt.shape[1] + new_tokens}): use generate"
+        )
+    cuda_graph = prompt.is_cuda if cuda_graph is None else cuda_graph
+    batch, plen = prompt.shape
+    length = plen + new_tokens
+    dev = prompt.device
+    cache = StaticCache(config=model.config, max_cache_len=length)
+
+    def forward(ids, positions, mask):  # positions: 1-D cache positions of ids' columns
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions[None].expand(batch, -1),
+            cache_position=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].argmax(-1)
+
+    positions = torch.arange(plen, device=dev)
+    first = forward(prompt, positions, _masks(model.config, batch, positions, length))
+    tokens = torch.zeros(batch, new_tokens, dtype=torch.long, device=dev)
+    tokens[:, 0] = first
+    token = first[:, None].clone()  # the step's input, updated in place by the step itself
+    pos = torch.full((1,), plen, dtype=torch.long, device=dev)
+
+    def step():
+        nxt = forward(token, pos, _masks(model.config, batch, pos, length))
+        tokens.index_copy_(1, pos - (plen - 1), nxt[:, None])
+        token.copy_(nxt[:, None])
+        pos.add_(1)
+
+    if new_tokens == 1:
+        return tokens, 0.0
+    if not cuda_graph:
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            step()
+        return tokens, time.perf_counter() - start
+
+    # warm up on a side stream (Triton compiles, cuBLAS picks algorithms), then restore the state
+    state = (token.clone(), pos.clone())
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+            token.copy_(state[0])
+            pos.copy_(state[1])
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    # capture recorded the work without running it: the cache and state are as before the step
+    torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        graph.replay()
+    torch.cuda.synchronize(dev)
+    return tokens, time.perf_counter() - start
