@@ -34,9 +34,9 @@ def _masks(config, batch: int, rows: torch.Tensor, length: int):
 def static_greedy(
     model: nn.Module, prompt: torch.Tensor, new_tokens: int, cuda_graph: bool | None = None
 ) -> tuple[torch.Tensor, float]:
-    """Greedy continuation (batch, new_tokens) of ``prompt`` (batch, P) and the seconds its decode
-    steps took (prefill, warm-up and graph capture excluded; ``new_tokens - 1`` steps, since the
-    first new token comes from the prefill). ``cuda_graph`` defaults to ``prompt.is_cuda``."""
+    """Greedy continuation (batch, new_tokens) of ``prompt`` (batch, P) and the mean seconds of one
+    decode step (the first new token comes from the prefill; on a GPU the two eager warm-up steps
+    and the capture are not timed). ``cuda_graph`` defaults to ``prompt.is_cuda``."""
     from transformers import StaticCache
 
     if new_tokens < 1:
@@ -78,31 +78,31 @@ def static_greedy(
         token.copy_(nxt[:, None])
         pos.add_(1)
 
-    if new_tokens == 1:
+    steps = new_tokens - 1
+    if steps == 0:
         return tokens, 0.0
     if not cuda_graph:
         start = time.perf_counter()
-        for _ in range(new_tokens - 1):
+        for _ in range(steps):
             step()
-        return tokens, time.perf_counter() - start
+        return tokens, (time.perf_counter() - start) / steps
 
-    # warm up on a side stream (Triton compiles, cuBLAS picks algorithms), then restore the state
-    state = (token.clone(), pos.clone())
+    # The first decode steps run eagerly on a side stream (Triton compiles, cuBLAS picks its
+    # algorithms); they are real steps: some transformers versions keep their own cache-position
+    # counter on the device, so a step cannot be undone and replayed.
+    warm = min(2, steps - 1)
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
-        for _ in range(2):
+        for _ in range(warm):
             step()
-            token.copy_(state[0])
-            pos.copy_(state[1])
     torch.cuda.current_stream(dev).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
-    # capture recorded the work without running it: the cache and state are as before the step
+        step()  # recorded, not run
     torch.cuda.synchronize(dev)
     start = time.perf_counter()
-    for _ in range(new_tokens - 1):
+    for _ in range(steps - warm):
         graph.replay()
     torch.cuda.synchronize(dev)
-    return tokens, time.perf_counter() - start
+    return tokens, (time.perf_counter() - start) / (steps - warm)

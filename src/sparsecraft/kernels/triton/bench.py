@@ -58,11 +58,10 @@ def graph_speed(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: in
             seconds[name].append(s)
             if r == 0:
                 same[name] = bool(torch.equal(tokens, _generate(model, prompt, new_tokens)[:, prompt.shape[1] :]))
-    steps = prompt.shape[0] * (new_tokens - 1)
     return {
         name: {
-            "graph_tokens_per_s": round(steps / max(statistics.median(t), 1e-9), 2),
-            "graph_ms_per_step": round(statistics.median(t) / (new_tokens - 1) * 1e3, 3),
+            "graph_tokens_per_s": round(prompt.shape[0] / max(statistics.median(t), 1e-12), 2),
+            "graph_ms_per_step": round(statistics.median(t) * 1e3, 3),
             "graph_tokens_equal_generate": same[name],
         }
         for name, t in seconds.items()
