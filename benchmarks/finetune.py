@@ -12,6 +12,8 @@ perplexities (40 windows of 512), once per results file.
 speed: training tokens/s of a (random) model with SquareHead+KD from a dense copy:
 
     python benchmarks/finetune.py speed --model random:llama-1b --batch-size 4 --seqlen 2048 --steps 8
+    accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 \
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP benchmarks/finetune.py speed ...   # 2 GPUs
 
 table: the markdown table of a results file:
 
@@ -161,10 +163,16 @@ def recovery(args) -> None:
 
 
 def speed(args) -> None:
+    """Throughput, and under several processes the multi-GPU checks: launched by ``accelerate
+    launch`` (FSDP2 with ``--use_fsdp --fsdp_version 2``) every rank builds the same random model
+    on its own GPU and reads its slice of each global batch; the row (written by rank 0) has the
+    per-step losses, so runs with the same global batch can be compared, and ``--crash-at`` /
+    ``--resume`` with ``--output-dir`` exercise the sharded checkpoints."""
     from sparsecraft.finetune import FinetuneConfig, TrainWindows, finetune
     from sparsecraft.models import load, prunable_linears
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     teacher, _ = load(args.model, dtype=args.teacher_dtype, device=device)
     student, _ = load(args.model, device=device)
     with torch.no_grad():  # 50% magnitude mask: speed does not depend on which weights are zero
@@ -172,24 +180,35 @@ def speed(args) -> None:
             w = layer.weight
             w.mul_(w.abs() > w.abs().float().median())
     vocab = student.get_input_embeddings().weight.shape[0]
-    n = args.batch_size * args.grad_accum * (args.steps + 1)
+    n = args.batch_size * args.grad_accum * world * (args.steps + 1)
     ids = torch.randint(0, vocab, (n, args.seqlen), generator=torch.Generator().manual_seed(0))
     config = FinetuneConfig(steps=args.steps, lr=1e-5, batch_size=args.batch_size,
                             grad_accum=args.grad_accum, loss_weights=VARIANTS.get(args.variant, args.variant),
-                            precision=args.precision,
+                            precision=args.precision, checkpoint_every=args.checkpoint_every,
                             gradient_checkpointing=args.gradient_checkpointing)
-    report = finetune(student, teacher, TrainWindows.from_ids(ids), config, progress=not args.no_progress)
+
+    def crash(step, metrics):
+        if step == args.crash_at:
+            raise SystemExit(3)
+
+    report = finetune(student, teacher, TrainWindows.from_ids(ids), config, progress=not args.no_progress,
+                      output_dir=args.output_dir, resume=args.resume,
+                      on_step=crash if args.crash_at else None)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     steady = report["history"][args.warmup_steps:]
     # steady-state throughput: tokens of the steps after warm-up over their share of the time
-    times = [h["seconds"] for h in report["history"]]
     row = {
         "kind": "speed", "model": args.model, "variant": args.variant,
-        "batch": args.batch_size * args.grad_accum,
-        "seqlen": args.seqlen, "steps": report["steps"], "precision": report["mixed_precision"],
+        "batch": args.batch_size * args.grad_accum * world, "batch_per_gpu": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "seqlen": args.seqlen, "steps": report["steps"], "start_step": report["start_step"],
+        "precision": report["mixed_precision"], "distributed_type": report["distributed_type"],
         "gradient_checkpointing": args.gradient_checkpointing, "teacher_dtype": args.teacher_dtype,
         "tokens_per_s": report["tokens_per_s"],
-        "steady_tokens_per_s": (sum(h["tokens"] for h in steady) / sum(times[args.warmup_steps:])
-                                if len(times) == len(report["history"]) else None),
+        "steady_tokens_per_s": (sum(h["tokens"] for h in steady) / sum(h["seconds"] for h in steady)
+                                if steady else None),
+        "losses": [h["loss"] for h in report["history"]],
         "mask_check": report["mask_check"], "peak_host_mib": report["peak_host_mib"],
         "peak_device_mib": report.get("peak_device_mib"), "world_size": report["world_size"], **_stamp(),
     }
@@ -299,6 +318,10 @@ def main() -> None:
     s.add_argument("--precision", default="auto")
     s.add_argument("--teacher-dtype", default="bfloat16")
     s.add_argument("--gradient-checkpointing", action="store_true")
+    s.add_argument("--checkpoint-every", type=int, default=0)
+    s.add_argument("--output-dir", default=None, help="checkpoints (with --checkpoint-every / --resume)")
+    s.add_argument("--crash-at", type=int, default=0, help="exit after this step (to test --resume)")
+    s.add_argument("--resume", action="store_true")
     s.add_argument("--results", default=None)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=speed)
