@@ -93,6 +93,24 @@ def _magic(c, off):
     return (c | 0x4B000000).to(tl.float32, bitcast=True) - off
 
 
+@triton.jit
+def _x_units(x64_ptr, rows, u, U_LIM, BB: tl.constexpr, XROW: tl.constexpr):
+    """Batch 1: x of units ``u`` as two int64 (8 x 16 bits); batched kernels load x rows where they
+    use them (L1/L2 hits) and get ``u`` back as placeholders."""
+    if BB == 1:
+        if XROW:
+            # x as a (BN, U) tile (rows read the same addresses), in the weights' register layout;
+            # a 1-D x tile may be converted through shared memory every iteration (sm_90 TTGIR of
+            # some tiles, e.g. 4 rows x 64 units on 2 warps)
+            xp = x64_ptr + (rows * 0)[:, None] + 2 * u[None, :]
+            xm = ((rows * 0)[:, None] + u[None, :]) < U_LIM
+        else:
+            xp = x64_ptr + 2 * u
+            xm = u < U_LIM
+        return tl.load(xp, mask=xm, other=0), tl.load(xp + 1, mask=xm, other=0)
+    return u, u
+
+
 # ------------------------------------------------------------------------------------------ 2:4
 @triton.jit
 def _nm24_load(kt, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr, x64_ptr, vs, ms, ng, stride_xb,
@@ -112,21 +130,7 @@ def _nm24_load(kt, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr, x64_ptr, v
     else:
         s = q
         z = q
-    if BB == 1:
-        if XROW:
-            # x as a (BN, U) tile (rows read the same addresses), in the weights' register layout;
-            # a 1-D x tile may be converted through shared memory every iteration (sm_90 TTGIR of
-            # some tiles, e.g. 4 rows x 64 units on 2 warps)
-            xp = x64_ptr + (rows * 0)[:, None] + 2 * u[None, :]
-            xm = ((rows * 0)[:, None] + u[None, :]) < U_LIM
-        else:
-            xp = x64_ptr + 2 * u
-            xm = u < U_LIM
-        xa = tl.load(xp, mask=xm, other=0)
-        xb = tl.load(xp + 1, mask=xm, other=0)
-    else:  # batched: x rows are loaded where they are used (L1/L2 hits)
-        xa = u
-        xb = u
+    xa, xb = _x_units(x64_ptr, rows, u, U_LIM, BB, XROW)
     return q, ib, s, z, xa, xb
 
 
@@ -316,21 +320,7 @@ def _bm_load(kt, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles, s
     mb = tl.load(mask_ptr + rows[:, None] * ms + u[None, :], mask=m2, other=0)
     tm = rmask & (rows * 0 + kt * U < U_LIM)
     toff = tl.load(toff_ptr + rows * n_tiles + (kt * U * 8) // TILE, mask=tm, other=0)
-    if BB == 1:
-        if XROW:
-            # x as a (BN, U) tile (rows read the same addresses), in the weights' register layout;
-            # a 1-D x tile may be converted through shared memory every iteration (sm_90 TTGIR of
-            # some tiles, e.g. 4 rows x 64 units on 2 warps)
-            xp = x64_ptr + (rows * 0)[:, None] + 2 * u[None, :]
-            xm = ((rows * 0)[:, None] + u[None, :]) < U_LIM
-        else:
-            xp = x64_ptr + 2 * u
-            xm = u < U_LIM
-        xa = tl.load(xp, mask=xm, other=0)
-        xb = tl.load(xp + 1, mask=xm, other=0)
-    else:  # batched: x rows are loaded where they are used (L1/L2 hits)
-        xa = u
-        xb = u
+    xa, xb = _x_units(x64_ptr, rows, u, U_LIM, BB, XROW)
     return mb, toff, xa, xb
 
 
