@@ -108,8 +108,12 @@ def _x_units(x64_ptr, rows, u, U_LIM, BB: tl.constexpr, XROW: tl.constexpr):
         else:
             xp = x64_ptr + 2 * u
             xm = u < U_LIM
-        return tl.load(xp, mask=xm, other=0), tl.load(xp + 1, mask=xm, other=0)
-    return u, u
+        xa = tl.load(xp, mask=xm, other=0)
+        xb = tl.load(xp + 1, mask=xm, other=0)
+    else:  # one return statement: the compiler requires one return type across all of them
+        xa = u
+        xb = u
+    return xa, xb
 
 
 # ------------------------------------------------------------------------------------------ 2:4
