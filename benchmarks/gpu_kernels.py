@@ -338,12 +338,11 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     K = KernelConfig
     if batch == 1:
         if fmt.startswith("bitmask"):
-            c = [K(4, 256, 1, 4, unit=True, scatter=True), K(4, 256, 1, 4, unit=True, scatter=True, evict=True),
-                 K(8, 512, 1, 4, unit=True), K(4, 512, 1, 2, unit=True), K(8, 256, 1, 4, unit=True, scatter=True),
+            c = [K(8, 512, 1, 4, unit=True), K(4, 512, 1, 2, unit=True),
+                 K(4, 256, 1, 4, unit=True, scatter=True), K(8, 256, 1, 4, unit=True, scatter=True),
                  K(8, 256, 1, 4, unit=True, scatter=True, xrow=True), K(2, 256, 1, 1)]
         else:
-            c = [K(4, 512, 1, 2, unit=True), K(4, 512, 1, 2, unit=True, evict=True),
-                 K(4, 512, 1, 2, unit=True, xrow=True, prmt=True, evict=True), K(8, 512, 1, 4, unit=True),
+            c = [K(4, 512, 1, 2, unit=True), K(8, 512, 1, 4, unit=True),
                  K(4, 512, 1, 2, unit=True, xrow=True), K(4, 512, 1, 2, unit=True, xrow=True, prmt=True),
                  K(8, 512, 1, 2, unit=True, xrow=True, prmt=True), K(4, 512, 1, 2)]
         return c[:2] if QUICK else c
@@ -378,7 +377,7 @@ def tune(fmt, layers, batch, xs, reps):
             continue
         log(
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
-            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "scatter", "evict") if getattr(cfg, k))
+            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "scatter") if getattr(cfg, k))
             + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "
             + " ".join(f"{n} {res[n] * 1000:6.1f}us" for n in SHAPES)
         )

@@ -238,7 +238,7 @@ def test_unit_kernels_match_dense_reference(case):
     for batch, cfg in [
         (1, K(bn=8, bk=256, bb=1, num_warps=4, unit=True)),
         (1, K(bn=4, bk=512, bb=1, num_warps=2, split_k=2, unit=True)),
-        (1, K(bn=4, bk=256, bb=1, num_warps=4, unit=True, xrow=True, prmt=True, scatter=True, evict=True)),
+        (1, K(bn=4, bk=256, bb=1, num_warps=4, unit=True, xrow=True, prmt=True, scatter=True)),
         (3, K(bn=8, bk=256, bb=4, num_warps=4, unit=True)),  # FMA rows, batch tail
         (5, K(bn=4, bk=512, bb=4, num_warps=2, split_k=3, unit=True, xrow=True)),  # two batch tiles
         (17, K(bn=16, bk=256, bb=16, num_warps=4, split_k=2, unit=True, dot=True)),  # tensor-core rows

@@ -45,7 +45,6 @@ class KernelConfig:
     xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
     scatter: bool = False  # bitmask: one unit per thread, a warp's lanes on consecutive units
-    evict: bool = False  # weight loads marked evict_first (streamed once; x and offsets stay cached)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -238,7 +237,7 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     common = dict(BN=cfg.bn, U=bk // 8, BB=bb, ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16,
                   DOT=cfg.dot, DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
-                  EVICT="evict_first" if cfg.evict else "", num_warps=cfg.num_warps, num_stages=1)
+                  num_warps=cfg.num_warps, num_stages=1)
     if tw.fmt == "nm":
         vq = tw.values.view(torch.int16 if tw.bits == 4 else torch.int64)
         dummy = tw.meta

@@ -26,8 +26,7 @@ Variants (constexpr flags, off by default; docs/results/gpu_kernels.md says whic
 ``XROW`` loads x as a (BN, U) tile in the weights' layout (no per-iteration layout conversion),
 ``PRMT`` (2:4, batch 1) picks x at the kept positions with one byte permute per group, ``SCATTER``
 (bitmask) gives each thread one unit so a warp's gathers read neighbouring addresses, ``DOT`` runs
-batch rows on the tensor cores from a tile assembled in registers, ``EVICT`` ("evict_first") marks the
-streamed weight loads as first to leave the caches, so x and the offsets stay.
+batch rows on the tensor cores from a tile assembled in registers.
 Everything also runs under ``TRITON_INTERPRET=1`` on CPU tensors (``INTERP`` switches the inline
 assembly, popcount and byte permute, to arithmetic).
 """
@@ -120,11 +119,11 @@ def _x_units(x64_ptr, rows, u, U_LIM, BB: tl.constexpr, XROW: tl.constexpr):
 @triton.jit
 def _nm24_load(kt, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr, x64_ptr, vs, ms, ng, stride_xb,
                b0, B, QBITS: tl.constexpr, SYM: tl.constexpr, G: tl.constexpr, U: tl.constexpr,
-               BB: tl.constexpr, XROW: tl.constexpr, EVICT: tl.constexpr):
+               BB: tl.constexpr, XROW: tl.constexpr):
     u = kt * U + tl.arange(0, U)
     m2 = rmask[:, None] & (u[None, :] < U_LIM)
-    q = tl.load(vq_ptr + rows[:, None] * vs + u[None, :], mask=m2, other=0, eviction_policy=EVICT)
-    ib = tl.load(idx_ptr + rows[:, None] * ms + u[None, :], mask=m2, other=0, eviction_policy=EVICT)
+    q = tl.load(vq_ptr + rows[:, None] * vs + u[None, :], mask=m2, other=0)
+    ib = tl.load(idx_ptr + rows[:, None] * ms + u[None, :], mask=m2, other=0)
     if QBITS == 4:
         gi = (u * 8) // G
         s = tl.load(s_ptr + rows[:, None] * ng + gi[None, :], mask=m2, other=0.0)
@@ -183,16 +182,16 @@ def nm24_gemv_kernel(
     QBITS: tl.constexpr, SYM: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, VBF16: tl.constexpr,
     INTERP: tl.constexpr, BN: tl.constexpr, U: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
     DOT: tl.constexpr = False, DOT_F32: tl.constexpr = False, XROW: tl.constexpr = False,
-    PRMT: tl.constexpr = False, EVICT: tl.constexpr = "",
+    PRMT: tl.constexpr = False,
 ):
     """y = x @ W^T, W 2:4 (float values or int4 codes), x (B, K) with K % 8 == 0."""
     rows, rmask, b0, kt0, kt1, U_LIM, x64_ptr, acc = _program(x_ptr, N, K, stride_xb, split_k, BN, U, BB)
     q, ib, s, z, xa, xb = _nm24_load(kt0, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr, x64_ptr,
-                                     vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW, EVICT)
+                                     vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW)
     for kt in range(kt0, kt1):
         qc, ibc, sc, zc, xac, xbc = q, ib, s, z, xa, xb
         q, ib, s, z, xa, xb = _nm24_load(kt + 1, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr,
-                                         x64_ptr, vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW, EVICT)
+                                         x64_ptr, vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW)
         v0, v1, v2, v3 = _nm24_vals(qc, sc, zc, QBITS, SYM, VBF16)
         ibi = ibc.to(tl.int32)
         i0 = ibi & 3
@@ -313,7 +312,7 @@ def _apply_rows(acc, w0, w1, w2, w3, w4, w5, w6, w7, x64_ptr, u, U_LIM, b0, B, s
 @triton.jit
 def _bm_load(kt, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles, stride_xb, b0, B, zero,
              U: tl.constexpr, BB: tl.constexpr, TILE: tl.constexpr, XROW: tl.constexpr,
-             SCATTER: tl.constexpr, EVICT: tl.constexpr):
+             SCATTER: tl.constexpr):
     if SCATTER:
         # ``^ zero`` (a run-time 0) hides the units' contiguity from the compiler, so a thread is
         # given one unit per row and a warp's lanes read consecutive units: the value gathers of a
@@ -322,7 +321,7 @@ def _bm_load(kt, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles, s
     else:
         u = kt * U + tl.arange(0, U)
     m2 = rmask[:, None] & (u[None, :] < U_LIM)
-    mb = tl.load(mask_ptr + rows[:, None] * ms + u[None, :], mask=m2, other=0, eviction_policy=EVICT)
+    mb = tl.load(mask_ptr + rows[:, None] * ms + u[None, :], mask=m2, other=0)
     tm = rmask & (rows * 0 + kt * U < U_LIM)
     toff = tl.load(toff_ptr + rows * n_tiles + (kt * U * 8) // TILE, mask=tm, other=0)
     xa, xb = _x_units(x64_ptr, rows, u, U_LIM, BB, XROW)
@@ -330,10 +329,10 @@ def _bm_load(kt, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles, s
 
 
 @triton.jit
-def _bm_col(vals_ptr, pos, mb, k: tl.constexpr, EVICT: tl.constexpr):
+def _bm_col(vals_ptr, pos, mb, k: tl.constexpr):
     """Column k of every unit: its value (0 where the mask bit is clear) and the next position."""
     bit = (mb >> k) & 1
-    v = tl.load(vals_ptr + pos, mask=bit != 0, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    v = tl.load(vals_ptr + pos, mask=bit != 0, other=0.0).to(tl.float32)
     return v, pos + bit
 
 
@@ -344,28 +343,28 @@ def bitmask_gemv_kernel(
     BF16: tl.constexpr, TILE: tl.constexpr, INTERP: tl.constexpr,
     BN: tl.constexpr, U: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
     DOT: tl.constexpr = False, DOT_F32: tl.constexpr = False, XROW: tl.constexpr = False,
-    SCATTER: tl.constexpr = False, EVICT: tl.constexpr = "",
+    SCATTER: tl.constexpr = False,
 ):
     """y = x @ W^T, W bitmask with float values, K % 8 == 0, U * 8 a multiple of TILE."""
     rows, rmask, b0, kt0, kt1, U_LIM, x64_ptr, acc = _program(x_ptr, N, K, stride_xb, split_k, BN, U, BB)
     rstart = tl.load(rowoff_ptr + rows, mask=rmask, other=0)
     mb, toff, xa, xb = _bm_load(kt0, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles,
-                                stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER, EVICT)
+                                stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
     for kt in range(kt0, kt1):
         mbc, toffc, xac, xbc = mb, toff, xa, xb
         mb, toff, xa, xb = _bm_load(kt + 1, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles,
-                                    stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER, EVICT)
+                                    stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
         m = mbc.to(tl.int32)
         pc = _popc(m, INTERP)
         pos = (rstart + toffc)[:, None] + tl.cumsum(pc, axis=1) - pc
-        w0, pos = _bm_col(vals_ptr, pos, m, 0, EVICT)
-        w1, pos = _bm_col(vals_ptr, pos, m, 1, EVICT)
-        w2, pos = _bm_col(vals_ptr, pos, m, 2, EVICT)
-        w3, pos = _bm_col(vals_ptr, pos, m, 3, EVICT)
-        w4, pos = _bm_col(vals_ptr, pos, m, 4, EVICT)
-        w5, pos = _bm_col(vals_ptr, pos, m, 5, EVICT)
-        w6, pos = _bm_col(vals_ptr, pos, m, 6, EVICT)
-        w7, pos = _bm_col(vals_ptr, pos, m, 7, EVICT)
+        w0, pos = _bm_col(vals_ptr, pos, m, 0)
+        w1, pos = _bm_col(vals_ptr, pos, m, 1)
+        w2, pos = _bm_col(vals_ptr, pos, m, 2)
+        w3, pos = _bm_col(vals_ptr, pos, m, 3)
+        w4, pos = _bm_col(vals_ptr, pos, m, 4)
+        w5, pos = _bm_col(vals_ptr, pos, m, 5)
+        w6, pos = _bm_col(vals_ptr, pos, m, 6)
+        w7, pos = _bm_col(vals_ptr, pos, m, 7)
         if BB == 1:
             x0, x1, x2, x3 = _split4(xac, BF16)
             x4, x5, x6, x7 = _split4(xbc, BF16)
