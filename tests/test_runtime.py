@@ -163,6 +163,52 @@ def test_convert_wraps_compressed_linear_and_keeps_dtype_choice():
     assert others and all(m.weight_compressed.values.dtype == torch.bfloat16 for m in others)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"format": "bitmask"},
+        {"format": "bitmask", "bits": 8, "group_size": 64},
+        {"format": "bitmask", "bits": 4, "group_size": 32, "symmetric": False},
+        {"format": "nm", "bits": 8, "group_size": 32},
+    ],
+)
+def test_fused_siblings_are_bit_identical_and_share_storage(kw):
+    dense = _pruned("tiny-qwen2", nm=kw["format"] == "nm")  # qwen2: q/k/v carry biases
+    plain = convert(copy.deepcopy(dense), fuse=False, **kw)
+    fused = convert(copy.deepcopy(dense), **kw)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert attn.q_proj._group is attn.v_proj._group is not None
+    assert mlp.gate_proj._group is mlp.up_proj._group is not None and mlp.down_proj._group is None
+    assert plain.model.layers[0].self_attn.q_proj._group is None
+    # the members' weights are views of the stacked weight: nothing copied
+    g = attn.k_proj._group
+    stacked_ptr = g.kernel.keep[1].untyped_storage().data_ptr()
+    assert attn.k_proj.weight_compressed.values.untyped_storage().data_ptr() == stacked_ptr
+    assert torch.equal(_logits(plain, IDS), _logits(fused, IDS))  # prefill: 22 rows
+    assert torch.equal(_logits(plain, IDS[:1, :1]), _logits(fused, IDS[:1, :1]))  # one row
+    ident = greedy_identity(plain, fused, IDS[:1, :5], new_tokens=8)
+    assert ident["identical"], ident
+    for name in ("q_proj", "k_proj", "v_proj"):  # a member's weight decompresses to its own rows
+        a = plain.model.layers[1].self_attn.get_submodule(name).dense_weight()
+        assert torch.equal(a, fused.model.layers[1].self_attn.get_submodule(name).dense_weight())
+
+
+def test_fused_member_on_another_input_computes_its_own_output():
+    dense = _pruned("tiny-llama")
+    fused = convert(copy.deepcopy(dense), format="bitmask")
+    attn = fused.model.layers[0].self_attn
+    ref = dense.model.layers[0].self_attn
+    x, z = torch.randn(1, 1, attn.q_proj.in_features), torch.randn(1, 1, attn.q_proj.in_features)
+    with torch.inference_mode():
+        q = attn.q_proj(x)  # computes q, k and v of x
+        k_z = attn.k_proj(z)  # not x: computed for z (the group now holds z's q and v)
+        v_x = attn.v_proj(x)  # x again: computed afresh, not z's cached v
+        k_x = attn.k_proj(x)  # x's cached k, from the call just before
+        for got, layer, inp in ((q, "q_proj", x), (k_z, "k_proj", z), (v_x, "v_proj", x), (k_x, "k_proj", x)):
+            want = ref.get_submodule(layer)(inp)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), layer
+
+
 @pytest.mark.slow
 def test_smollm2_sparse_runtime_is_token_identical():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

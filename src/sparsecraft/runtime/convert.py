@@ -8,7 +8,8 @@ results are passed in ``quantized``. Layers already held compressed (``Compresse
 (unpruned, often tied) output projection with an int8 quantized dense copy; otherwise
 ``lm_head_kernel`` (default on) runs the float output projection through sparsecraft's dense CPU
 kernel at small batch (same weights, same Parameter: it streams them at the memory's bandwidth,
-where torch's batch-1 GEMV reaches a fraction of it).
+where torch's batch-1 GEMV reaches a fraction of it). ``fuse`` (default on) gives sibling layers
+called on the same input (q/k/v, gate/up) one stacked kernel call (:mod:`.fuse`).
 The model is changed in place and returned; ``generate`` works unchanged (KV cache included).
 """
 
@@ -25,6 +26,7 @@ from ..formats import QuantizedDenseTensor
 from ..formats.checkpoint import CompressedLinear, compress_weight
 from ..formats.qinfo import QuantizedWeight
 from ..models.discovery import Conv1D, is_linear, prunable_linears, weight_matrix
+from .fuse import fuse_siblings
 from .linear import DEFAULT_DENSE_KERNEL_ROWS, DEFAULT_MAX_KERNEL_BATCH, DenseKernelLinear, SparseLinear
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class ConvertConfig:
     m: int = 4
     lm_head_int8: bool = False
     lm_head_kernel: bool = True
+    fuse: bool = True
     threads: int = 0
     max_kernel_batch: int = DEFAULT_MAX_KERNEL_BATCH
 
@@ -101,6 +104,7 @@ def convert(
     lm_head_int8: bool = False,
     *,
     lm_head_kernel: bool = True,
+    fuse: bool = True,
     symmetric: bool = True,
     n: int = 2,
     m: int = 4,
@@ -119,6 +123,7 @@ def convert(
     holds the quantizer's results by layer name).
     lm_head_kernel: run the unpruned float lm_head through our dense kernel for up to
     ``DEFAULT_DENSE_KERNEL_ROWS`` rows (torch beyond); ignored with ``lm_head_int8``.
+    fuse: one kernel call for q/k/v and for gate/up (bit-identical outputs, see runtime.fuse).
     """
     cfg = ConvertConfig(
         format,
@@ -130,6 +135,7 @@ def convert(
         m,
         lm_head_int8,
         lm_head_kernel,
+        fuse,
         threads,
         max_kernel_batch,
     )
@@ -165,11 +171,18 @@ def convert(
         raise SparsecraftError(
             f"quantized results given for layers that were not converted: {sorted(quantized)[:3]}"
         )
+    fused = fuse_siblings(model) if cfg.fuse else 0
     if cfg.lm_head_int8:
         _int8_lm_head(model, cfg)
     elif cfg.lm_head_kernel:
         _kernel_lm_head(model, cfg)
-    log.info("convert: %d layers -> SparseLinear (%s), %d left dense", converted, cfg.format, kept_dense)
+    log.info(
+        "convert: %d layers -> SparseLinear (%s), %d left dense, %d sibling groups fused",
+        converted,
+        cfg.format,
+        kept_dense,
+        fused,
+    )
     return model
 
 

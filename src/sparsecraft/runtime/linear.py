@@ -74,6 +74,9 @@ class SparseLinear(nn.Module):
                 self._kernel = None
         # the accelerator backend's prepared weight (e.g. a Triton layout), built on first use
         self._cuda_weight = None
+        # siblings called on the same input share one stacked kernel call (runtime.fuse)
+        self._group = None
+        self._group_index = 0
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +90,8 @@ class SparseLinear(nn.Module):
                 )
             rows = x.numel() // self.in_features
             if rows <= self.max_kernel_batch and not (x.requires_grad and torch.is_grad_enabled()):
+                if self._group is not None:
+                    return self._group.output(self._group_index, x, rows, shape[:-1])
                 return k.call_rows(x, rows, shape[:-1] + self._out_shape)
         return self._forward_other(x)
 
