@@ -278,6 +278,8 @@ def run_e2e(args, jsonl: Path | None) -> list[dict]:
     conv = {
         f"bitmask {sp}% fp32": {},
         f"bitmask {sp}% int8": {"bits": 8},
+        # one kernel call per layer instead of one for q/k/v and one for gate/up (runtime.fuse)
+        f"bitmask {sp}% int8, not fused": {"bits": 8, "fuse": False},
         # the fp32 lm_head through torch's F.linear instead of our dense kernel (the default)
         f"bitmask {sp}% int8, torch lm_head": {"bits": 8, "lm_head_kernel": False},
         f"bitmask {sp}% int8 + int8 lm_head": {"bits": 8, "lm_head_int8": True},
@@ -287,7 +289,9 @@ def run_e2e(args, jsonl: Path | None) -> list[dict]:
     # the same models with torch's own ops (norms, attention, rope) on one thread while the
     # sparse kernels keep args.threads: single-token ops are too small to gain from a second thread
     threads = {}
-    for name in [n for n in variants if "run densely" not in n and "torch lm_head" not in n]:
+    for name in [
+        n for n in variants if not any(k in n for k in ("run densely", "torch lm_head", "not fused"))
+    ]:
         variants[f"{name} [torch 1 thread]"] = variants[name]
         threads[f"{name} [torch 1 thread]"] = 1
     rows = []
