@@ -50,6 +50,14 @@ def _label(spec) -> str:
 VARIANTS = {"dsnot": {}, "dsnot-t0.01": {"update_threshold": 0.01}, "dsnot-t0": {"update_threshold": 0.0},
             "dsnot-guard": {"variance_guard": True},
             "dsnot-guard-t0": {"variance_guard": True, "update_threshold": 0.0}}
+# which layers cost perplexity: the guarded threshold-0 variant on a subset of the linears
+_GUARD_T0 = VARIANTS["dsnot-guard-t0"]
+VARIANTS.update({
+    "dsnot-guard-t0-attn": {**_GUARD_T0, "skip_layer": "mlp"},
+    "dsnot-guard-t0-mlp": {**_GUARD_T0, "skip_layer": "self_attn"},
+    "dsnot-guard-t0-no-k": {**_GUARD_T0, "skip_layer": "k_proj"},
+    "dsnot-guard-t0-no-qk": {**_GUARD_T0, "skip_layer": ("q_proj", "k_proj")},
+})
 
 
 def rows() -> list[dict]:
@@ -86,6 +94,8 @@ def rows() -> list[dict]:
             if method == "wanda" and spec != "2:4":
                 add(method, spec, "dsnot-t0.01")
     add("wanda", "2:4", "dsnot-t0.01")
+    for variant in ("dsnot-guard-t0-attn", "dsnot-guard-t0-mlp", "dsnot-guard-t0-no-k", "dsnot-guard-t0-no-qk"):
+        add("wanda", 0.6, variant)
     for spec in (0.7, 0.6, "2:4"):
         add("sparsegpt", spec, "dsnot-t0.01")
     unique = {}
