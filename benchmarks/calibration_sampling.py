@@ -8,7 +8,6 @@ papers' protocol: a random document longer than the window, a random window insi
 import sys, time, torch
 from sparsecraft.models import load
 from sparsecraft.data.sources import _documents, tokenize
-from sparsecraft.data import eval_windows
 from sparsecraft.eval import perplexity
 from sparsecraft.prune import PruneConfig, prune
 torch.set_num_threads(2)
