@@ -36,13 +36,16 @@ def rows() -> list[dict]:
     out = [{"key": "dense", "method": None}]
     fast = dict(calib_dtype="bfloat16", bf16_hessian=True)
 
-    def row(method, spec, nsamples=128, profile="uniform", mode="fast", true_sequential=False):
+    def row(method, spec, nsamples=128, profile="uniform", mode="fast", true_sequential=False, variant=False):
         kw = {"sparsity": spec} if isinstance(spec, float) else {"pattern": spec}
         label = f"{int(spec * 100)}%" if isinstance(spec, float) else spec
         key = f"{'owl-' if profile == 'owl' else ''}{method}-{label}-n{nsamples}-{mode}"
         if true_sequential:
             kw["true_sequential"] = True
             key += "-ts"
+        if variant:  # Wanda's adaptive per-row variant
+            kw["wanda_variant"] = True
+            key += "-variant"
         return {
             "key": key,
             "method": method,
@@ -72,6 +75,7 @@ def rows() -> list[dict]:
                 out.append(r)
     for method, spec in [("wanda", "2:4"), ("sparsegpt", "2:4"), ("wanda", 0.7), ("sparsegpt", 0.7)]:
         out.append(row(method, spec, nsamples=64))  # the anchor's other rows, fast mode
+    out.append(row("wanda", 0.5, variant=True))
     return out
 
 
@@ -313,6 +317,8 @@ def markdown(done: dict[str, dict]) -> str:
         mode = "" if r["method"] == "magnitude" else r["mode"]
         if spec["key"].endswith("-ts"):
             mode += ", true sequential"
+        if spec["key"].endswith("-variant"):
+            mode += ", Wanda variant"
         lines.append(
             f"| {spec['key'].rsplit('-n', 1)[0]} | {calib} | {mode} | {r['ppl']:.2f} | "
             f"{r['prune_s']:.1f} | {t['forward_s']:.0f} / {t['statistics_s']:.0f} / {t['solve_s']:.0f} / "
