@@ -108,7 +108,9 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
         }
         models[name] = model
 
+    start = torch.cuda.memory_allocated(dev) if on_gpu else 0
     dense = pruned_dense()
+    dense_mb = round((torch.cuda.memory_allocated(dev) - start) / 2**20, 1) if on_gpu else 0.0
     for spec in specs:
         kw = spec.convert_kwargs(n, m, args.group_size)
         if spec.values == "fp32" and on_gpu:
@@ -118,6 +120,7 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
         del dense
     else:
         add("dense (torch)", lambda: dense)
+        memory["dense (torch)"]["resident_mb"] = dense_mb  # allocated before add() looked
         models = {"dense (torch)": models.pop("dense (torch)"), **models}
     vocab = int(getattr(next(iter(models.values())).config, "vocab_size", 32000))
     gen = torch.Generator().manual_seed(0)
