@@ -94,8 +94,8 @@ def rows() -> list[dict]:
             if method == "wanda" and spec != "2:4":
                 add(method, spec, "dsnot-t0.01")
     add("wanda", "2:4", "dsnot-t0.01")
-    for variant in ("dsnot-guard-t0-attn", "dsnot-guard-t0-mlp", "dsnot-guard-t0-no-k", "dsnot-guard-t0-no-qk"):
-        add("wanda", 0.6, variant)
+    for subset in ("attn", "mlp", "no-k", "no-qk"):
+        add("wanda", 0.6, f"dsnot-guard-t0-{subset}")
     for spec in (0.7, 0.6, "2:4"):
         add("sparsegpt", spec, "dsnot-t0.01")
     unique = {}

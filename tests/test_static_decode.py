@@ -10,7 +10,9 @@ from sparsecraft.runtime.measure import greedy_tokens
 from sparsecraft.runtime.static_decode import static_greedy
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-opt", "tiny-gpt2", "tiny-gpt-neox"])
+@pytest.mark.parametrize(
+    "name", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-opt", "tiny-gpt2", "tiny-gpt-neox"]
+)
 def test_tokens_equal_generate(name):
     model, _ = load(f"random:{name}")
     prompt = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(1))

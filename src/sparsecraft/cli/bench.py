@@ -278,8 +278,9 @@ def _print(res: dict) -> None:
         print("static cache, one CUDA graph per decode step (runtime.static_greedy):")
         for name, r in res["variants"].items():
             print(
-                f"  {name:26s} {r['graph_tokens_per_s']:8.2f} tok/s {r.get('graph_speedup_vs_dense', float('nan')):6.2f}x "
-                f"{r['graph_ms_per_step']:8.3f} ms/step  tokens equal generate's: {r['graph_tokens_equal_generate']}"
+                f"  {name:26s} {r['graph_tokens_per_s']:8.2f} tok/s "
+                f"{r.get('graph_speedup_vs_dense', float('nan')):6.2f}x {r['graph_ms_per_step']:8.3f} ms/step"
+                f"  tokens equal generate's: {r['graph_tokens_equal_generate']}"
             )
     print("per-layer decode time (median us per call) vs bandwidth bound (bytes / STREAM read):")
     for name, rows in ((n, r["layers"]) for n, r in res["variants"].items()):

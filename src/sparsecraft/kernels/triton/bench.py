@@ -47,8 +47,8 @@ def _copy_gbs(device: torch.device) -> float:
 def graph_speed(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, dict]:
     """Decode tokens/s of each model through ``static_greedy`` (CUDA graph on a GPU), medians of
     ``repeats`` interleaved runs, and whether its tokens equal ``generate``'s for the same model."""
-    from ...runtime.measure import _generate
     from ...runtime import static_greedy
+    from ...runtime.measure import _generate
 
     seconds = {name: [] for name in models}
     same = {}
@@ -57,7 +57,8 @@ def graph_speed(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: in
             tokens, s = static_greedy(model, prompt, new_tokens)
             seconds[name].append(s)
             if r == 0:
-                same[name] = bool(torch.equal(tokens, _generate(model, prompt, new_tokens)[:, prompt.shape[1] :]))
+                reference = _generate(model, prompt, new_tokens)[:, prompt.shape[1] :]
+                same[name] = bool(torch.equal(tokens, reference))
     return {
         name: {
             "graph_tokens_per_s": round(prompt.shape[0] / max(statistics.median(t), 1e-12), 2),
@@ -108,20 +109,15 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
         }
         models[name] = model
 
-    start = torch.cuda.memory_allocated(dev) if on_gpu else 0
-    dense = pruned_dense()
-    dense_mb = round((torch.cuda.memory_allocated(dev) - start) / 2**20, 1) if on_gpu else 0.0
+    add("dense (torch)", pruned_dense)  # every format converts a copy of this pruned model
+    dense = models["dense (torch)"]
     for spec in specs:
         kw = spec.convert_kwargs(n, m, args.group_size)
         if spec.values == "fp32" and on_gpu:
             kw["dtype"] = torch.float16
         add(spec.text, lambda kw=kw: convert(copy.deepcopy(dense), **kw).to(dev, dtype))
     if args.no_dense:
-        del dense
-    else:
-        add("dense (torch)", lambda: dense)
-        memory["dense (torch)"]["resident_mb"] = dense_mb  # allocated before add() looked
-        models = {"dense (torch)": models.pop("dense (torch)"), **models}
+        del models["dense (torch)"], memory["dense (torch)"], dense
     vocab = int(getattr(next(iter(models.values())).config, "vocab_size", 32000))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, max(vocab - 1, 1), (args.batch, args.prompt_len), generator=gen).to(dev)
