@@ -36,7 +36,8 @@ def rows() -> list[dict]:
     out = [{"key": "dense", "method": None}]
     fast = dict(calib_dtype="bfloat16", bf16_hessian=True)
 
-    def row(method, spec, nsamples=128, profile="uniform", mode="fast", true_sequential=False, variant=False):
+    def row(method, spec, nsamples=128, profile="uniform", mode="fast", true_sequential=False, variant=False,
+            percdamp=None, dense_targets=False):
         kw = {"sparsity": spec} if isinstance(spec, float) else {"pattern": spec}
         label = f"{int(spec * 100)}%" if isinstance(spec, float) else spec
         key = f"{'owl-' if profile == 'owl' else ''}{method}-{label}-n{nsamples}-{mode}"
@@ -46,6 +47,12 @@ def rows() -> list[dict]:
         if variant:  # Wanda's adaptive per-row variant
             kw["wanda_variant"] = True
             key += "-variant"
+        if percdamp is not None:  # SparseGPT dampening other than the default 1%
+            kw["percdamp"] = percdamp
+            key += f"-damp{percdamp:g}"
+        if dense_targets:  # refit to the dense model's outputs before pruning
+            kw["dense_targets"] = True
+            key += "-dt"
         return {
             "key": key,
             "method": method,
@@ -76,6 +83,18 @@ def rows() -> list[dict]:
     for method, spec in [("wanda", "2:4"), ("sparsegpt", "2:4"), ("wanda", 0.7), ("sparsegpt", 0.7)]:
         out.append(row(method, spec, nsamples=64))  # the anchor's other rows, fast mode
     out.append(row("wanda", 0.5, variant=True))
+    for damp in (0.001, 0.003, 0.03, 0.1):  # SparseGPT dampening sweep (default 0.01)
+        out.append(row("sparsegpt", 0.5, percdamp=damp))
+    for spec in (0.5, "2:4", 0.7, 0.6, "4:8"):  # SparseGPT with dense targets
+        out.append(row("sparsegpt", spec, dense_targets=True))
+    for damp in (0.0003, 0.0001):
+        out.append(row("sparsegpt", 0.5, percdamp=damp))
+    for spec in (0.5, "2:4", 0.7):  # 0.1% dampening, with and without dense targets
+        for dt in (False, True):
+            r = row("sparsegpt", spec, percdamp=0.001, dense_targets=dt)
+            if r["key"] not in {x["key"] for x in out}:
+                out.append(r)
+    out.append(row("sparsegpt", 0.5, nsamples=64, dense_targets=True))  # its cost with the anchor's 64
     return out
 
 
@@ -362,11 +381,17 @@ def main() -> int:
     if args.markdown:
         print(markdown(done))
         return 0
-    wanted = set(args.rows.split(",")) if args.rows else None
     path.parent.mkdir(parents=True, exist_ok=True)
     print("command:", " ".join([sys.executable, *sys.argv]), flush=True)
-    for spec in rows():
-        if spec["key"] in done or (wanted and spec["key"] not in wanted):
+    specs = rows()
+    if args.rows:  # in the order given
+        by_key = {spec["key"]: spec for spec in specs}
+        unknown = [k for k in args.rows.split(",") if k not in by_key]
+        if unknown:
+            raise SystemExit(f"unknown rows: {unknown} (see --list)")
+        specs = [by_key[k] for k in args.rows.split(",")]
+    for spec in specs:
+        if spec["key"] in done:
             continue
         with contextlib.nullcontext() if args.no_lock else cpu_lock():
             result = run_row(spec, args.model)

@@ -242,3 +242,111 @@ def test_custom_solver_protocol_and_bf16_fast_mode():
     torch.testing.assert_close(after, before * 0.5)
     assert rep.forward_dtype == "bfloat16" and rep.layers[0].info["seen"] == 4 * 48
     assert rep.layers[0].rel_error == pytest.approx(0.5, rel=1e-3)
+
+
+class _CrossRecorder:
+    """Hessian solver that halves nothing and keeps each group's (H, G) pair."""
+
+    needs_hessian = True
+
+    def __init__(self):
+        self.pairs = {}
+
+    def solve(self, name, layer, weight, stats):
+        self.pairs[name] = (stats.hessian.clone(), stats.cross.clone())
+        return weight * (weight.abs() > weight.abs().median())  # change the model: streams diverge
+
+
+def test_dense_targets_pair_the_dense_and_the_pruned_inputs():
+    """G = Σ x̃ xᵀ pairs each token's dense input with the pruned model's: equal to H in block 0
+    (same inputs), equal to a direct computation from both models' activations in block 1."""
+    ids = _calib()
+    dense, _ = _model("tiny-llama")
+    model, _ = _model("tiny-llama")
+    rec = _CrossRecorder()
+    run_sequential(model, ids, rec, EngineOptions(batch_size=2, progress=False, dense_targets=True))
+    # block 0: statistics come from the still-dense block on identical inputs; block 1 differs
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+        assert torch.equal(*rec.pairs[name])
+    assert not torch.equal(*rec.pairs["model.layers.1.mlp.gate_proj"])
+
+    def inputs(m, layer_name):
+        seen = []
+        layer = dict(m.named_modules())[layer_name]
+        hook = layer.register_forward_pre_hook(lambda mod, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            for batch in ids.split(2):
+                m(batch)
+        hook.remove()
+        return torch.cat(seen).double()
+
+    name = "model.layers.1.self_attn.q_proj"
+    xd, xp = inputs(dense, name), inputs(model, name)  # model: now pruned everywhere; block 1's
+    # q_proj input depends only on block 0 (pruned) and block 1's norm, both final
+    h, g = rec.pairs[name]
+    torch.testing.assert_close(h.double(), xp.t() @ xp, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(g.double(), xd.t() @ xp, rtol=1e-4, atol=1e-3)
+
+
+def test_dense_targets_sparsegpt_lowers_the_error_to_the_dense_model():
+    """SparseGPT with dense targets: identical to plain SparseGPT in block 0 (x̃ = x), closer to the
+    dense model's last hidden state at the end, same sparsity; resume gives the same masks."""
+    ids = _calib(n=8)
+    dense, tok = _model("tiny-llama")
+    with torch.no_grad():
+        ref_h = dense(ids, output_hidden_states=True).hidden_states[-1]
+    out, errs = {}, {}
+    for dt in (False, True):
+        model, tok = _model("tiny-llama")
+        cfg = PruneConfig(method="sparsegpt", sparsity=0.6, batch_size=2, blocksize=16, dense_targets=dt)
+        prune(model, tok, cfg, ids, progress=False)
+        out[dt] = {n: weight_matrix(la).clone() for n, la in prunable_linears(model).items()}
+        with torch.no_grad():
+            h = model(ids, output_hidden_states=True).hidden_states[-1]
+        errs[dt] = float((h - ref_h).norm() / ref_h.norm())
+    q0 = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(out[False][q0], out[True][q0])
+    assert not torch.equal(out[False]["model.layers.1.mlp.down_proj"], out[True]["model.layers.1.mlp.down_proj"])
+    for n, w in out[True].items():
+        assert abs(float((w == 0).float().mean()) - 0.6) < 1e-3, n
+    assert errs[True] < errs[False]
+
+
+def test_dense_targets_resume_equals_uninterrupted(tmp_path):
+    ids = _calib()
+    cfg = PruneConfig(method="sparsegpt", sparsity=0.5, batch_size=2, blocksize=16, dense_targets=True)
+    ref_model, tok = _model("tiny-llama")
+    prune(ref_model, tok, cfg, ids, progress=False)
+    import sparsecraft.prune.sparsegpt as sg
+
+    original = sg.sparsegpt_prune
+
+    def crash_in_block_1(weight, hessian, *a, name="", **k):
+        if ".layers.1." in name:
+            raise _Crash
+        return original(weight, hessian, *a, name=name, **k)
+
+    model, tok = _model("tiny-llama")
+    sg.sparsegpt_prune = crash_in_block_1
+    try:
+        with pytest.raises(_Crash):
+            prune(model, tok, cfg, ids, checkpoint_dir=tmp_path / "ck", progress=False)
+    finally:
+        sg.sparsegpt_prune = original
+    model, tok = _model("tiny-llama")
+    report = prune(model, tok, cfg, ids, checkpoint_dir=tmp_path / "ck", resume=True, progress=False)
+    assert report["resumed_from_block"] == 1
+    for n, la in prunable_linears(ref_model).items():
+        assert torch.equal(weight_matrix(dict(prunable_linears(model))[n]), weight_matrix(la)), n
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="wanda", sparsity=0.5, dense_targets=True), "only SparseGPT"),
+        (dict(method="sparsegpt", sparsity=0.5, dense_targets=True, true_sequential=True), "cannot be combined"),
+    ],
+)
+def test_dense_targets_validation(kwargs, match):
+    with pytest.raises(SparsecraftError, match=match):
+        PruneConfig(**kwargs)

@@ -121,3 +121,28 @@ def test_layer_stats_match_direct_computation():
     torch.testing.assert_close(st.sqnorm.double(), (flat**2).sum(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(st.hessian.double(), flat.T @ flat, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(st.scaled_hessian().double(), 2 / 150 * flat.T @ flat, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_target_weight_is_the_ridge_refit():
+    """W' = W + W(G − H)(H + λI)⁻¹ solves min ‖WX̃ − W'X‖² + λ‖W' − W‖² (brute force by lstsq);
+    W' = W when the two inputs agree; the act-order permutation gives the same W'."""
+    from sparsecraft.prune.sparsegpt import dense_target_weight, inverse_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    n, d, rows = 400, 24, 7
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    xt = x + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)  # the dense model's inputs
+    w = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    h, cross = x.t() @ x, xt.t() @ x
+    upper, damp, _ = inverse_cholesky(h, 0.01)
+    lam = damp * float(torch.diagonal(h).mean())
+    new = dense_target_weight(w, h, cross, upper.double())
+    # ridge towards W: stack sqrt(λ)·I rows under X, targets W X̃ and sqrt(λ)·W
+    a = torch.cat([x, lam**0.5 * torch.eye(d, dtype=torch.float64)])
+    b = torch.cat([xt @ w.t(), lam**0.5 * w.t()])
+    ref = torch.linalg.lstsq(a, b).solution.t()
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(dense_target_weight(w, h, h, upper.double()), w)
+    perm = torch.randperm(d, generator=g)
+    up_p, _, _ = inverse_cholesky(h[perm][:, perm], 0.01)
+    torch.testing.assert_close(dense_target_weight(w, h, cross, up_p.double(), perm), new, rtol=1e-6, atol=1e-8)

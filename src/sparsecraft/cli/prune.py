@@ -130,6 +130,11 @@ def register(subparsers) -> None:
         action="store_true",
         help="solve the layers of a block group by group, each seeing the solved ones' outputs",
     )
+    p.add_argument(
+        "--dense-targets",
+        action="store_true",
+        help="SparseGPT: fit the dense model's outputs (asymmetric calibration; +1 forward per block)",
+    )
     p.add_argument("--targets", action="append", default=None, help="regex: prune only matching layers")
     p.add_argument("--ignore", action="append", default=None, help="regex: leave matching layers dense")
     add_calibration_options(p)
@@ -203,6 +208,7 @@ def run(args) -> int:
         refine=args.refine,
         dsnot=dsnot_config(args),
         true_sequential=args.true_sequential,
+        dense_targets=args.dense_targets,
         **calibration_config(args),
         targets=tuple(args.targets) if args.targets else None,
         ignore=tuple(args.ignore) if args.ignore else None,

@@ -67,6 +67,9 @@ class PruneConfig:
     seqlen: int = 2048
     seed: int = 0
     true_sequential: bool = False
+    # SparseGPT: refit each layer to the *dense* model's outputs before pruning it (asymmetric
+    # calibration; one more forward pass per block), see prune.sparsegpt.dense_target_weight
+    dense_targets: bool = False
     device: str = "auto"
     calib_dtype: str = "model"  # dtype of calibration forwards: model, float32, bfloat16, float16
     offload_dtype: str | None = None  # dtype of block inputs kept on the CPU (None: calib dtype)
@@ -110,6 +113,12 @@ class PruneConfig:
             raise SparsecraftError(f"blocksize {self.blocksize}: must be >= 1 (SparseGPT uses 128)")
         if not 0 <= self.percdamp <= 10:
             raise SparsecraftError(f"percdamp {self.percdamp}: must be in [0, 10] (default 0.01 = 1%)")
+        if self.dense_targets and self.method != "sparsegpt":
+            raise SparsecraftError(
+                f"dense_targets: only SparseGPT updates the kept weights; {self.method} does not"
+            )
+        if self.dense_targets and self.true_sequential:
+            raise SparsecraftError("dense_targets and true_sequential cannot be combined")
         if self.refine not in (None, "dsnot"):
             raise SparsecraftError(f"refine {self.refine!r}: the only refinement is dsnot")
         for key in ("nsamples", "seqlen", "batch_size", "error_rows"):
@@ -229,6 +238,7 @@ def engine_options(
         batch_size=config.batch_size,
         offload_dtype=DTYPES[config.offload_dtype] if config.offload_dtype else None,
         true_sequential=config.true_sequential,
+        dense_targets=config.dense_targets,
         targets=config.targets,
         ignore=config.ignore,
         checkpoint_dir=checkpoint_dir,

@@ -75,6 +75,27 @@ def inverse_cholesky(hessian: Tensor, percdamp: float, name: str = "layer") -> t
         damp = nxt
 
 
+def dense_target_weight(w: Tensor, hessian: Tensor, cross: Tensor, upper: Tensor,
+                        perm: Tensor | None = None) -> Tensor:
+    """W' = W + W (G − H)(H + λI)⁻¹ with G = Σ x̃ xᵀ, H = Σ x xᵀ (x: this model's inputs to the
+    layer, x̃: the dense model's on the same tokens; ``upper``: the solve's factor, H⁻¹ = UᵀU).
+
+    W' minimises ‖WX̃ − W'X‖² + λ‖W' − W‖²: the dense model's outputs refitted on the inputs the
+    layer actually receives from the already-pruned blocks before it. As ‖WX̃ − ŴX‖² ≈
+    ‖WX̃ − W'X‖² + ‖(W' − Ŵ)X‖² (exact for λ = 0), pruning or quantizing W' against H minimises
+    the error to the dense output; when x̃ = x (the first block), W' = W exactly.
+    ``perm``: ``upper`` factors the permuted Hessian H[perm][:, perm] (GPTQ's act-order).
+    """
+    u = upper.to(torch.float64)
+    hinv = u.t() @ u
+    if perm is not None:
+        inv = torch.argsort(perm.to(hinv.device))
+        hinv = hinv[inv][:, inv]
+    w64 = w.to(torch.float64)
+    diff = cross.to(device=w.device, dtype=torch.float64) - hessian.to(device=w.device, dtype=torch.float64)
+    return (w64 + (w64 @ diff) @ hinv).to(w.dtype)
+
+
 def _block_prune_mask(scores: Tensor, segments: Sequence[tuple[int, int, float]]) -> Tensor:
     """Pruned (True) mask of a column block: in each row segment, the exact count of lowest scores."""
     pruned = torch.zeros_like(scores, dtype=torch.bool)
@@ -95,8 +116,12 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     segments: Sequence[int] | None = None,
     name: str = "layer",
+    cross: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Prune ``weight`` (rows, cols) given ``hessian`` (cols, cols) ∝ XXᵀ (its scale is irrelevant).
+
+    ``cross``: Σ x̃ xᵀ with the dense model's inputs x̃ (same scale as ``hessian``): the weight
+    is first refitted to the dense outputs (:func:`dense_target_weight`), then pruned.
 
     ``segments``: row counts of the stacked layers (default: one segment), ``sparsity`` one value
     or one per segment. Returns (new weight float32, keep-mask, info).
@@ -126,6 +151,8 @@ def sparsegpt_prune(
         blocksize = max(m, (blocksize // m) * m)  # groups never straddle blocks
 
     upper, damp, dead = inverse_cholesky(hessian.to(w.device), percdamp, name)
+    if cross is not None:
+        w = dense_target_weight(w, hessian, cross, upper)
     w[:, dead] = 0.0
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     for i1 in range(0, cols, blocksize):
@@ -196,6 +223,7 @@ class SparseGPTSolver:
             percdamp=self.percdamp,
             segments=[w.shape[0] for w in weights],
             name=label,
+            cross=stats.cross,
         )
         out, start = [], 0
         for w, t in zip(weights, targets):
