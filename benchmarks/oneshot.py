@@ -32,9 +32,15 @@ MODEL = "smollm2-135m"
 LOCK = "/tmp/sparsecraft-cpu.lock"
 
 
+MODES = {
+    "fast": dict(calib_dtype="bfloat16", bf16_hessian=True),  # bf16 forwards and Hessian products
+    "fast-h32": dict(calib_dtype="bfloat16"),  # bf16 forwards, float32 Hessian products
+    "fp32": dict(calib_dtype="float32"),
+}
+
+
 def rows() -> list[dict]:
     out = [{"key": "dense", "method": None}]
-    fast = dict(calib_dtype="bfloat16", bf16_hessian=True)
 
     def row(method, spec, nsamples=128, profile="uniform", mode="fast", true_sequential=False, variant=False,
             percdamp=None, dense_targets=False):
@@ -59,7 +65,7 @@ def rows() -> list[dict]:
             "profile": profile,
             "nsamples": nsamples,
             "mode": mode,
-            "config": {**kw, **(fast if mode == "fast" else {"calib_dtype": "float32"})},
+            "config": {**kw, **MODES[mode]},
         }
 
     # most informative first: the accuracy targets, OWL, the speed comparison, then the rest
@@ -85,17 +91,20 @@ def rows() -> list[dict]:
     out.append(row("wanda", 0.5, variant=True))
     for damp in (0.001, 0.003, 0.03, 0.1):  # SparseGPT dampening sweep (default 0.01)
         out.append(row("sparsegpt", 0.5, percdamp=damp))
-    for spec in (0.5, "2:4", 0.7, 0.6, "4:8"):  # SparseGPT with dense targets
-        out.append(row("sparsegpt", spec, dense_targets=True))
+    for spec in (0.5, "2:4", 0.7, 0.6, "4:8"):  # SparseGPT with dense targets (fp32 Hessian products)
+        out.append(row("sparsegpt", spec, mode="fast-h32", dense_targets=True))
+    for damp in (None, 0.001):  # float32 Hessian products (the bf16 ones are rounded to bf16)
+        for dt in (False, True):
+            out.append(row("sparsegpt", 0.5, mode="fast-h32", percdamp=damp, dense_targets=dt))
     for damp in (0.0003, 0.0001):
         out.append(row("sparsegpt", 0.5, percdamp=damp))
     for spec in (0.5, "2:4", 0.7):  # 0.1% dampening, with and without dense targets
         for dt in (False, True):
-            r = row("sparsegpt", spec, percdamp=0.001, dense_targets=dt)
+            r = row("sparsegpt", spec, mode="fast-h32" if dt else "fast", percdamp=0.001, dense_targets=dt)
             if r["key"] not in {x["key"] for x in out}:
                 out.append(r)
-    out.append(row("sparsegpt", 0.5, nsamples=64, dense_targets=True))  # its cost with the anchor's 64
-    return out
+    out.append(row("sparsegpt", 0.5, nsamples=64, mode="fast-h32", dense_targets=True))  # its cost with the anchor's 64
+    return list({r["key"]: r for r in out}.values())  # first occurrence order, no duplicates
 
 
 class CpuLock:
@@ -338,6 +347,10 @@ def markdown(done: dict[str, dict]) -> str:
             mode += ", true sequential"
         if spec["key"].endswith("-variant"):
             mode += ", Wanda variant"
+        if "percdamp" in spec["config"]:
+            mode += f", damping {spec['config']['percdamp']:g}"
+        if spec["key"].endswith("-dt"):
+            mode += ", dense targets"
         lines.append(
             f"| {spec['key'].rsplit('-n', 1)[0]} | {calib} | {mode} | {r['ppl']:.2f} | "
             f"{r['prune_s']:.1f} | {t['forward_s']:.0f} / {t['statistics_s']:.0f} / {t['solve_s']:.0f} / "

@@ -345,6 +345,7 @@ def test_dense_targets_resume_equals_uninterrupted(tmp_path):
     [
         (dict(method="wanda", sparsity=0.5, dense_targets=True), "only SparseGPT"),
         (dict(method="sparsegpt", sparsity=0.5, dense_targets=True, true_sequential=True), "cannot be combined"),
+        (dict(method="sparsegpt", sparsity=0.5, dense_targets=True, bf16_hessian=True), "float32 Hessian"),
     ],
 )
 def test_dense_targets_validation(kwargs, match):

@@ -119,6 +119,9 @@ class PruneConfig:
             )
         if self.dense_targets and self.true_sequential:
             raise SparsecraftError("dense_targets and true_sequential cannot be combined")
+        if self.dense_targets and self.bf16_hessian:
+            # G − H is a small difference of two large sums: bf16-rounded products drown it
+            raise SparsecraftError("dense_targets needs float32 Hessian products: drop bf16_hessian")
         if self.refine not in (None, "dsnot"):
             raise SparsecraftError(f"refine {self.refine!r}: the only refinement is dsnot")
         for key in ("nsamples", "seqlen", "batch_size", "error_rows"):

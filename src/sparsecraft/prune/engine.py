@@ -640,6 +640,8 @@ def run_sequential(
         )
     if opts.dense_targets and opts.true_sequential:
         raise SparsecraftError("dense targets and true-sequential order cannot be combined")
+    if opts.dense_targets and opts.bf16_hessian:
+        raise SparsecraftError("dense targets need float32 Hessian products: drop bf16_hessian")
     hessian_dtype = torch.bfloat16 if (opts.bf16_hessian and fdtype == torch.bfloat16) else None
     batches = list(calibration_ids.split(opts.batch_size))
     sample_every = max(1, report.tokens // max(opts.error_rows, 1))
@@ -683,7 +685,8 @@ def run_sequential(
         fwd_layers, records = blk.fwd_layers, blk.records
         t_block = time.perf_counter()
         collector = _StatsCollector(
-            fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype, opts.tf32_stats,
+            fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype,
+            opts.tf32_stats and not opts.dense_targets,  # G − H needs full float32 products
             with_cross=opts.dense_targets,
         )
         with collector:
