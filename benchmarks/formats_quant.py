@@ -196,7 +196,7 @@ def run_ppl(args) -> None:
             act_order = args.act_order and method == "gptq"
             run = f"int{bits}-g{args.group_size}-{'sym' if sym else 'asym'}-{method}" + (
                 "-clip" if args.clip else ""
-            ) + ("-ao" if act_order else "") + ("-dt" if args.dense_targets and method == "gptq" else "")
+            ) + ("-ao" if act_order else "")
             if run in done or (args.only and run not in args.only):
                 continue
             t0 = time.perf_counter()
@@ -207,7 +207,6 @@ def run_ppl(args) -> None:
             cfg = QuantConfig(
                 clip=args.clip,
                 act_order=act_order,
-                dense_targets=args.dense_targets and method == "gptq",
                 bits=bits,
                 group_size=args.group_size,
                 symmetric=sym,
@@ -241,7 +240,6 @@ def run_ppl(args) -> None:
                     "method": method,
                     "clip": args.clip,
                     "act_order": act_order,
-                    "dense_targets": cfg.dense_targets,
                     "ppl": ppl(back, tok),
                     "zeros_kept": zeros_kept,
                     "sparsity_after": rep["sparsity_after"],
@@ -327,8 +325,6 @@ def main(argv=None) -> int:
     q.add_argument("--dense-ref", default=None, help="also measure this dense model (e.g. smollm2-135m)")
     q.add_argument("--only", nargs="*")
     q.add_argument("--clip", action="store_true", help="clipping search for the grids (run names get -clip)")
-    q.add_argument("--dense-targets", action="store_true",
-                   help="GPTQ fits the unquantized model's outputs (run names get -dt)")
     q.add_argument("--act-order", action="store_true",
                    help="GPTQ act-order, static groups (run names get -ao)")
     t = sub.add_parser("table")

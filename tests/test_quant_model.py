@@ -107,31 +107,3 @@ def test_cli_quantize_compress_decompress(tmp_path, capsys):
     assert "not 2:4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["decompress", str(src), "--out", str(tmp_path / "bad")]) == 2
     assert "not a compressed checkpoint" in capsys.readouterr().err
-
-
-def test_gptq_dense_targets_keep_zeros_and_track_the_unquantized_model():
-    """GPTQ refitted to the unquantized model's outputs: every zero stays zero, the stored codes
-    reproduce the weights, and the last hidden state is closer to the unquantized model's."""
-    from sparsecraft.prune.engine import EngineOptions
-
-    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
-    ref_model, _ = _pruned(nm=False)
-    with torch.no_grad():
-        ref = ref_model(ids, output_hidden_states=True).hidden_states[-1]
-    errs = {}
-    for dt in (False, True):
-        model, tok = _pruned(nm=False)
-        zeros = {n: weight_matrix(m) == 0 for n, m in prunable_linears(model).items()}
-        results, _ = quantize_model(
-            model, tok, QuantConfig(bits=4, group_size=32, method="gptq", dense_targets=dt),
-            calibration=ids, options=EngineOptions(device="cpu", progress=False),
-        )
-        for name, layer in prunable_linears(model).items():
-            assert (weight_matrix(layer)[zeros[name]] == 0).all(), name
-            assert torch.equal(results[name].dequantize(), weight_matrix(layer))
-        with torch.no_grad():
-            h = model(ids, output_hidden_states=True).hidden_states[-1]
-        errs[dt] = float((h - ref).norm() / ref.norm())
-    assert errs[True] < errs[False]
-    with pytest.raises(Exception, match="needs method='gptq'"):
-        QuantConfig(method="rtn", dense_targets=True)

@@ -126,14 +126,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
     p.add_argument(
+        "--exact-update",
+        action="store_true",
+        help="SparseGPT: keep its mask, re-solve each row's kept weights by exact least squares",
+    )
+    p.add_argument(
         "--true-sequential",
         action="store_true",
         help="solve the layers of a block group by group, each seeing the solved ones' outputs",
-    )
-    p.add_argument(
-        "--dense-targets",
-        action="store_true",
-        help="SparseGPT: fit the dense model's outputs (asymmetric calibration; +1 forward per block)",
     )
     p.add_argument("--targets", action="append", default=None, help="regex: prune only matching layers")
     p.add_argument("--ignore", action="append", default=None, help="regex: leave matching layers dense")
@@ -205,10 +205,10 @@ def run(args) -> int:
         wanda_variant=args.wanda_variant,
         blocksize=args.blocksize,
         percdamp=args.percdamp,
+        exact_update=args.exact_update,
         refine=args.refine,
         dsnot=dsnot_config(args),
         true_sequential=args.true_sequential,
-        dense_targets=args.dense_targets,
         **calibration_config(args),
         targets=tuple(args.targets) if args.targets else None,
         ignore=tuple(args.ignore) if args.ignore else None,

@@ -44,11 +44,6 @@ def register(sub) -> None:
         action="store_true",
         help="GPTQ: quantize columns in order of decreasing Hessian diagonal (static group grids)",
     )
-    p.add_argument(
-        "--dense-targets",
-        action="store_true",
-        help="GPTQ: fit the unquantized model's outputs (asymmetric calibration; +1 forward per block)",
-    )
     p.add_argument("--blocksize", type=int, default=128, help="GPTQ column block")
     p.add_argument(
         "--calib-dtype",
@@ -81,7 +76,6 @@ def run(args) -> int:
         method=args.method,
         clip=args.clip,
         act_order=args.act_order,
-        dense_targets=args.dense_targets,
         blocksize=args.blocksize,
         percdamp=args.percdamp,
         calib=args.calib,

@@ -60,6 +60,8 @@ class PruneConfig:
     wanda_variant: bool = False  # Wanda's adaptive per-row variant
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # SparseGPT dampening, fraction of the mean Hessian diagonal
+    # SparseGPT: keep its mask, re-solve the kept weights exactly per row (prune.reconstruct)
+    exact_update: bool = False
     refine: str | None = None  # "dsnot"
     dsnot: DSnoTConfig = field(default_factory=DSnoTConfig)
     calib: str = "c4"  # recorded in the recipe; used when no calibration is given
@@ -67,9 +69,6 @@ class PruneConfig:
     seqlen: int = 2048
     seed: int = 0
     true_sequential: bool = False
-    # SparseGPT: refit each layer to the *dense* model's outputs before pruning it (asymmetric
-    # calibration; one more forward pass per block), see prune.sparsegpt.dense_target_weight
-    dense_targets: bool = False
     device: str = "auto"
     calib_dtype: str = "model"  # dtype of calibration forwards: model, float32, bfloat16, float16
     offload_dtype: str | None = None  # dtype of block inputs kept on the CPU (None: calib dtype)
@@ -113,15 +112,10 @@ class PruneConfig:
             raise SparsecraftError(f"blocksize {self.blocksize}: must be >= 1 (SparseGPT uses 128)")
         if not 0 <= self.percdamp <= 10:
             raise SparsecraftError(f"percdamp {self.percdamp}: must be in [0, 10] (default 0.01 = 1%)")
-        if self.dense_targets and self.method != "sparsegpt":
+        if self.exact_update and self.method != "sparsegpt":
             raise SparsecraftError(
-                f"dense_targets: only SparseGPT updates the kept weights; {self.method} does not"
+                f"exact_update re-solves SparseGPT's kept weights; method {self.method!r} has no update"
             )
-        if self.dense_targets and self.true_sequential:
-            raise SparsecraftError("dense_targets and true_sequential cannot be combined")
-        if self.dense_targets and self.bf16_hessian:
-            # G − H is a small difference of two large sums: bf16-rounded products drown it
-            raise SparsecraftError("dense_targets needs float32 Hessian products: drop bf16_hessian")
         if self.refine not in (None, "dsnot"):
             raise SparsecraftError(f"refine {self.refine!r}: the only refinement is dsnot")
         for key in ("nsamples", "seqlen", "batch_size", "error_rows"):
@@ -241,7 +235,6 @@ def engine_options(
         batch_size=config.batch_size,
         offload_dtype=DTYPES[config.offload_dtype] if config.offload_dtype else None,
         true_sequential=config.true_sequential,
-        dense_targets=config.dense_targets,
         targets=config.targets,
         ignore=config.ignore,
         checkpoint_dir=checkpoint_dir,
@@ -260,7 +253,7 @@ def make_solver(config: PruneConfig, target_for):
     elif config.method == "wanda":
         solver = WandaSolver(target_for, config.wanda_variant)
     else:
-        solver = SparseGPTSolver(target_for, config.blocksize, config.percdamp)
+        solver = SparseGPTSolver(target_for, config.blocksize, config.percdamp, config.exact_update)
     if config.refine == "dsnot":
         solver = DSnoTSolver(config.dsnot, config.nm, base=solver)
     return solver

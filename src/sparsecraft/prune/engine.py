@@ -124,10 +124,6 @@ class EngineOptions:
     # dtype of the block inputs kept on the CPU between passes; None = forward dtype.
     offload_dtype: torch.dtype | None = None
     true_sequential: bool = False
-    # Dense targets (asymmetric calibration): Hessian solvers also get Σ x̃ xᵀ, x̃ the *dense*
-    # model's input to the layer, so they can fit the dense model's outputs rather than the
-    # dense layer applied to the already-pruned model's inputs. One more forward per block.
-    dense_targets: bool = False
     targets: Sequence[str] | None = None
     ignore: Sequence[str] | None = None
     checkpoint_dir: str | os.PathLike | None = None
@@ -332,7 +328,6 @@ class _StatsCollector:
         sample_every: int,
         hessian_dtype: torch.dtype | None,
         tf32: bool = False,
-        with_cross: bool = False,
     ):
         self.layers = layers
         self.needs_hessian = needs_hessian
@@ -341,10 +336,6 @@ class _StatsCollector:
         self.sample_every = sample_every
         self.hessian_dtype = hessian_dtype
         self.tf32 = tf32
-        self.with_cross = with_cross
-        # dense-target pass: record each group's input (the dense model's) instead of accumulating
-        self.capturing = False
-        self.captured: dict[str, Tensor] = {}
         self.stats: dict[str, LayerStats] = {}  # layer -> (shared) stats
         self.leader: dict[str, str] = {}  # layer -> name of the group's first layer
         self.order: list[str] = []  # layers in execution order
@@ -399,17 +390,12 @@ class _StatsCollector:
                             device=self.device,
                             hessian_matmul_dtype=self.hessian_dtype, tf32=self.tf32,
                             sample_rows=0 if self.needs_hessian else self.error_rows,
-                            with_cross=self.with_cross,
                         )
                     self.order.append(name)
                     self.seen.append((x, name))
             lead = self.leader.get(name)
-            if self.capturing:
-                if lead == name:
-                    self.captured[name] = x
-                return
             if self.accumulate and lead == name and (self.active is None or name in self.active):
-                self.stats[name].update(x, sample_every=self.sample_every, dense=self.captured.get(name))
+                self.stats[name].update(x, sample_every=self.sample_every)
             self.time_s += _clock(self.device) - t0
             if self.stop_after is not None and name == self.stop_after:
                 raise _StopForward
@@ -464,32 +450,6 @@ class _BlockRun:
             if outs is not None and out is not None:
                 outs.append(_block_output(out).to(self.store_device, self.store_dtype))
         return outs
-
-    def run_paired_pass(self, xs: list[Tensor], dense_xs: list[Tensor], collector: _StatsCollector):
-        """Dense-target statistics. Per batch, the block (still dense) runs on the dense model's
-        inputs while the hooks record each group's input x̃, then on the pruned model's inputs
-        while they accumulate Σ x xᵀ and Σ x̃ xᵀ (this forward ends at the last linear's input).
-        Returns the dense block's outputs: the dense model's inputs to the next block."""
-        dense_outs = []
-        for bi, (x, xd) in enumerate(zip(xs, dense_xs)):
-            rest, kwargs = self.extra[bi]
-            collector.new_batch()
-            collector.capturing, collector.stop_after = True, None
-            out = self.fwd(xd.to(device=self.device, dtype=self.fdtype), *rest, **kwargs)
-            dense_outs.append(_block_output(out).to(self.store_device, self.store_dtype))
-            if collector.discovering:
-                collector.end_discovery()
-            collector.capturing = False
-            collector.new_batch()
-            if collector.order:
-                collector.stop_after = collector.leader[collector.order[-1]]
-            try:
-                self.fwd(x.to(device=self.device, dtype=self.fdtype), *rest, **kwargs)
-            except _StopForward:
-                pass
-            collector.captured.clear()
-        collector.stop_after = None
-        return dense_outs
 
     def _call_solver(self, names, layers, dense, stats) -> list[SolveResult]:
         threads = torch.get_num_threads()
@@ -569,15 +529,14 @@ class _Checkpoint:
             )
         return state
 
-    def save(self, next_block: int, weights: dict[str, Tensor], inputs: list[Tensor], report: EngineReport,
-             dense_inputs: list[Tensor] | None = None):
+    def save(self, next_block: int, weights: dict[str, Tensor], inputs: list[Tensor], report: EngineReport):
         self.root.mkdir(parents=True, exist_ok=True)
         b = next_block - 1
         tmp = self.root / f".block_{b:05d}.tmp"
         save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp))
         os.replace(tmp, self.root / f"block_{b:05d}.safetensors")
         tmp = self.root / f".inputs_{next_block:05d}.tmp"
-        torch.save({"inputs": inputs, "dense": dense_inputs}, tmp)
+        torch.save(inputs, tmp)
         os.replace(tmp, self.root / f"inputs_{next_block:05d}.pt")
         state = {"fingerprint": self.fp, "next_block": next_block, "report": report.to_dict()}
         tmp = self.root / ".state.tmp"
@@ -590,10 +549,8 @@ class _Checkpoint:
     def block_weights(self, b: int) -> dict[str, Tensor]:
         return load_file(str(self.root / f"block_{b:05d}.safetensors"))
 
-    def inputs(self, next_block: int) -> tuple[list[Tensor], list[Tensor] | None]:
-        """The block inputs of the pruned model and (dense targets) of the dense model."""
-        saved = torch.load(self.root / f"inputs_{next_block:05d}.pt")
-        return saved["inputs"], saved["dense"]
+    def inputs(self, next_block: int) -> list[Tensor]:
+        return torch.load(self.root / f"inputs_{next_block:05d}.pt")
 
 
 def _as_result(out: Tensor | SolveResult) -> SolveResult:
@@ -634,14 +591,6 @@ def run_sequential(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     needs_hessian = bool(getattr(solver, "needs_hessian", False))
-    if opts.dense_targets and not needs_hessian:
-        raise SparsecraftError(
-            "dense targets change the weight update; they need a Hessian method (sparsegpt or gptq)"
-        )
-    if opts.dense_targets and opts.true_sequential:
-        raise SparsecraftError("dense targets and true-sequential order cannot be combined")
-    if opts.dense_targets and opts.bf16_hessian:
-        raise SparsecraftError("dense targets need float32 Hessian products: drop bf16_hessian")
     hessian_dtype = torch.bfloat16 if (opts.bf16_hessian and fdtype == torch.bfloat16) else None
     batches = list(calibration_ids.split(opts.batch_size))
     sample_every = max(1, report.tokens // max(opts.error_rows, 1))
@@ -656,7 +605,6 @@ def run_sequential(
     report.inputs_on = opts.inputs_on
     inputs, extra = _capture(model, blocks, batches, device, fdtype, store_dtype, store_device)
     report.forward_s += _clock(device) - t0
-    dense_inputs = list(inputs) if opts.dense_targets else None  # identical before block 0
 
     ckpt = _Checkpoint(opts.checkpoint_dir, opts.fingerprint) if opts.checkpoint_dir else None
     start = 0
@@ -674,7 +622,7 @@ def run_sequential(
                 for rel, w in state_w.items():
                     weight_matrix(linears[rel]).copy_(w.to(weight_matrix(linears[rel]).dtype))
             if start < len(blocks):
-                inputs, dense_inputs = ckpt.inputs(start)
+                inputs = ckpt.inputs(start)
             report.resumed_from_block = start
             log.info("resuming from block %d/%d (%s)", start, len(blocks), ckpt.root)
 
@@ -685,20 +633,11 @@ def run_sequential(
         fwd_layers, records = blk.fwd_layers, blk.records
         t_block = time.perf_counter()
         collector = _StatsCollector(
-            fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype,
-            opts.tf32_stats and not opts.dense_targets,  # G − H needs full float32 products
-            with_cross=opts.dense_targets,
+            fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype, opts.tf32_stats
         )
         with collector:
             t0 = _clock(device)
-            if opts.dense_targets:
-                dense_inputs = blk.run_paired_pass(inputs, dense_inputs, collector)
-                outs = None
-                report.forward_s += _clock(device) - t0 - collector.time_s
-                report.statistics_s += collector.time_s
-                for group in collector.groups():
-                    blk.solve_group(collector, group)
-            elif not opts.true_sequential:
+            if not opts.true_sequential:
                 # a solver that changes weights needs the re-run anyway: its statistics pass
                 # stops at the last linear's input; a read-only one (OWL's profile) keeps outputs
                 modifies = bool(getattr(solver, "modifies_weights", True))
@@ -745,7 +684,7 @@ def run_sequential(
         report.layers.extend(records)
         if ckpt is not None:
             t0 = time.perf_counter()
-            ckpt.save(b + 1, blk.new_weights, inputs, report, dense_inputs)
+            ckpt.save(b + 1, blk.new_weights, inputs, report)
             report.checkpoint_s += time.perf_counter() - t0
         extra_info = solver.block_report(b) if hasattr(solver, "block_report") else {}
         if records:

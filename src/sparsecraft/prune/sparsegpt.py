@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..errors import SparsecraftError
 from .engine import SolveResult
 from .masks import LayerTarget, _lowest, check_nm, check_sparsity, prune_count
+from .reconstruct import masked_least_squares
 from .stats import LayerStats
 
 log = logging.getLogger(__name__)
@@ -75,27 +76,6 @@ def inverse_cholesky(hessian: Tensor, percdamp: float, name: str = "layer") -> t
         damp = nxt
 
 
-def dense_target_weight(w: Tensor, hessian: Tensor, cross: Tensor, upper: Tensor,
-                        perm: Tensor | None = None) -> Tensor:
-    """W' = W + W (G − H)(H + λI)⁻¹ with G = Σ x̃ xᵀ, H = Σ x xᵀ (x: this model's inputs to the
-    layer, x̃: the dense model's on the same tokens; ``upper``: the solve's factor, H⁻¹ = UᵀU).
-
-    W' minimises ‖WX̃ − W'X‖² + λ‖W' − W‖²: the dense model's outputs refitted on the inputs the
-    layer actually receives from the already-pruned blocks before it. As ‖WX̃ − ŴX‖² ≈
-    ‖WX̃ − W'X‖² + ‖(W' − Ŵ)X‖² (exact for λ = 0), pruning or quantizing W' against H minimises
-    the error to the dense output; when x̃ = x (the first block), W' = W exactly.
-    ``perm``: ``upper`` factors the permuted Hessian H[perm][:, perm] (GPTQ's act-order).
-    """
-    u = upper.to(torch.float64)
-    hinv = u.t() @ u
-    if perm is not None:
-        inv = torch.argsort(perm.to(hinv.device))
-        hinv = hinv[inv][:, inv]
-    w64 = w.to(torch.float64)
-    diff = cross.to(device=w.device, dtype=torch.float64) - hessian.to(device=w.device, dtype=torch.float64)
-    return (w64 + (w64 @ diff) @ hinv).to(w.dtype)
-
-
 def _block_prune_mask(scores: Tensor, segments: Sequence[tuple[int, int, float]]) -> Tensor:
     """Pruned (True) mask of a column block: in each row segment, the exact count of lowest scores."""
     pruned = torch.zeros_like(scores, dtype=torch.bool)
@@ -116,12 +96,8 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     segments: Sequence[int] | None = None,
     name: str = "layer",
-    cross: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Prune ``weight`` (rows, cols) given ``hessian`` (cols, cols) ∝ XXᵀ (its scale is irrelevant).
-
-    ``cross``: Σ x̃ xᵀ with the dense model's inputs x̃ (same scale as ``hessian``): the weight
-    is first refitted to the dense outputs (:func:`dense_target_weight`), then pruned.
 
     ``segments``: row counts of the stacked layers (default: one segment), ``sparsity`` one value
     or one per segment. Returns (new weight float32, keep-mask, info).
@@ -151,8 +127,6 @@ def sparsegpt_prune(
         blocksize = max(m, (blocksize // m) * m)  # groups never straddle blocks
 
     upper, damp, dead = inverse_cholesky(hessian.to(w.device), percdamp, name)
-    if cross is not None:
-        w = dense_target_weight(w, hessian, cross, upper)
     w[:, dead] = 0.0
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     for i1 in range(0, cols, blocksize):
@@ -196,13 +170,19 @@ class SparseGPTSolver:
     needs_hessian = True
 
     def __init__(
-        self, target_for: Callable[[str], LayerTarget], blocksize: int = 128, percdamp: float = 0.01
+        self,
+        target_for: Callable[[str], LayerTarget],
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        exact_update: bool = False,
     ):
         if blocksize < 1:
             raise SparsecraftError(f"SparseGPT block size {blocksize}: must be >= 1")
         self.target_for = target_for
         self.blocksize = blocksize
         self.percdamp = percdamp
+        # keep SparseGPT's mask, then re-solve the kept weights exactly (prune.reconstruct)
+        self.exact_update = exact_update
 
     def solve(self, name: str, layer: nn.Module, weight: Tensor, stats: LayerStats) -> SolveResult:
         return self.solve_group([name], [layer], [weight], stats)[0]
@@ -223,8 +203,9 @@ class SparseGPTSolver:
             percdamp=self.percdamp,
             segments=[w.shape[0] for w in weights],
             name=label,
-            cross=stats.cross,
         )
+        if self.exact_update:
+            new = masked_least_squares(stacked, stats.hessian, keep, info["damping"])
         out, start = [], 0
         for w, t in zip(weights, targets):
             stop = start + w.shape[0]

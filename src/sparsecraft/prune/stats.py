@@ -5,8 +5,7 @@ Every method reads what it needs from one :class:`LayerStats`:
 * Wanda: ``sqnorm`` (= Σ x_j², the squared column norm ‖X_j‖²);
 * DSnoT: ``mean`` and ``var`` (population variance);
 * SparseGPT / GPTQ: ``hessian`` (= Σ x xᵀ, the raw sum; ``scaled_hessian()`` gives the
-  2/count · XᵀX of the papers); with dense targets also ``cross`` (= Σ x̃ xᵀ, x̃ the dense
-  model's input to the same layer on the same token).
+  2/count · XᵀX of the papers).
 
 Layers that receive the very same input tensor (q/k/v, gate/up) share one object: the engine
 detects that from the tensors its hooks see and accumulates once.
@@ -42,9 +41,6 @@ class LayerStats:
     # is collected (see ``sample_rows``).
     sample_rows: int = 0
     _samples: list[Tensor] = field(init=False, default_factory=list, repr=False)
-    # Also accumulate Σ x̃ xᵀ with the dense model's inputs x̃ (``update(..., dense=x̃)``).
-    with_cross: bool = False
-    _cross: Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.sum = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
@@ -53,34 +49,10 @@ class LayerStats:
             self._hessian = torch.zeros(
                 self.in_features, self.in_features, dtype=torch.float32, device=self.device
             )
-        if self.with_cross:
-            if not self.with_hessian:
-                raise ValueError("the cross term Σ x̃ xᵀ is only collected with the Hessian")
-            self._cross = torch.zeros_like(self._hessian)
-
-    def _add_product(self, acc: Tensor, a: Tensor, b: Tensor) -> None:
-        """acc += aᵀ b (rows of a and b are tokens)."""
-        if self.hessian_matmul_dtype is not None and a.dtype == b.dtype == self.hessian_matmul_dtype:
-            # bf16 inputs: products are exact; the batch's partial sum is rounded once.
-            acc += (a.t() @ b).to(device=acc.device, dtype=torch.float32)
-            return
-        af = a.to(device=acc.device, dtype=torch.float32)
-        bf = b.to(device=acc.device, dtype=torch.float32)
-        if self.tf32 and af.is_cuda:
-            # TF32 tensor cores for this product only (inputs ~10-bit mantissa, fp32 sums)
-            prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
-            try:
-                acc.addmm_(af.t(), bf)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = prev
-        else:
-            acc.addmm_(af.t(), bf)
 
     @torch.no_grad()
-    def update(self, x: Tensor, sample_every: int = 0, dense: Tensor | None = None) -> None:
-        """Add the rows of ``x`` (..., in_features) to the sums; ``dense``: the dense model's
-        input to this layer on the same tokens (needed when ``with_cross``)."""
+    def update(self, x: Tensor, sample_every: int = 0) -> None:
+        """Add the rows of ``x`` (..., in_features) to the sums."""
         x = x.reshape(-1, x.shape[-1])
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input width {x.shape[-1]} != in_features {self.in_features}")
@@ -89,14 +61,21 @@ class LayerStats:
         self.sum += x.sum(0, dtype=torch.float32).to(self.sum.device)
         self.sumsq += torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).to(self.sum.device) ** 2
         if self._hessian is not None:
-            self._add_product(self._hessian, x, x)
-        if self._cross is not None:
-            if dense is None:
-                raise ValueError("with_cross: the dense model's inputs are needed for every update")
-            dense = dense.reshape(-1, dense.shape[-1])
-            if dense.shape != x.shape:
-                raise ValueError(f"dense inputs {tuple(dense.shape)} do not pair with {tuple(x.shape)}")
-            self._add_product(self._cross, dense, x)
+            if self.hessian_matmul_dtype is not None and x.dtype == self.hessian_matmul_dtype:
+                # bf16 inputs: products are exact; the batch's partial sum is rounded once.
+                self._hessian += (x.t() @ x).to(device=self._hessian.device, dtype=torch.float32)
+            else:
+                xf = x.to(device=self._hessian.device, dtype=torch.float32)
+                if self.tf32 and xf.is_cuda:
+                    # TF32 tensor cores for this product only (inputs ~10-bit mantissa, fp32 sums)
+                    prev = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = True
+                    try:
+                        self._hessian.addmm_(xf.t(), xf)
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = prev
+                else:
+                    self._hessian.addmm_(xf.t(), xf)
         if sample_every > 0 and self.sample_rows > 0:
             taken = sum(s.shape[0] for s in self._samples)
             if taken < self.sample_rows:
@@ -137,11 +116,6 @@ class LayerStats:
         return self._hessian * (2.0 / max(self.count, 1))
 
     @property
-    def cross(self) -> Tensor | None:
-        """Σ x̃ xᵀ (in, in) with x̃ the dense model's inputs, or None when not collected."""
-        return self._cross
-
-    @property
     def samples(self) -> Tensor | None:
         """The kept input rows (k, in) in float32, or None."""
         return torch.cat(self._samples) if self._samples else None
@@ -149,7 +123,6 @@ class LayerStats:
     def release(self) -> None:
         """Free the large buffers once the layer is solved."""
         self._hessian = None
-        self._cross = None
         self._samples = []
 
 

@@ -18,7 +18,7 @@ from ..errors import SparsecraftError
 from ..formats.qinfo import QuantizedWeight
 from ..models.discovery import prunable_linears, set_weight_matrix, weight_matrix
 from ..prune.engine import EngineOptions, SolveResult, run_sequential
-from ..prune.sparsegpt import dense_target_weight, inverse_cholesky
+from ..prune.sparsegpt import inverse_cholesky
 from .gptq import act_order_perm, gptq_quantize
 from .rtn import QuantConfig, rtn_quantize
 
@@ -35,15 +35,12 @@ class GPTQSolver:
         self.results: dict[str, QuantizedWeight] = {}
 
     def _one(
-        self, name: str, weight: Tensor, upper: Tensor, perm: Tensor | None, damp_info: dict, stats
+        self, name: str, weight: Tensor, upper: Tensor, perm: Tensor | None, damp_info: dict
     ) -> SolveResult:
         c = self.config
         mask = weight != 0
-        target = weight
-        if stats.cross is not None:  # refit to the dense model's outputs; pruned positions -> 0 in GPTQ
-            target = dense_target_weight(weight, stats.hessian, stats.cross, upper, perm)
         qw, _ = gptq_quantize(
-            target,
+            weight,
             None,
             mask,
             c.bits,
@@ -72,7 +69,7 @@ class GPTQSolver:
 
     def solve_group(self, names, layers, weights, stats) -> list[SolveResult]:
         upper, perm, info = self._factor(names[0], weights[0], stats)  # one factorisation for q/k/v
-        return [self._one(n, w, upper, perm, info, stats) for n, w in zip(names, weights)]
+        return [self._one(n, w, upper, perm, info) for n, w in zip(names, weights)]
 
 
 def _dequantized_matches(layer: nn.Module, qw: QuantizedWeight) -> bool:
@@ -123,7 +120,6 @@ def quantize_model(
         solver = GPTQSolver(config)
         opts = options or EngineOptions()
         opts.targets, opts.ignore = config.targets, config.ignore
-        opts.dense_targets = config.dense_targets
         engine = run_sequential(model, calibration, solver, opts)
         results = solver.results
     missing = sorted(set(layers) - set(results))

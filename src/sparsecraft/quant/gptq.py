@@ -4,9 +4,8 @@ Columns are quantized left to right; each column's rounding error is spread onto
 yet quantized through the upper Cholesky factor of H⁻¹ (H = Σ x xᵀ of the layer's inputs), so the
 layer output WX is preserved as well as possible. Two changes for sparse weights:
 
-* the mask is fixed: when the loop reaches a pruned position its value (0 at first — or not, for
-  a weight refitted to dense targets — and it may have received compensation from earlier
-  columns) is "quantized" to exactly 0 and that
+* the mask is fixed: when the loop reaches a pruned position its value (0 at first, but it
+  may have received compensation from earlier columns) is "quantized" to exactly 0 and that
   error is spread on like any other, as SparseGPT does for the weights it prunes. The result is
   nonzero only on kept positions, and every code outside the mask is the zero point. (Resetting
   pruned positions to 0 after each update instead throws that compensation away; on random
@@ -67,7 +66,7 @@ def gptq_quantize(
     and info (damping used, dead inputs).
     """
     w = w.detach().to(torch.float32).clone()
-    mask = check_weight(w, mask, where, pruned_nonzeros=True).to(w.device)
+    mask = check_weight(w, mask, where).to(w.device)
     rows, cols = w.shape
     damp, dead = None, None
     if upper is None:

@@ -35,8 +35,6 @@ class QuantConfig:
     clip: bool = False
     # GPTQ
     act_order: bool = False  # columns in order of decreasing Hessian diagonal, static group grids
-    # fit the unquantized model's outputs (asymmetric calibration), see quant.api.GPTQSolver
-    dense_targets: bool = False
     blocksize: int = 128
     percdamp: float = 0.01
     # calibration (GPTQ only)
@@ -56,8 +54,6 @@ class QuantConfig:
             )
         if self.method not in METHODS:
             raise SparsecraftError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.dense_targets and self.method != "gptq":
-            raise SparsecraftError("dense_targets changes GPTQ's updates; it needs method='gptq'")
         if self.act_order and self.method != "gptq":
             raise SparsecraftError("act_order reorders GPTQ's columns; it needs method='gptq'")
         if self.blocksize <= 0:
@@ -77,7 +73,6 @@ class QuantConfig:
             "method": self.method,
             "clip": self.clip,
             "act_order": self.act_order,
-            "dense_targets": self.dense_targets,
         }
 
 
@@ -153,9 +148,7 @@ def _grouped(x: Tensor, g: int, fill) -> Tensor:
     return x.view(rows, -1, g)
 
 
-def check_weight(w: Tensor, mask: Tensor | None, where: str, pruned_nonzeros: bool = False) -> Tensor:
-    """The keep-mask (default ``w != 0``) after checking shapes and values. ``pruned_nonzeros``:
-    accept nonzeros outside the mask (GPTQ prunes them with error compensation)."""
+def check_weight(w: Tensor, mask: Tensor | None, where: str) -> Tensor:
     if w.dim() != 2:
         raise SparsecraftError(f"{where}: expected an (out, in) weight, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
@@ -165,7 +158,7 @@ def check_weight(w: Tensor, mask: Tensor | None, where: str, pruned_nonzeros: bo
     if mask.shape != w.shape:
         raise SparsecraftError(f"{where}: mask shape {tuple(mask.shape)} != weight shape {tuple(w.shape)}")
     mask = mask.to(device=w.device, dtype=torch.bool)
-    if not pruned_nonzeros and ((w != 0) & ~mask).any():
+    if ((w != 0) & ~mask).any():
         raise SparsecraftError(f"{where}: the weight has nonzeros outside the mask; apply the mask first")
     return mask
 
