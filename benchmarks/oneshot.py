@@ -43,7 +43,7 @@ def rows() -> list[dict]:
     out = [{"key": "dense", "method": None}]
 
     def row(method, spec, nsamples=128, profile="uniform", mode="fast", true_sequential=False, variant=False,
-            percdamp=None):
+            percdamp=None, exact=False):
         kw = {"sparsity": spec} if isinstance(spec, float) else {"pattern": spec}
         label = f"{int(spec * 100)}%" if isinstance(spec, float) else spec
         key = f"{'owl-' if profile == 'owl' else ''}{method}-{label}-n{nsamples}-{mode}"
@@ -56,6 +56,9 @@ def rows() -> list[dict]:
         if percdamp is not None:  # SparseGPT dampening other than the default 1%
             kw["percdamp"] = percdamp
             key += f"-damp{percdamp:g}"
+        if exact:  # SparseGPT's mask, kept weights re-solved by exact least squares
+            kw["exact_update"] = True
+            key += "-exact"
         return {
             "key": key,
             "method": method,
@@ -65,6 +68,10 @@ def rows() -> list[dict]:
             "config": {**kw, **MODES[mode]},
         }
 
+    for spec in (0.5, "2:4", 0.7):  # SparseGPT + exact update, float32 Hessian products
+        out.append(row("sparsegpt", spec, mode="fast-h32", exact=True))
+    out.append(row("sparsegpt", 0.5, nsamples=64, mode="fast-h32", exact=True))  # the timed config
+    out.append(row("sparsegpt", 0.5, nsamples=64, mode="fp32", exact=True))
     # most informative first: the accuracy targets, OWL, the speed comparison, then the rest
     for method, spec in [("sparsegpt", 0.5), ("wanda", 0.5), ("sparsegpt", "2:4"), ("sparsegpt", 0.7)]:
         out.append(row(method, spec))
@@ -338,6 +345,8 @@ def markdown(done: dict[str, dict]) -> str:
             mode += ", true sequential"
         if spec["key"].endswith("-variant"):
             mode += ", Wanda variant"
+        if spec["config"].get("exact_update"):
+            mode += ", exact update"
         if "percdamp" in spec["config"]:
             mode += f", damping {spec['config']['percdamp']:g}"
         lines.append(

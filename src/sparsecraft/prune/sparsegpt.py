@@ -205,7 +205,8 @@ class SparseGPTSolver:
             name=label,
         )
         if self.exact_update:
-            new = masked_least_squares(stacked, stats.hessian, keep, info["damping"])
+            new, iters = masked_least_squares(stacked, stats.hessian, keep, info["damping"], start=new)
+            info = {**info, "exact_update_iters": iters}
         out, start = [], 0
         for w, t in zip(weights, targets):
             stop = start + w.shape[0]
