@@ -132,6 +132,32 @@ def main() -> None:
                    "--results", str(out / f"finetune_gpu_{sp}.jsonl"), "--no-progress"]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=False, timeout=max(30, left() - 20))
+    if "quant" in parts:  # int4 g128 GPTQ on SparseGPT 50% models, with and without the scale refit
+        from sparsecraft.data import calibration_windows
+        from sparsecraft.prune.engine import EngineOptions
+        from sparsecraft.quant import QuantConfig, quantize_model
+
+        calib = calibration_windows(tok, "c4", 128, 512, 0)
+        for base_key, exact in (("sgpt50", False), ("sgpt50-exact", True)):
+            base = copy.deepcopy(dense)
+            prune(base, tok, PruneConfig(**{**CALIB, "device": dev}, method="sparsegpt", sparsity=0.5,
+                                         exact_update=exact), calib, progress=False)
+            append(rows_path, {"key": base_key, "ppl": perplexity(base.to(dev), tok, progress=False)})
+            base.cpu()
+            for sym in (False, True):
+                for refit in (False, True):
+                    if left() < 40:
+                        continue
+                    model = copy.deepcopy(base)
+                    cfg = QuantConfig(bits=4, group_size=128, symmetric=sym, method="gptq", clip=True,
+                                      act_order=True, refit_scales=refit, nsamples=128, seqlen=512)
+                    t = time.time()
+                    quantize_model(model, tok, cfg, calibration=calib,
+                                   options=EngineOptions(device=dev, progress=False))
+                    append(rows_path, {"key": f"{base_key}-int4-g128-{'sym' if sym else 'asym'}-gptq-clip-ao"
+                                       + ("-refit" if refit else ""), "quant_s": time.time() - t,
+                                       "ppl": perplexity(model.to(dev), tok, progress=False)})
+                    del model
     for part, table in (("sweep", sweep_rows), ("oneshot", oneshot_rows)):
         if part not in parts:
             continue

@@ -247,3 +247,37 @@ def test_clip_search_never_increases_group_error(rows, cols, bits, sym, sparsity
     assert torch.equal(
         BitmaskTensor.from_codes(clipped.codes, clipped.mask, clipped.info, torch.float32).to_dense(), deq
     )
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_refit_scales_is_the_least_squares_optimum_and_keeps_codes(sym):
+    """Codes, zero points and mask unchanged; the output error never grows; the float scales
+    solve the normal equations (checked by brute-force lstsq on one row)."""
+    from sparsecraft.quant.refit import refit_scales
+
+    g = torch.Generator().manual_seed(5)
+    rows, cols, gs = 6, 40, 16  # 3 groups, the last partial
+    x = torch.randn(500, cols, generator=g) @ torch.randn(cols, cols, generator=g)
+    h = x.t() @ x
+    w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) > 0.5)
+    qw, info = gptq_quantize(w, h, None, bits=4, group_size=gs, symmetric=sym, blocksize=16)
+    new = refit_scales(qw, w, h, info["damping"])
+    assert torch.equal(new.codes, qw.codes) and torch.equal(new.mask, qw.mask)
+    if not sym:
+        assert torch.equal(new.info.zeros, qw.info.zeros)
+    assert (new.dequantize()[w == 0] == 0).all()
+    hd = h.double() + info["damping"] * h.diagonal().double().mean() * torch.eye(cols, dtype=torch.float64)
+
+    def err(v):
+        d = (w - v).double()
+        return ((d @ hd) * d).sum(1)
+
+    assert (err(new.dequantize()) <= err(qw.dequantize()) + 1e-9).all()
+    assert float(err(new.dequantize()).sum()) < float(err(qw.dequantize()).sum())
+    # row 0 by brute force: columns of the design matrix are the groups' codes (minus zero points)
+    d = qw.codes[0].double() - (qw.info.zeros[0].double().repeat_interleave(gs)[:cols] if not sym else 0)
+    d = d * qw.mask[0]
+    basis = torch.stack([d * ((torch.arange(cols) // gs) == k) for k in range(3)], 1)  # (cols, 3)
+    chol = torch.linalg.cholesky(hd)
+    s = torch.linalg.lstsq(chol.t() @ basis, chol.t() @ w[0].double()).solution
+    torch.testing.assert_close(new.info.scales[0].double(), s.half().double(), rtol=2e-3, atol=1e-4)

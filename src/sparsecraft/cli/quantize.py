@@ -44,6 +44,11 @@ def register(sub) -> None:
         action="store_true",
         help="GPTQ: quantize columns in order of decreasing Hessian diagonal (static group grids)",
     )
+    p.add_argument(
+        "--refit-scales",
+        action="store_true",
+        help="GPTQ: re-solve each row's group scales for its output once the codes are fixed",
+    )
     p.add_argument("--blocksize", type=int, default=128, help="GPTQ column block")
     p.add_argument(
         "--calib-dtype",
@@ -76,6 +81,7 @@ def run(args) -> int:
         method=args.method,
         clip=args.clip,
         act_order=args.act_order,
+        refit_scales=args.refit_scales,
         blocksize=args.blocksize,
         percdamp=args.percdamp,
         calib=args.calib,

@@ -20,6 +20,7 @@ from ..models.discovery import prunable_linears, set_weight_matrix, weight_matri
 from ..prune.engine import EngineOptions, SolveResult, run_sequential
 from ..prune.sparsegpt import inverse_cholesky
 from .gptq import act_order_perm, gptq_quantize
+from .refit import refit_scales
 from .rtn import QuantConfig, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class GPTQSolver:
         self.results: dict[str, QuantizedWeight] = {}
 
     def _one(
-        self, name: str, weight: Tensor, upper: Tensor, perm: Tensor | None, damp_info: dict
+        self, name: str, weight: Tensor, upper: Tensor, perm: Tensor | None, damp_info: dict, hessian: Tensor
     ) -> SolveResult:
         c = self.config
         mask = weight != 0
@@ -53,6 +54,8 @@ class GPTQSolver:
             clip=c.clip,
             perm=perm,
         )
+        if c.refit_scales:
+            qw = refit_scales(qw, weight, hessian, damp_info["damping"])
         self.results[name] = qw
         return SolveResult(weight=qw.dequantize(), mask=mask, info=dict(damp_info))
 
@@ -69,7 +72,7 @@ class GPTQSolver:
 
     def solve_group(self, names, layers, weights, stats) -> list[SolveResult]:
         upper, perm, info = self._factor(names[0], weights[0], stats)  # one factorisation for q/k/v
-        return [self._one(n, w, upper, perm, info) for n, w in zip(names, weights)]
+        return [self._one(n, w, upper, perm, info, stats.hessian) for n, w in zip(names, weights)]
 
 
 def _dequantized_matches(layer: nn.Module, qw: QuantizedWeight) -> bool:

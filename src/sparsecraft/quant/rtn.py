@@ -35,6 +35,7 @@ class QuantConfig:
     clip: bool = False
     # GPTQ
     act_order: bool = False  # columns in order of decreasing Hessian diagonal, static group grids
+    refit_scales: bool = False  # GPTQ: re-solve each row's group scales for its output (quant.refit)
     blocksize: int = 128
     percdamp: float = 0.01
     # calibration (GPTQ only)
@@ -54,6 +55,8 @@ class QuantConfig:
             )
         if self.method not in METHODS:
             raise SparsecraftError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.refit_scales and self.method != "gptq":
+            raise SparsecraftError("refit_scales solves on the Hessian; it needs method='gptq'")
         if self.act_order and self.method != "gptq":
             raise SparsecraftError("act_order reorders GPTQ's columns; it needs method='gptq'")
         if self.blocksize <= 0:
@@ -73,6 +76,7 @@ class QuantConfig:
             "method": self.method,
             "clip": self.clip,
             "act_order": self.act_order,
+            "refit_scales": self.refit_scales,
         }
 
 
