@@ -74,6 +74,8 @@ def rows() -> list[dict]:
     out.append(row("sparsegpt", 0.5, nsamples=64, mode="fp32", exact=True))
     for n in (128, 64):  # exact update on the bf16-product Hessian of the fast mode
         out.append(row("sparsegpt", 0.5, nsamples=n, mode="fast", exact=True))
+    for spec in ("2:4", 0.7):
+        out.append(row("sparsegpt", spec, mode="fast", exact=True))
     # most informative first: the accuracy targets, OWL, the speed comparison, then the rest
     for method, spec in [("sparsegpt", 0.5), ("wanda", 0.5), ("sparsegpt", "2:4"), ("sparsegpt", 0.7)]:
         out.append(row(method, spec))

@@ -1,4 +1,5 @@
-"""One-shot pruning (magnitude, Wanda, SparseGPT; unstructured, N:M, OWL) and DSnoT refinement,
+"""One-shot pruning (magnitude, Wanda, SparseGPT with an optional exact least-squares update;
+unstructured, N:M, OWL) and DSnoT refinement,
 driven by the sequential engine (:mod:`sparsecraft.prune.engine`)."""
 
 from .api import PruneConfig, prune, refine_model
