@@ -45,6 +45,7 @@ class KernelConfig:
     xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
     scatter: bool = False  # bitmask: one unit per thread, a warp's lanes on consecutive units
+    pf2: bool = False  # loads two tiles ahead instead of one
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -88,7 +89,7 @@ def unit_config(tw: TritonWeight, batch: int, device: torch.device) -> KernelCon
     target = 2 * _sm_count(device)
     while n_prog * split < target and split * 2 <= tiles:
         split *= 2
-    return KernelConfig(bn=bn, bk=bk, bb=bb, num_warps=warps, split_k=split, unit=True,
+    return KernelConfig(bn=bn, bk=bk, bb=bb, num_warps=warps, split_k=split, num_stages=1, unit=True,
                         **{f: True for f in flags})
 
 
@@ -237,7 +238,7 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     common = dict(BN=cfg.bn, U=bk // 8, BB=bb, ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16,
                   DOT=cfg.dot, DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
-                  num_warps=cfg.num_warps, num_stages=1)
+                  PF2=cfg.pf2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if tw.fmt == "nm":
         vq = tw.values.view(torch.int16 if tw.bits == 4 else torch.int64)
         dummy = tw.meta
