@@ -330,38 +330,29 @@ def run_cfg(x, w, cfg):
 def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     """Tile shapes tried per (format, batch); the fastest per layer shape is kept (measured here).
 
-    The 8-column-unit kernels (kernels/triton/gemv.py): first the tile that won the earlier runs
-    (docs/results/gpu_kernels.md), then session 5's sweep: loads two tiles ahead (``pf2``), Triton's
-    own pipelining (``num_stages``), warp counts, and at batch 16 K splits (the ``dot`` tiles ran 128
-    programs on 132 SMs in run 6); last decode + cuBLAS.
+    The 8-column-unit kernels (kernels/triton/gemv.py) at the tiles and variants that won the
+    earlier runs (docs/results/gpu_kernels.md: run 6 on an H100 for batch 1 and 4, runs 8-9 on an
+    H200 for batch 16, where K splits put more programs on the multiprocessors) and a few
+    neighbours; then decode + cuBLAS.
     """
     def unit(bn, bk, bb, warps, **kw):
-        kw.setdefault("num_stages", 1)
         return KernelConfig(bn, bk, bb, warps, unit=True, **kw)
 
     if batch == 1:
         if fmt.startswith("bitmask"):
-            base = dict(scatter=True)
-            tiles = [(4, 256, 4), (4, 256, 2), (8, 256, 4)]
+            c = [unit(4, 256, 1, 4, scatter=True), unit(4, 256, 1, 2, scatter=True),
+                 unit(8, 256, 1, 4, scatter=True)]
         elif fmt == "nm24_int4":
-            base = dict(xrow=True, prmt=True)
-            tiles = [(4, 512, 2), (2, 512, 1), (4, 1024, 4)]
+            c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True),
+                 unit(4, 1024, 1, 4, xrow=True, prmt=True)]
         else:
-            base = {}
-            tiles = [(4, 512, 2), (2, 512, 1), (4, 1024, 4), (4, 256, 1)]
-        c = [unit(*tiles[0], 1, **base)]
-        for bn, bk, warps in tiles:
-            c += [unit(bn, bk, 1, warps, pf2=True, **base), unit(bn, bk, 1, warps, num_stages=3, **base)]
-        c += [unit(*tiles[0][:2], 1, tiles[0][2], num_stages=3, pf2=True, **base)]
-        c += [unit(bn, bk, 1, warps, **base) for bn, bk, warps in tiles[1:]]
+            c = [unit(4, 512, 1, 2), unit(2, 512, 1, 1), unit(4, 1024, 1, 4)]
         return c[:2] if QUICK else c
     if batch <= 16:
+        c = [unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if batch <= 4 else []
         flags = dict(dot=True, scatter=fmt.startswith("bitmask"))
-        c = [unit(32, 256, 16, 4, split_k=4, **flags), unit(16, 256, 16, 1, split_k=4, **flags)]
-        for bn, bk, warps, split in ((32, 256, 4, 4), (16, 256, 1, 4), (16, 256, 2, 4), (32, 256, 2, 4)):
-            c += [unit(bn, bk, 16, warps, split_k=split, pf2=True, **flags),
-                  unit(bn, bk, 16, warps, split_k=split, num_stages=3, **flags)]
-        c += [unit(16, 128, 16, 1, split_k=8, **flags), unit(16, 128, 16, 1, split_k=8, pf2=True, **flags)]
+        c += [unit(32, 256, 16, 4, split_k=4, **flags), unit(16, 256, 16, 1, split_k=4, **flags),
+              unit(16, 256, 16, 2, split_k=4, **flags), unit(16, 128, 16, 1, split_k=8, **flags)]
         return (c[:1] if QUICK else c) + [DECODE_CUBLAS]
     return [DECODE_CUBLAS]  # not tuned above DOT_MAX_BATCH (the dispatcher decodes + cuBLAS there)
 
@@ -385,8 +376,8 @@ def tune(fmt, layers, batch, xs, reps):
             continue
         log(
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
-            f" s={cfg.split_k} st={cfg.num_stages}"
-            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "scatter", "pf2") if getattr(cfg, k))
+            f" s={cfg.split_k}"
+            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "scatter") if getattr(cfg, k))
             + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "
             + " ".join(f"{n} {res[n] * 1000:6.1f}us" for n in SHAPES)
         )

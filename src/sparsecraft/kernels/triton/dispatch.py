@@ -45,7 +45,6 @@ class KernelConfig:
     xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
     scatter: bool = False  # bitmask: one unit per thread, a warp's lanes on consecutive units
-    pf2: bool = False  # loads two tiles ahead instead of one
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -76,36 +75,37 @@ UNIT_MAX_BATCH = 16  # rows up to which the unit kernels run (measured at batch 
 
 
 def unit_config(tw: TritonWeight, batch: int, device: torch.device) -> KernelConfig:
-    """Tile of the unit kernels (gemv.py) from the H100 tuning (``UNIT_TILES``); the batch tile is the
-    batch rounded up to a power of two (16 for the tensor-core ``dot`` variant); K split for skinny
-    layers."""
+    """Tile of the unit kernels (gemv.py) from the GPU tuning runs (``UNIT_TILES``); the batch tile is
+    the batch rounded up to a power of two (16 for the tensor-core ``dot`` variant); K split as
+    measured, or (0) until the grid covers the multiprocessors twice (skinny layers)."""
     out_f, in_f = tw.shape
     size = 1 if batch == 1 else 4 if batch <= 4 else 16
-    bn, bk, warps, *flags = UNIT_TILES[(tw.fmt, tw.bits, size)]
+    bn, bk, warps, split, *flags = UNIT_TILES[(tw.fmt, tw.bits, size)]
     bb = 16 if "dot" in flags else _pow2_at_least(batch, 1)
-    split = 1
-    n_prog = -(-out_f // bn) * -(-batch // bb)
     tiles = -(-in_f // bk)
-    target = 2 * _sm_count(device)
-    while n_prog * split < target and split * 2 <= tiles:
-        split *= 2
-    return KernelConfig(bn=bn, bk=bk, bb=bb, num_warps=warps, split_k=split, num_stages=1, unit=True,
+    if split == 0:
+        split = 1
+        n_prog = -(-out_f // bn) * -(-batch // bb)
+        while n_prog * split < 2 * _sm_count(device) and split * 2 <= tiles:
+            split *= 2
+    return KernelConfig(bn=bn, bk=bk, bb=bb, num_warps=warps, split_k=min(split, tiles), unit=True,
                         **{f: True for f in flags})
 
 
-# (fmt, bits, batch size class 1 / 2-4 / 5-16) -> (rows, columns, warps, variant flags...): the
-# tile that won most layer shapes of the llama-7b chain in the H100 tuning run 6
-# (docs/results/gpu_kernels.md); "dot" runs the batch rows on the tensor cores (batch padded to 16)
+# (fmt, bits, batch size class 1 / 2-4 / 5-16) -> (rows, columns, warps, K split or 0 = automatic,
+# variant flags...): the tile that won most layer shapes of the llama-7b chain in the H100 tuning
+# run 6, batch 16 from the H200 runs 8-9 (docs/results/gpu_kernels.md); "dot" runs the batch rows
+# on the tensor cores (batch padded to 16)
 UNIT_TILES: dict[tuple[str, int, int], tuple] = {
-    ("nm", 0, 1): (4, 512, 2),
-    ("nm", 4, 1): (4, 512, 2, "xrow", "prmt"),
-    ("bitmask", 0, 1): (4, 256, 4, "scatter"),
-    ("nm", 0, 4): (32, 256, 4, "dot"),
-    ("nm", 4, 4): (8, 512, 4),
-    ("bitmask", 0, 4): (8, 512, 4),
-    ("nm", 0, 16): (32, 256, 4, "dot"),
-    ("nm", 4, 16): (32, 256, 4, "dot"),
-    ("bitmask", 0, 16): (32, 256, 4, "dot"),
+    ("nm", 0, 1): (4, 512, 2, 0),
+    ("nm", 4, 1): (4, 512, 2, 0, "xrow", "prmt"),
+    ("bitmask", 0, 1): (4, 256, 4, 0, "scatter"),
+    ("nm", 0, 4): (32, 256, 4, 0, "dot"),
+    ("nm", 4, 4): (8, 512, 4, 0),
+    ("bitmask", 0, 4): (8, 512, 4, 0),
+    ("nm", 0, 16): (32, 256, 4, 4, "dot"),
+    ("nm", 4, 16): (16, 256, 1, 4, "dot"),
+    ("bitmask", 0, 16): (16, 256, 1, 4, "dot", "scatter"),
 }
 
 
@@ -238,7 +238,7 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     common = dict(BN=cfg.bn, U=bk // 8, BB=bb, ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16,
                   DOT=cfg.dot, DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
-                  PF2=cfg.pf2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.num_warps, num_stages=1)
     if tw.fmt == "nm":
         vq = tw.values.view(torch.int16 if tw.bits == 4 else torch.int64)
         dummy = tw.meta

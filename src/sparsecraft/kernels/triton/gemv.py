@@ -26,7 +26,7 @@ Variants (constexpr flags, off by default; docs/results/gpu_kernels.md says whic
 ``XROW`` loads x as a (BN, U) tile in the weights' layout (no per-iteration layout conversion),
 ``PRMT`` (2:4, batch 1) picks x at the kept positions with one byte permute per group, ``SCATTER``
 (bitmask) gives each thread one unit so a warp's gathers read neighbouring addresses, ``DOT`` runs
-batch rows on the tensor cores from a tile assembled in registers, ``PF2`` loads two tiles ahead.
+batch rows on the tensor cores from a tile assembled in registers.
 Everything also runs under ``TRITON_INTERPRET=1`` on CPU tensors (``INTERP`` switches the inline
 assembly, popcount and byte permute, to arithmetic).
 """
@@ -182,25 +182,16 @@ def nm24_gemv_kernel(
     QBITS: tl.constexpr, SYM: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, VBF16: tl.constexpr,
     INTERP: tl.constexpr, BN: tl.constexpr, U: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
     DOT: tl.constexpr = False, DOT_F32: tl.constexpr = False, XROW: tl.constexpr = False,
-    PRMT: tl.constexpr = False, PF2: tl.constexpr = False,
+    PRMT: tl.constexpr = False,
 ):
     """y = x @ W^T, W 2:4 (float values or int4 codes), x (B, K) with K % 8 == 0."""
     rows, rmask, b0, kt0, kt1, U_LIM, x64_ptr, acc = _program(x_ptr, N, K, stride_xb, split_k, BN, U, BB)
     q, ib, s, z, xa, xb = _nm24_load(kt0, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr, x64_ptr,
                                      vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW)
-    if PF2:  # loads two tiles ahead: more bytes in flight per thread
-        q2, ib2, s2, z2, xa2, xb2 = _nm24_load(kt0 + 1, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr,
-                                               x64_ptr, vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW)
     for kt in range(kt0, kt1):
         qc, ibc, sc, zc, xac, xbc = q, ib, s, z, xa, xb
-        if PF2:
-            q, ib, s, z, xa, xb = q2, ib2, s2, z2, xa2, xb2
-            q2, ib2, s2, z2, xa2, xb2 = _nm24_load(kt + 2, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr,
-                                                   x64_ptr, vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB,
-                                                   XROW)
-        else:
-            q, ib, s, z, xa, xb = _nm24_load(kt + 1, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr,
-                                             x64_ptr, vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW)
+        q, ib, s, z, xa, xb = _nm24_load(kt + 1, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr,
+                                         x64_ptr, vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW)
         v0, v1, v2, v3 = _nm24_vals(qc, sc, zc, QBITS, SYM, VBF16)
         ibi = ibc.to(tl.int32)
         i0 = ibi & 3
@@ -352,25 +343,17 @@ def bitmask_gemv_kernel(
     BF16: tl.constexpr, TILE: tl.constexpr, INTERP: tl.constexpr,
     BN: tl.constexpr, U: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
     DOT: tl.constexpr = False, DOT_F32: tl.constexpr = False, XROW: tl.constexpr = False,
-    SCATTER: tl.constexpr = False, PF2: tl.constexpr = False,
+    SCATTER: tl.constexpr = False,
 ):
     """y = x @ W^T, W bitmask with float values, K % 8 == 0, U * 8 a multiple of TILE."""
     rows, rmask, b0, kt0, kt1, U_LIM, x64_ptr, acc = _program(x_ptr, N, K, stride_xb, split_k, BN, U, BB)
     rstart = tl.load(rowoff_ptr + rows, mask=rmask, other=0)
     mb, toff, xa, xb = _bm_load(kt0, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles,
                                 stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
-    if PF2:
-        mb2, toff2, xa2, xb2 = _bm_load(kt0 + 1, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles,
-                                        stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
     for kt in range(kt0, kt1):
         mbc, toffc, xac, xbc = mb, toff, xa, xb
-        if PF2:
-            mb, toff, xa, xb = mb2, toff2, xa2, xb2
-            mb2, toff2, xa2, xb2 = _bm_load(kt + 2, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms,
-                                            n_tiles, stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
-        else:
-            mb, toff, xa, xb = _bm_load(kt + 1, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles,
-                                        stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
+        mb, toff, xa, xb = _bm_load(kt + 1, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles,
+                                    stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
         m = mbc.to(tl.int32)
         pc = _popc(m, INTERP)
         pos = (rstart + toffc)[:, None] + tl.cumsum(pc, axis=1) - pc
