@@ -7,8 +7,9 @@ Two measurements, each writing one JSON row per result to a JSONL file as it goe
           (the byte count depends only on how many weights are kept). Every layer is checked to
           round-trip exactly, and the figures come from ``formats.describe`` on the saved checkpoint.
 ``ppl``   WikiText-2 perplexity (40 windows x 512) of a pruned model before and after int8 / int4
-          quantization, RTN and GPTQ side by side; each quantized model is saved compressed and
-          the perplexity is measured on the model loaded back from that checkpoint.
+          quantization, RTN and GPTQ side by side (options: clipping, act-order, scale refit, AWQ
+          scaling first); each quantized model is saved compressed and the perplexity is measured
+          on the model loaded back from that checkpoint. Resumable: rows already in --out are skipped.
 ``table`` renders both JSONL files as markdown.
 
 Run the heavy parts under the shared CPU lock::
@@ -159,7 +160,9 @@ def run_ppl(args) -> None:
             done.add(r["run"])
 
     def ppl(model, tok) -> float:
-        return perplexity(model, tok, "wikitext2", seqlen=512, max_windows=40, batch_size=4, progress=False)
+        return perplexity(
+            model.to(args.device), tok, "wikitext2", seqlen=512, max_windows=40, batch_size=4, progress=False
+        )
 
     if args.dense_ref and "dense" not in done:
         t0 = time.perf_counter()
@@ -194,19 +197,26 @@ def run_ppl(args) -> None:
     try:
         for bits, method, sym in PPL_RUNS:
             act_order = args.act_order and method == "gptq"
+            refit = args.refit_scales and method == "gptq"
             run = f"int{bits}-g{args.group_size}-{'sym' if sym else 'asym'}-{method}" + (
                 "-clip" if args.clip else ""
-            ) + ("-ao" if act_order else "")
+            ) + ("-ao" if act_order else "") + ("-refit" if refit else "") + (
+                "-awq" if args.awq else ""
+            ) + ("clip" if args.awq_clip else "")
             if run in done or (args.only and run not in args.only):
                 continue
             t0 = time.perf_counter()
             model, tok = load(args.sparse, dtype=torch.float32)
             zeros_before = {n: weight_matrix(m) == 0 for n, m in prunable_linears(model).items()}
-            if method == "gptq" and calib is None:
+            needs_calib = method == "gptq" or args.awq
+            if needs_calib and calib is None:
                 calib = calibration_windows(tok, "c4", args.nsamples, args.seqlen, seed=0)
             cfg = QuantConfig(
                 clip=args.clip,
                 act_order=act_order,
+                refit_scales=refit,
+                awq=args.awq,
+                awq_clip=args.awq_clip,
                 bits=bits,
                 group_size=args.group_size,
                 symmetric=sym,
@@ -218,9 +228,10 @@ def run_ppl(args) -> None:
                 model,
                 tok,
                 cfg,
-                calibration=calib if method == "gptq" else None,
-                options=EngineOptions(device="cpu", progress=False),
+                calibration=calib if needs_calib else None,
+                options=EngineOptions(device=args.device, progress=False),
             )
+            model.cpu()
             t_quant = time.perf_counter() - t0
             ck = save_compressed(model, tok, tmp / run, CompressConfig(format="auto"), quantized=results)
             size = describe(ck)
@@ -240,6 +251,9 @@ def run_ppl(args) -> None:
                     "method": method,
                     "clip": args.clip,
                     "act_order": act_order,
+                    "refit_scales": refit,
+                    "awq": args.awq,
+                    "awq_clip": args.awq_clip,
                     "ppl": ppl(back, tok),
                     "zeros_kept": zeros_kept,
                     "sparsity_after": rep["sparsity_after"],
@@ -247,6 +261,10 @@ def run_ppl(args) -> None:
                     "formats": sorted({r["format"] for r in size["layers"].values()}),
                     "calibration": rep.get("calibration"),
                     "max_rel_error": rep.get("max_rel_error"),
+                    "awq_report": (
+                        {k: v for k, v in rep["awq"].items() if k != "groups"} if "awq" in rep else None
+                    ),
+                    "device": args.device,
                     "quant_s": round(t_quant, 1),
                     "wall_s": round(time.perf_counter() - t0, 1),
                 },
@@ -299,7 +317,13 @@ def run_table(args) -> None:
             d = 100 * (r["ppl"] / base - 1)
             tgt = 1.0 if r["bits"] == 8 else 10.0
             label = f"int{r['bits']} g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
-            method = r["method"].upper() + (" + clip" if r.get("clip") else "")
+            method = (
+                ("AWQ (search with clip) + " if r.get("awq_clip") else "AWQ + " if r.get("awq") else "")
+                + r["method"].upper()
+                + (" + act-order" if r.get("act_order") else "")
+                + (" + clip" if r.get("clip") else "")
+                + (" + refit" if r.get("refit_scales") else "")
+            )
             print(
                 f"| {label} | {method} | {r['ppl']:.3f} | {d:+.2f}% | ≤ {tgt:g}% | "
                 f"{'yes' if d <= tgt else '**no**'} | {r['bits_per_weight']:.3f} | "
@@ -327,6 +351,13 @@ def main(argv=None) -> int:
     q.add_argument("--clip", action="store_true", help="clipping search for the grids (run names get -clip)")
     q.add_argument("--act-order", action="store_true",
                    help="GPTQ act-order, static groups (run names get -ao)")
+    q.add_argument("--refit-scales", action="store_true",
+                   help="GPTQ: re-solve the group scales for the output (run names get -refit)")
+    q.add_argument("--awq", action="store_true",
+                   help="activation-aware scaling before the quantizer (run names get -awq)")
+    q.add_argument("--awq-clip", action="store_true",
+                   help="AWQ search quantizes with the clipping search too (run names get -awqclip)")
+    q.add_argument("--device", default="cpu", help="calibration and evaluation device (cpu, cuda)")
     t = sub.add_parser("table")
     t.add_argument("--bits")
     t.add_argument("--ppl")

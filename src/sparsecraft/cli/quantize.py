@@ -1,4 +1,4 @@
-"""`sparsecraft quantize SRC --bits 8|4 --group-size 128 [--method rtn|gptq] [--asym] --out DIR2`.
+"""`sparsecraft quantize SRC --bits 8|4 --group-size 128 [--method rtn|gptq] [--asym] [--awq] --out DIR2`.
 
 Weight-only quantization that keeps every zero: the result is written as a compressed
 checkpoint (codes + scales, in the format chosen by --format; default: the smallest per layer).
@@ -34,7 +34,7 @@ def register(sub) -> None:
         help="storage of the codes (default auto: the smallest per layer)",
     )
     p.add_argument("--nm", default="2:4", help="N:M pattern for --format nm/auto (default 2:4)")
-    p.add_argument("--calib", default="c4", help="GPTQ calibration source (default c4)")
+    p.add_argument("--calib", default="c4", help="GPTQ / AWQ calibration source (default c4)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
@@ -49,6 +49,13 @@ def register(sub) -> None:
         action="store_true",
         help="GPTQ: re-solve each row's group scales for its output once the codes are fixed",
     )
+    p.add_argument(
+        "--awq",
+        action="store_true",
+        help="activation-aware scaling first (AWQ: per-input-channel scales searched on calibration "
+        "data and folded into the preceding norm / linear), then --method quantizes",
+    )
+    p.add_argument("--awq-grid", type=int, default=20, help="AWQ: points of the α search in [0, 1)")
     p.add_argument("--blocksize", type=int, default=128, help="GPTQ column block")
     p.add_argument(
         "--calib-dtype",
@@ -82,6 +89,8 @@ def run(args) -> int:
         clip=args.clip,
         act_order=args.act_order,
         refit_scales=args.refit_scales,
+        awq=args.awq,
+        awq_grid=args.awq_grid,
         blocksize=args.blocksize,
         percdamp=args.percdamp,
         calib=args.calib,
@@ -128,7 +137,8 @@ def run(args) -> int:
     size = describe(out)
     print(
         f"quantized {report['layers']} layers ({config.method}, int{config.bits}, group {config.group_size}, "
-        f"{'symmetric' if config.symmetric else 'asymmetric'}); sparsity {report['sparsity_before']:.4f} -> "
+        f"{'symmetric' if config.symmetric else 'asymmetric'}{', AWQ scales' if config.awq else ''}); "
+        f"sparsity {report['sparsity_before']:.4f} -> "
         f"{report['sparsity_after']:.4f}"
     )
     print_summary(size, out)

@@ -4,6 +4,7 @@ Every method reads what it needs from one :class:`LayerStats`:
 
 * Wanda: ``sqnorm`` (= Σ x_j², the squared column norm ‖X_j‖²);
 * DSnoT: ``mean`` and ``var`` (population variance);
+* AWQ: ``absmean`` (= mean |x_j|, the per-channel activation magnitude);
 * SparseGPT / GPTQ: ``hessian`` (= Σ x xᵀ, the raw sum; ``scaled_hessian()`` gives the
   2/count · XᵀX of the papers).
 
@@ -31,6 +32,7 @@ class LayerStats:
     count: int = 0
     sum: Tensor = field(init=False)
     sumsq: Tensor = field(init=False)
+    sumabs: Tensor = field(init=False)
     _hessian: Tensor | None = field(init=False, default=None, repr=False)
     # Lower precision for the Σ x xᵀ product (None: float32). Only used for the bf16 fast mode,
     # where the inputs are already bf16 values so every product is exact in float32.
@@ -45,6 +47,7 @@ class LayerStats:
     def __post_init__(self) -> None:
         self.sum = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         self.sumsq = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
+        self.sumabs = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         if self.with_hessian:
             self._hessian = torch.zeros(
                 self.in_features, self.in_features, dtype=torch.float32, device=self.device
@@ -60,6 +63,7 @@ class LayerStats:
         # sums with float32 accumulation, without a float32 copy of low-precision inputs
         self.sum += x.sum(0, dtype=torch.float32).to(self.sum.device)
         self.sumsq += torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).to(self.sum.device) ** 2
+        self.sumabs += torch.linalg.vector_norm(x, 1, dim=0, dtype=torch.float32).to(self.sum.device)
         if self._hessian is not None:
             if self.hessian_matmul_dtype is not None and x.dtype == self.hessian_matmul_dtype:
                 # bf16 inputs: products are exact; the batch's partial sum is rounded once.
@@ -92,6 +96,11 @@ class LayerStats:
     @property
     def mean(self) -> Tensor:
         return self.sum / max(self.count, 1)
+
+    @property
+    def absmean(self) -> Tensor:
+        """Mean |x_j| per input column (AWQ's activation magnitude)."""
+        return self.sumabs / max(self.count, 1)
 
     @property
     def var(self) -> Tensor:

@@ -1,13 +1,16 @@
 """Quantize a whole model in place: ``quantize_model(model, tokenizer, QuantConfig(...))``.
 
-RTN needs no data. GPTQ runs through the pruning engine's sequential walk
-(:func:`sparsecraft.prune.engine.run_sequential`) with :class:`GPTQSolver`: each block's layers
-are quantized from the Hessian of their real inputs, then the block is re-run so the next block
-sees the quantized model's activations. The mask of every layer is its weight's zeros.
+RTN needs no data. With ``awq`` the activation-aware scales are searched and folded into the model
+first (:mod:`.awq`, the engine's walk with a read-only solver), then RTN or GPTQ quantizes the
+scaled weights. GPTQ runs through the pruning engine's sequential walk
+(:func:`sparsecraft.prune.engine.run_sequential`) with :class:`GPTQSolver`: each block's layers are
+quantized from the Hessian of their real inputs, then the block is re-run so the next block sees
+the quantized model's activations. The mask of every layer is its weight's zeros.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -19,6 +22,7 @@ from ..formats.qinfo import QuantizedWeight
 from ..models.discovery import prunable_linears, set_weight_matrix, weight_matrix
 from ..prune.engine import EngineOptions, SolveResult, run_sequential
 from ..prune.sparsegpt import inverse_cholesky
+from .awq import awq_scale_model
 from .gptq import act_order_perm, gptq_quantize
 from .refit import refit_scales
 from .rtn import QuantConfig, rtn_quantize
@@ -99,6 +103,15 @@ def quantize_model(
         raise SparsecraftError("no linear layers selected for quantization; check targets/ignore")
     zeros_before = {n: int((weight_matrix(m) == 0).sum()) for n, m in layers.items()}
     engine = None
+    awq_report = None
+    if calibration is None and (config.method == "gptq" or config.awq):
+        from ..data import calibration_windows
+
+        calibration = calibration_windows(
+            tokenizer, config.calib, config.nsamples, config.seqlen, config.seed
+        )
+    if config.awq:
+        awq_report = awq_scale_model(model, calibration, config, options)
     if config.method == "rtn":
         results = {}
         for name, layer in layers.items():
@@ -114,15 +127,8 @@ def quantize_model(
             set_weight_matrix(layer, qw.dequantize())
             results[name] = qw
     else:
-        if calibration is None:
-            from ..data import calibration_windows
-
-            calibration = calibration_windows(
-                tokenizer, config.calib, config.nsamples, config.seqlen, config.seed
-            )
         solver = GPTQSolver(config)
-        opts = options or EngineOptions()
-        opts.targets, opts.ignore = config.targets, config.ignore
+        opts = dataclasses.replace(options or EngineOptions(), targets=config.targets, ignore=config.ignore)
         engine = run_sequential(model, calibration, solver, opts)
         results = solver.results
     missing = sorted(set(layers) - set(results))
@@ -142,13 +148,16 @@ def quantize_model(
         "sparsity_after": sum(int((weight_matrix(m) == 0).sum()) for m in layers.values()) / n_weights,
         "wall_s": round(time.perf_counter() - t0, 2),
     }
-    if engine is not None:
-        report["engine"] = {k: v for k, v in engine.to_dict().items() if k != "layers"}
-        report["max_rel_error"] = max((r.rel_error for r in engine.layers), default=None)
+    if awq_report is not None:
+        report["awq"] = awq_report
+    if calibration is not None and (config.method == "gptq" or config.awq):
         report["calibration"] = {
             "source": config.calib,
             "nsamples": int(calibration.shape[0]),
             "seqlen": int(calibration.shape[1]),
             "seed": config.seed,
         }
+    if engine is not None:
+        report["engine"] = {k: v for k, v in engine.to_dict().items() if k != "layers"}
+        report["max_rel_error"] = max((r.rel_error for r in engine.layers), default=None)
     return results, report

@@ -38,7 +38,11 @@ class QuantConfig:
     refit_scales: bool = False  # GPTQ: re-solve each row's group scales for its output (quant.refit)
     blocksize: int = 128
     percdamp: float = 0.01
-    # calibration (GPTQ only)
+    # activation-aware scaling (quant.awq) before RTN or GPTQ: α searched on awq_grid points in [0, 1)
+    awq: bool = False
+    awq_grid: int = 20
+    awq_clip: bool = False  # the search's RTN also runs the clipping search (slower; pairs with clip)
+    # calibration (GPTQ and AWQ)
     calib: str = "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -59,6 +63,12 @@ class QuantConfig:
             raise SparsecraftError("refit_scales solves on the Hessian; it needs method='gptq'")
         if self.act_order and self.method != "gptq":
             raise SparsecraftError("act_order reorders GPTQ's columns; it needs method='gptq'")
+        if not isinstance(self.awq_grid, int) or not (2 <= self.awq_grid <= 1000):
+            raise SparsecraftError(
+                f"awq_grid {self.awq_grid}: must be an integer in [2, 1000] (points α = k/grid searched)"
+            )
+        if self.awq_clip and not self.awq:
+            raise SparsecraftError("awq_clip sets the AWQ search's quantizer; it needs awq=True")
         if self.blocksize <= 0:
             raise SparsecraftError(f"blocksize {self.blocksize}: must be positive")
         if not (0.0 <= self.percdamp <= 10.0):
@@ -77,6 +87,8 @@ class QuantConfig:
             "clip": self.clip,
             "act_order": self.act_order,
             "refit_scales": self.refit_scales,
+            "awq": self.awq,
+            **({"awq_grid": self.awq_grid, "awq_clip": self.awq_clip} if self.awq else {}),
         }
 
 
