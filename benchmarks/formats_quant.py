@@ -202,7 +202,7 @@ def run_ppl(args) -> None:
                 "-clip" if args.clip else ""
             ) + ("-ao" if act_order else "") + ("-refit" if refit else "") + (
                 "-awq" if args.awq else ""
-            ) + ("clip" if args.awq_clip else "")
+            )
             if run in done or (args.only and run not in args.only):
                 continue
             t0 = time.perf_counter()
@@ -216,7 +216,6 @@ def run_ppl(args) -> None:
                 act_order=act_order,
                 refit_scales=refit,
                 awq=args.awq,
-                awq_clip=args.awq_clip,
                 bits=bits,
                 group_size=args.group_size,
                 symmetric=sym,
@@ -253,7 +252,6 @@ def run_ppl(args) -> None:
                     "act_order": act_order,
                     "refit_scales": refit,
                     "awq": args.awq,
-                    "awq_clip": args.awq_clip,
                     "ppl": ppl(back, tok),
                     "zeros_kept": zeros_kept,
                     "sparsity_after": rep["sparsity_after"],
@@ -318,6 +316,7 @@ def run_table(args) -> None:
             tgt = 1.0 if r["bits"] == 8 else 10.0
             label = f"int{r['bits']} g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
             method = (
+                # "awq_clip": session 5's AWQ search with the clipping RTN (option removed since)
                 ("AWQ (search with clip) + " if r.get("awq_clip") else "AWQ + " if r.get("awq") else "")
                 + r["method"].upper()
                 + (" + act-order" if r.get("act_order") else "")
@@ -355,8 +354,6 @@ def main(argv=None) -> int:
                    help="GPTQ: re-solve the group scales for the output (run names get -refit)")
     q.add_argument("--awq", action="store_true",
                    help="activation-aware scaling before the quantizer (run names get -awq)")
-    q.add_argument("--awq-clip", action="store_true",
-                   help="AWQ search quantizes with the clipping search too (run names get -awqclip)")
     q.add_argument("--device", default="cpu", help="calibration and evaluation device (cpu, cuda)")
     t = sub.add_parser("table")
     t.add_argument("--bits")

@@ -8,14 +8,12 @@ input:
 
 * a normalisation (RMSNorm/LayerNorm) in front of q/k/v or gate/up: its weight (and bias) ÷ s;
 * a linear whose output is the input, e.g. up_proj in front of down_proj (act(gate)·up is linear in
-  up's output rows) or v_proj in front of o_proj: that linear's output rows (and bias) ÷ s. Under
-  grouped-query attention v_proj is narrower than o_proj's input (each key/value head serves n_rep
-  query heads), so o_proj's scale is tied across the query heads that read one v_proj row.
+  up's output rows) or v_proj in front of o_proj: that linear's output rows (and bias) ÷ s.
 
 Per group of layers that share one input, s = mean|x|^α (normalised), with α picked from a grid in
 [0, 1) to minimise Σ_layers ‖X Wᵀ − X diag(1/s) Q(W diag(s))ᵀ‖², Q being the run's RTN quantizer
-(by default without the clipping search, 21× cheaper: the clip is a per-group range choice the
-real quantizer makes afterwards; ``awq_clip`` includes it). With H = Σ x xᵀ that error is
+(without the clipping search, which the real quantizer runs afterwards: putting it inside the
+search was measured in session 5 and did not help). With H = Σ x xᵀ that error is
 tr(Δ H Δᵀ), Δ = W − Q(W diag(s)) diag(1/s), exact over all calibration tokens. α = 0 (s = 1,
 plain RTN) is on the grid, so the search never does worse than no scaling on its own objective.
 Column scaling by s > 0 keeps every zero a zero.
@@ -25,9 +23,10 @@ group receives is traced to the module that returned it (a norm candidate) or, f
 earlier linears of the block whose output width matches (row-fold candidates). Each candidate is
 *probed*: folded with random scales in [0.5, 2] and kept only if the model's logits do not move
 (within float tolerance); the probe undoes itself. So a gated MLP's up_proj is found and its
-gate_proj rejected (SiLU is not homogeneous), o_proj is folded into v_proj also under grouped-query
-attention (a narrower earlier linear is tried with the heads of the model's config repeated), and
-a Gemma norm (weight applied as 1 + w) fails the probe
+gate_proj rejected (SiLU is not homogeneous), o_proj is skipped under grouped-query attention
+(v_proj is narrower than o_proj's input; a fold with the scale tied across the query heads that read
+one v_proj row was measured in session 5 and did not help: docs/results/formats_quant.md), and a
+Gemma norm (weight applied as 1 + w) fails the probe
 and is skipped with a warning: a fold is either function-preserving or not done.
 
 The walk is the pruning engine's (:func:`sparsecraft.prune.engine.run_sequential`) with a
@@ -141,11 +140,10 @@ def search_scale(
 
 
 def rtn_quantizer(config: QuantConfig, where: str) -> Callable[[Tensor], Tensor]:
-    """Q of the search: RTN with the run's bits / group size / symmetry (and the clipping search
-    when ``awq_clip``), mask = the weight's zeros."""
+    """Q of the search: RTN with the run's bits / group size / symmetry, mask = the weight's zeros."""
 
     def quantize(w: Tensor) -> Tensor:
-        qw = rtn_quantize(w, None, config.bits, config.group_size, config.symmetric, where, config.awq_clip)
+        qw = rtn_quantize(w, None, config.bits, config.group_size, config.symmetric, where)
         return qw.dequantize()
 
     return quantize
@@ -154,44 +152,18 @@ def rtn_quantizer(config: QuantConfig, where: str) -> Callable[[Tensor], Tensor]
 # ---------------------------------------------------------------- folds on a block
 
 
-def repeat_index(in_features: int, source_rows: int, head_dim: int) -> Tensor:
-    """Source row read by each consumer column when the source's heads are repeated: key/value head
-    k serves query heads k·n_rep … k·n_rep + n_rep − 1 (grouped-query attention)."""
-    n_rep = in_features // source_rows
-    c = torch.arange(in_features)
-    return ((c // head_dim) // n_rep) * head_dim + c % head_dim
-
-
-def tie(values: Tensor, index: Tensor, size: int) -> Tensor:
-    """``values`` averaged over the entries that share an ``index``, expanded back to every entry."""
-    v, index = values.float(), index.to(values.device)
-    sums = v.new_zeros(size).index_add_(0, index, v)
-    counts = v.new_zeros(size).index_add_(0, index, torch.ones_like(v))
-    return (sums / counts)[index]
-
-
 @dataclass(frozen=True)
 class Fold:
     """Where a group's input scale goes: ``kind`` "norm" (``source`` is a norm module) or "rows"
-    (``source`` is a linear whose output rows are the input; with ``head_dim`` > 0 its heads of that
-    size are repeated to the consumers' width); names are block-relative."""
+    (``source`` is a linear whose output rows are the input); names are block-relative."""
 
     consumers: tuple[str, ...]
     kind: str
     source: str
-    head_dim: int = 0
-
-    def index(self, block: nn.Module, in_features: int) -> tuple[Tensor, int] | None:
-        """(consumer column -> source row, source rows) for a repeating fold, else None."""
-        if not self.head_dim:
-            return None
-        rows = weight_matrix(block.get_submodule(self.source)).shape[0]
-        return repeat_index(in_features, rows, self.head_dim), rows
 
 
 def apply_fold(block: nn.Module, fold: Fold, s: Tensor) -> None:
-    """Fold ``s`` into ``block`` in place: consumers' columns × s, the source ÷ s (``s`` must be tied
-    across the columns that read one source row, see :func:`tie`)."""
+    """Fold ``s`` into ``block`` in place: consumers' columns × s, the source ÷ s."""
     linears = block_linears(block)
     for name in fold.consumers:
         w = weight_matrix(linears[name])
@@ -203,10 +175,6 @@ def apply_fold(block: nn.Module, fold: Fold, s: Tensor) -> None:
         src.weight.data.copy_(new_w)
     else:
         w = weight_matrix(src)
-        mapping = fold.index(block, s.numel())
-        if mapping is not None:  # one scale per source row
-            idx, rows = mapping
-            s = torch.zeros(rows, dtype=s.dtype).index_copy_(0, idx, s)
         new_w, new_b = scale_rows(w.float(), None if bias is None else bias.data.float(), s)
         w.copy_(new_w)
     if bias is not None:
@@ -267,9 +235,6 @@ def _preserves_function(model: nn.Module, block: nn.Module, fold: Fold, ids: Ten
     saved = [t.clone() for t in _touched(block, fold)]
     gen = torch.Generator().manual_seed(in_features)
     s = 2.0 ** (torch.rand(in_features, generator=gen) * 2 - 1)
-    mapping = fold.index(block, in_features)
-    if mapping is not None:
-        s = tie(s, *mapping)
     try:
         apply_fold(block, fold, s)
         out = _logits(model, ids)
@@ -281,19 +246,10 @@ def _preserves_function(model: nn.Module, block: nn.Module, fold: Fold, ids: Ten
     return bool(((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)) < tol)
 
 
-def _head_dim(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    hd = getattr(cfg, "head_dim", None)
-    if not hd and getattr(cfg, "hidden_size", None) and getattr(cfg, "num_attention_heads", None):
-        hd = cfg.hidden_size // cfg.num_attention_heads
-    return int(hd or 0)
-
-
 def plan_folds(model: nn.Module, ids: Tensor) -> tuple[list[Fold], list[str]]:
     """Function-preserving folds for block 0's input groups (block-relative names, applied to every
     block) and a list of groups left unscaled (with the reason)."""
     trace, linears = _trace_block0(model, ids)
-    head_dim = _head_dim(model)
     _, blocks = decoder_blocks(model)
     block = blocks[0]
     ref = _logits(model, ids)
@@ -306,16 +262,12 @@ def plan_folds(model: nn.Module, ids: Tensor) -> tuple[list[Fold], list[str]]:
             w = getattr(block.get_submodule(producer), "weight", None)
             if isinstance(w, Tensor) and w.dim() == 1 and w.numel() == in_f:
                 candidates.append(Fold(consumers, "norm", producer))
-        # earlier linears whose output width matches, the most recent first; then narrower ones
-        # whose heads would be repeated to this width (grouped-query attention)
-        widths = {n: weight_matrix(linears[n]).shape[0] for n in executed}
-        candidates += [Fold(consumers, "rows", n) for n in reversed(executed) if widths[n] == in_f]
-        if head_dim:
-            candidates += [
-                Fold(consumers, "rows", n, head_dim)
-                for n in reversed(executed)
-                if widths[n] < in_f and in_f % widths[n] == 0 and widths[n] % head_dim == 0
-            ]
+        # earlier linears whose output width matches, the most recent first
+        candidates += [
+            Fold(consumers, "rows", n)
+            for n in reversed(executed)
+            if weight_matrix(linears[n]).shape[0] == in_f
+        ]
         found = next((f for f in candidates if _preserves_function(model, block, f, ids, ref, in_f)), None)
         if found is None:
             why = (
@@ -362,12 +314,8 @@ class _ScaleSearcher:
         searched = [w for n, w in zip(names, weights) if n in self.selected]
         if fold is None or not searched:
             return unchanged
-        index, _ = self._rel(names[0])
-        act = stats.absmean
-        mapping = fold.index(self.blocks[index], act.numel())
-        if mapping is not None:  # one scale per source row: the statistic averaged over its readers
-            act = tie(act, *mapping)
-        found = search_scale(searched, stats.hessian, act, rtn_quantizer(self.config, names[0]), self.grid)
+        found = search_scale(searched, stats.hessian, stats.absmean, rtn_quantizer(self.config, names[0]),
+                             self.grid)
         self.pending.append((fold, found.scale.cpu()))
         self.records.append({"layers": "/".join(names), "alpha": found.alpha,
                              "error_ratio": found.error / max(found.error_unscaled, 1e-30)})
@@ -424,10 +372,8 @@ __all__ = [
     "fold_norm",
     "output_error",
     "plan_folds",
-    "repeat_index",
     "scale_columns",
     "scale_rows",
     "scaled_quant_error",
     "search_scale",
-    "tie",
 ]

@@ -41,7 +41,6 @@ class QuantConfig:
     # activation-aware scaling (quant.awq) before RTN or GPTQ: α searched on awq_grid points in [0, 1)
     awq: bool = False
     awq_grid: int = 20
-    awq_clip: bool = False  # the search's RTN also runs the clipping search (slower; pairs with clip)
     # calibration (GPTQ and AWQ)
     calib: str = "c4"
     nsamples: int = 128
@@ -67,8 +66,6 @@ class QuantConfig:
             raise SparsecraftError(
                 f"awq_grid {self.awq_grid}: must be an integer in [2, 1000] (points α = k/grid searched)"
             )
-        if self.awq_clip and not self.awq:
-            raise SparsecraftError("awq_clip sets the AWQ search's quantizer; it needs awq=True")
         if self.blocksize <= 0:
             raise SparsecraftError(f"blocksize {self.blocksize}: must be positive")
         if not (0.0 <= self.percdamp <= 10.0):
@@ -88,7 +85,7 @@ class QuantConfig:
             "act_order": self.act_order,
             "refit_scales": self.refit_scales,
             "awq": self.awq,
-            **({"awq_grid": self.awq_grid, "awq_clip": self.awq_clip} if self.awq else {}),
+            **({"awq_grid": self.awq_grid} if self.awq else {}),
         }
 
 
