@@ -29,6 +29,7 @@ Anything with these members plugs in (pruning methods here, GPTQ in ``sparsecraf
 
     class MySolver:
         needs_hessian: bool          # collect Σ x xᵀ (float32) in LayerStats.hessian
+        needs_absmean: bool          # optional: collect Σ |x| (LayerStats.absmean)
 
         def solve(self, name: str, layer: nn.Module, weight: Tensor, stats: LayerStats
                   ) -> Tensor | SolveResult:
@@ -328,9 +329,11 @@ class _StatsCollector:
         sample_every: int,
         hessian_dtype: torch.dtype | None,
         tf32: bool = False,
+        needs_absmean: bool = False,
     ):
         self.layers = layers
         self.needs_hessian = needs_hessian
+        self.needs_absmean = needs_absmean
         self.device = device
         self.error_rows = error_rows
         self.sample_every = sample_every
@@ -387,6 +390,7 @@ class _StatsCollector:
                         self.stats[name] = LayerStats(
                             x.shape[-1],
                             with_hessian=self.needs_hessian,
+                            with_absmean=self.needs_absmean,
                             device=self.device,
                             hessian_matmul_dtype=self.hessian_dtype, tf32=self.tf32,
                             sample_rows=0 if self.needs_hessian else self.error_rows,
@@ -633,7 +637,8 @@ def run_sequential(
         fwd_layers, records = blk.fwd_layers, blk.records
         t_block = time.perf_counter()
         collector = _StatsCollector(
-            fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype, opts.tf32_stats
+            fwd_layers, needs_hessian, device, opts.error_rows, sample_every, hessian_dtype, opts.tf32_stats,
+            needs_absmean=bool(getattr(solver, "needs_absmean", False)),
         )
         with collector:
             t0 = _clock(device)

@@ -32,7 +32,9 @@ class LayerStats:
     count: int = 0
     sum: Tensor = field(init=False)
     sumsq: Tensor = field(init=False)
-    sumabs: Tensor = field(init=False)
+    # Σ |x_j| (AWQ only: one more pass over every input, so collected on request)
+    with_absmean: bool = False
+    sumabs: Tensor | None = field(init=False, default=None)
     _hessian: Tensor | None = field(init=False, default=None, repr=False)
     # Lower precision for the Σ x xᵀ product (None: float32). Only used for the bf16 fast mode,
     # where the inputs are already bf16 values so every product is exact in float32.
@@ -47,7 +49,8 @@ class LayerStats:
     def __post_init__(self) -> None:
         self.sum = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         self.sumsq = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
-        self.sumabs = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
+        if self.with_absmean:
+            self.sumabs = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         if self.with_hessian:
             self._hessian = torch.zeros(
                 self.in_features, self.in_features, dtype=torch.float32, device=self.device
@@ -63,7 +66,8 @@ class LayerStats:
         # sums with float32 accumulation, without a float32 copy of low-precision inputs
         self.sum += x.sum(0, dtype=torch.float32).to(self.sum.device)
         self.sumsq += torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).to(self.sum.device) ** 2
-        self.sumabs += torch.linalg.vector_norm(x, 1, dim=0, dtype=torch.float32).to(self.sum.device)
+        if self.sumabs is not None:
+            self.sumabs += torch.linalg.vector_norm(x, 1, dim=0, dtype=torch.float32).to(self.sum.device)
         if self._hessian is not None:
             if self.hessian_matmul_dtype is not None and x.dtype == self.hessian_matmul_dtype:
                 # bf16 inputs: products are exact; the batch's partial sum is rounded once.
@@ -99,7 +103,9 @@ class LayerStats:
 
     @property
     def absmean(self) -> Tensor:
-        """Mean |x_j| per input column (AWQ's activation magnitude)."""
+        """Mean |x_j| per input column (AWQ's activation magnitude; needs ``with_absmean``)."""
+        if self.sumabs is None:
+            raise RuntimeError("mean |x| was not collected (LayerStats(with_absmean=True))")
         return self.sumabs / max(self.count, 1)
 
     @property

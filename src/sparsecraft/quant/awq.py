@@ -290,6 +290,7 @@ class _ScaleSearcher:
     """Read-only engine solver: searches each group's scale, folds them at the end of the block."""
 
     needs_hessian = True
+    needs_absmean = True
     modifies_weights = False  # folds preserve the block's function: its outputs are reused
 
     def __init__(self, blocks: nn.ModuleList, blocks_name: str, folds: list[Fold], selected: set[str],
