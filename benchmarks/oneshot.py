@@ -43,7 +43,7 @@ def rows() -> list[dict]:
     out = [{"key": "dense", "method": None}]
 
     def row(method, spec, nsamples=128, profile="uniform", mode="fast", true_sequential=False, variant=False,
-            percdamp=None, exact=False):
+            exact=False):
         kw = {"sparsity": spec} if isinstance(spec, float) else {"pattern": spec}
         label = f"{int(spec * 100)}%" if isinstance(spec, float) else spec
         key = f"{'owl-' if profile == 'owl' else ''}{method}-{label}-n{nsamples}-{mode}"
@@ -53,9 +53,6 @@ def rows() -> list[dict]:
         if variant:  # Wanda's adaptive per-row variant
             kw["wanda_variant"] = True
             key += "-variant"
-        if percdamp is not None:  # SparseGPT dampening other than the default 1%
-            kw["percdamp"] = percdamp
-            key += f"-damp{percdamp:g}"
         if exact:  # SparseGPT's mask, kept weights re-solved by exact least squares
             kw["exact_update"] = True
             key += "-exact"
@@ -97,15 +94,6 @@ def rows() -> list[dict]:
     for method, spec in [("wanda", "2:4"), ("sparsegpt", "2:4"), ("wanda", 0.7), ("sparsegpt", 0.7)]:
         out.append(row(method, spec, nsamples=64))  # the anchor's other rows, fast mode
     out.append(row("wanda", 0.5, variant=True))
-    for damp in (0.001, 0.003, 0.03, 0.1):  # SparseGPT dampening sweep (default 0.01)
-        out.append(row("sparsegpt", 0.5, percdamp=damp))
-    for spec in (0.5, 0.7, "2:4"):  # float32 Hessian products (the bf16 ones are rounded to bf16)
-        out.append(row("sparsegpt", spec, mode="fast-h32"))
-    for damp in (0.001, 0.0001):
-        out.append(row("sparsegpt", 0.5, mode="fast-h32", percdamp=damp))
-    for damp in (0.0003, 0.0001):
-        out.append(row("sparsegpt", 0.5, percdamp=damp))
-    out.append(row("sparsegpt", 0.5, nsamples=64, mode="fast-h32"))  # the cost of fp32 products (64 x 512)
     return list({r["key"]: r for r in out}.values())  # first occurrence order, no duplicates
 
 
@@ -351,8 +339,6 @@ def markdown(done: dict[str, dict]) -> str:
             mode += ", Wanda variant"
         if spec["config"].get("exact_update"):
             mode += ", exact update"
-        if "percdamp" in spec["config"]:
-            mode += f", damping {spec['config']['percdamp']:g}"
         lines.append(
             f"| {spec['key'].rsplit('-n', 1)[0]} | {calib} | {mode} | {r['ppl']:.2f} | "
             f"{r['prune_s']:.1f} | {t['forward_s']:.0f} / {t['statistics_s']:.0f} / {t['solve_s']:.0f} / "
