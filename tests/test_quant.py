@@ -250,6 +250,32 @@ def test_clip_search_never_increases_group_error(rows, cols, bits, sym, sparsity
 
 
 @pytest.mark.parametrize("sym", [True, False])
+def test_output_clip_picks_the_grid_with_the_least_output_error(sym):
+    """fit_params with a Hessian: its grid's output error d H dᵀ is the smallest over the shrink
+    candidates (brute force); the identity Hessian gives the weight-error search."""
+    from sparsecraft.quant.rtn import CLIP_GRID, _grid, fit_params, quantize_columns
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 16, generator=g) * (torch.rand(5, 16, generator=g) > 0.3)
+    w[:, 3] *= 8
+    mask = w != 0
+    x = torch.randn(300, 16, generator=g) * torch.linspace(0.1, 3, 16)
+    h = x.t() @ x
+    s, z = fit_params(w, mask, 4, sym, clip=True, hessian=h)
+    _, q = quantize_columns(w, mask, s, z, 4, sym)
+    best = ((q - w) @ h * (q - w)).sum(-1)
+    for shrink in CLIP_GRID:
+        s2, z2 = _grid(w, 4, sym, shrink)
+        _, q2 = quantize_columns(w, mask, s2, z2, 4, sym)
+        assert (best <= ((q2 - w) @ h * (q2 - w)).sum(-1) + 1e-5).all()
+    plain = fit_params(w, mask, 4, sym, clip=True)
+    eye = fit_params(w, mask, 4, sym, clip=True, hessian=torch.eye(16))
+    assert torch.equal(plain[0], eye[0])
+    with pytest.raises(SparsecraftError, match="clip_output"):
+        QuantConfig(method="gptq", clip_output=True)
+
+
+@pytest.mark.parametrize("sym", [True, False])
 def test_refit_scales_is_the_least_squares_optimum_and_keeps_codes(sym):
     """Codes, zero points and mask unchanged; the output error never grows; the float scales
     solve the normal equations (checked by brute-force lstsq on one row)."""

@@ -57,6 +57,7 @@ class GPTQSolver:
             upper=upper,
             clip=c.clip,
             perm=perm,
+            clip_hessian=hessian if c.clip_output else None,
         )
         if c.refit_scales:
             qw = refit_scales(qw, weight, hessian, damp_info["damping"])

@@ -54,10 +54,12 @@ def gptq_quantize(
     upper: Tensor | None = None,
     clip: bool = False,
     perm: Tensor | None = None,
+    clip_hessian: Tensor | None = None,
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize ``w`` (out, in) given ``hessian`` (in, in) ∝ Σ x xᵀ (its scale is irrelevant).
 
-    ``clip``: clipping search for each group's grid (see :func:`.rtn.fit_params`).
+    ``clip``: clipping search for each group's grid (see :func:`.rtn.fit_params`); with
+    ``clip_hessian`` (the unpermuted Hessian) it minimises each group's output error.
     ``perm``: processing order of the columns (act-order: :func:`act_order_perm`) with static
     group grids; None processes them left to right with grids fitted as the loop reaches them.
     ``upper`` may pass a precomputed factor (layers sharing one input; for ``perm``, the factor
@@ -91,7 +93,8 @@ def gptq_quantize(
         bs = blocksize
         for gi in range(ng):  # static groups: every grid from the original weights
             cs = slice(gi * g, (gi + 1) * g)
-            s, z = fit_params(w[:, cs], mask[:, cs], bits, symmetric, clip)
+            hb = None if clip_hessian is None else clip_hessian[cs, cs].to(w)
+            s, z = fit_params(w[:, cs], mask[:, cs], bits, symmetric, clip, hb)
             scales[:, gi] = s
             if zeros is not None:
                 zeros[:, gi] = z
@@ -106,7 +109,8 @@ def gptq_quantize(
             j = i1 + i
             gi = group_of[j]
             if perm is None and j % g == 0:  # dynamic grid, fitted to the updated group
-                s, z = fit_params(w1[:, i : i + g], loop_mask[:, j : j + g], bits, symmetric, clip)
+                hb = None if clip_hessian is None else clip_hessian[j : j + g, j : j + g].to(w)
+                s, z = fit_params(w1[:, i : i + g], loop_mask[:, j : j + g], bits, symmetric, clip, hb)
                 scales[:, gi] = s
                 if zeros is not None:
                     zeros[:, gi] = z

@@ -33,6 +33,7 @@ class QuantConfig:
     method: str = "rtn"
     # search a clipped range per (row, group) minimising the squared rounding error
     clip: bool = False
+    clip_output: bool = False  # GPTQ: the clip search minimises the group's output error (Hessian block)
     # GPTQ
     act_order: bool = False  # columns in order of decreasing Hessian diagonal, static group grids
     refit_scales: bool = False  # GPTQ: re-solve each row's group scales for its output (quant.refit)
@@ -60,6 +61,8 @@ class QuantConfig:
             raise SparsecraftError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.refit_scales and self.method != "gptq":
             raise SparsecraftError("refit_scales solves on the Hessian; it needs method='gptq'")
+        if self.clip_output and not (self.clip and self.method == "gptq"):
+            raise SparsecraftError("clip_output weights GPTQ's clipping search: needs clip and method='gptq'")
         if self.act_order and self.method != "gptq":
             raise SparsecraftError("act_order reorders GPTQ's columns; it needs method='gptq'")
         if not isinstance(self.awq_grid, int) or not (2 <= self.awq_grid <= 1000):
@@ -82,6 +85,7 @@ class QuantConfig:
             "symmetric": self.symmetric,
             "method": self.method,
             "clip": self.clip,
+            **({"clip_output": True} if self.clip_output else {}),
             "act_order": self.act_order,
             "refit_scales": self.refit_scales,
             "awq": self.awq,
@@ -113,25 +117,30 @@ def _grid(wk: Tensor, bits: int, symmetric: bool, shrink: float) -> tuple[Tensor
 
 
 def fit_params(
-    w: Tensor, mask: Tensor, bits: int, symmetric: bool, clip: bool = False
+    w: Tensor, mask: Tensor, bits: int, symmetric: bool, clip: bool = False, hessian: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """Scale (float16) and zero point (uint8 or None) of each row of ``w`` (rows, cols), fitted to
     the entries where ``mask`` is True. Works on any (rows, groups, cols) by the last dimension.
 
     ``clip``: also try ranges shrunk by the factors in ``CLIP_GRID`` and keep, per row, the one
     with the smallest squared error over the kept entries (clipping a few outliers buys a finer
-    grid for the rest; the plain range is a candidate, so the error never grows).
+    grid for the rest; the plain range is a candidate, so the error never grows). With ``hessian``
+    (cols, cols) ∝ Σ x xᵀ of the columns' inputs the error is the output's, d H dᵀ, not the weights'.
     """
     wk = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
     best_s, best_z = _grid(wk, bits, symmetric, 1.0)
     if not clip:
         return best_s, best_z
+    def error(q: Tensor) -> Tensor:
+        d = q - wk
+        return ((d @ hessian) * d).sum(-1) if hessian is not None else (d**2).sum(-1)
+
     _, q = quantize_columns(wk, mask, best_s, best_z, bits, symmetric)
-    best_err = ((q - wk) ** 2).sum(-1)
+    best_err = error(q)
     for shrink in CLIP_GRID[1:]:
         s, z = _grid(wk, bits, symmetric, shrink)
         _, q = quantize_columns(wk, mask, s, z, bits, symmetric)
-        err = ((q - wk) ** 2).sum(-1)
+        err = error(q)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
