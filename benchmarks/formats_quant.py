@@ -198,10 +198,9 @@ def run_ppl(args) -> None:
         for bits, method, sym in PPL_RUNS:
             act_order = args.act_order and method == "gptq"
             refit = args.refit_scales and method == "gptq"
-            clip_out = args.clip_output and method == "gptq"
             run = (
                 f"int{bits}-g{args.group_size}-{'sym' if sym else 'asym'}-{method}"
-                + ("-clip" if args.clip else "") + ("out" if clip_out else "") + ("-ao" if act_order else "")
+                + ("-clip" if args.clip else "") + ("-ao" if act_order else "")
                 + ("-refit" if refit else "") + ("-awq" if args.awq else "")
             )
             if run in done or (args.only and run not in args.only):
@@ -214,7 +213,6 @@ def run_ppl(args) -> None:
                 calib = calibration_windows(tok, "c4", args.nsamples, args.seqlen, seed=0)
             cfg = QuantConfig(
                 clip=args.clip,
-                clip_output=clip_out,
                 act_order=act_order,
                 refit_scales=refit,
                 awq=args.awq,
@@ -251,7 +249,6 @@ def run_ppl(args) -> None:
                     "symmetric": sym,
                     "method": method,
                     "clip": args.clip,
-                    "clip_output": clip_out,
                     "act_order": act_order,
                     "refit_scales": refit,
                     "awq": args.awq,
@@ -323,7 +320,7 @@ def run_table(args) -> None:
                 ("AWQ (search with clip) + " if r.get("awq_clip") else "AWQ + " if r.get("awq") else "")
                 + r["method"].upper()
                 + (" + act-order" if r.get("act_order") else "")
-                + (" + clip" if r.get("clip") else "")
+                + (" + clip" if r.get("clip") else "")  # GPTQ rows before b0c54f3: the weight-error clip
                 + (" + refit" if r.get("refit_scales") else "")
             )
             print(
@@ -355,8 +352,6 @@ def main(argv=None) -> int:
                    help="GPTQ act-order, static groups (run names get -ao)")
     q.add_argument("--refit-scales", action="store_true",
                    help="GPTQ: re-solve the group scales for the output (run names get -refit)")
-    q.add_argument("--clip-output", action="store_true",
-                   help="GPTQ's clipping search minimises the output error (run names get -clipout)")
     q.add_argument("--awq", action="store_true",
                    help="activation-aware scaling before the quantizer (run names get -awq)")
     q.add_argument("--device", default="cpu", help="calibration and evaluation device (cpu, cuda)")

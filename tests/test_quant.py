@@ -271,8 +271,11 @@ def test_output_clip_picks_the_grid_with_the_least_output_error(sym):
     plain = fit_params(w, mask, 4, sym, clip=True)
     eye = fit_params(w, mask, 4, sym, clip=True, hessian=torch.eye(16))
     assert torch.equal(plain[0], eye[0])
-    with pytest.raises(SparsecraftError, match="clip_output"):
-        QuantConfig(method="gptq", clip_output=True)
+    from sparsecraft.quant.gptq import act_order_perm
+
+    for perm in (None, act_order_perm(h)):  # GPTQ's clip search (dynamic and static groups) keeps zeros
+        deq = gptq_quantize(w, h, None, 4, 8, sym, blocksize=8, clip=True, perm=perm)[0].dequantize()
+        assert (deq[~mask] == 0).all() and torch.isfinite(deq).all()
 
 
 @pytest.mark.parametrize("sym", [True, False])

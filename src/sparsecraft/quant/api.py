@@ -46,7 +46,7 @@ class GPTQSolver:
         mask = weight != 0
         qw, _ = gptq_quantize(
             weight,
-            None,
+            hessian if c.clip else None,  # the factor is ``upper``; the Hessian serves the clip search
             mask,
             c.bits,
             c.group_size,
@@ -57,7 +57,6 @@ class GPTQSolver:
             upper=upper,
             clip=c.clip,
             perm=perm,
-            clip_hessian=hessian if c.clip_output else None,
         )
         if c.refit_scales:
             qw = refit_scales(qw, weight, hessian, damp_info["damping"])

@@ -54,12 +54,12 @@ def gptq_quantize(
     upper: Tensor | None = None,
     clip: bool = False,
     perm: Tensor | None = None,
-    clip_hessian: Tensor | None = None,
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize ``w`` (out, in) given ``hessian`` (in, in) ∝ Σ x xᵀ (its scale is irrelevant).
 
-    ``clip``: clipping search for each group's grid (see :func:`.rtn.fit_params`); with
-    ``clip_hessian`` (the unpermuted Hessian) it minimises each group's output error.
+    ``clip``: clipping search for each group's grid (see :func:`.rtn.fit_params`), minimising the
+    group's output error through its block of ``hessian`` (session 5: 2 points of perplexity better
+    than the weight error on SmolLM2 int4; without a Hessian, the weight error).
     ``perm``: processing order of the columns (act-order: :func:`act_order_perm`) with static
     group grids; None processes them left to right with grids fitted as the loop reaches them.
     ``upper`` may pass a precomputed factor (layers sharing one input; for ``perm``, the factor
@@ -93,7 +93,7 @@ def gptq_quantize(
         bs = blocksize
         for gi in range(ng):  # static groups: every grid from the original weights
             cs = slice(gi * g, (gi + 1) * g)
-            hb = None if clip_hessian is None else clip_hessian[cs, cs].to(w)
+            hb = None if hessian is None else hessian[cs, cs].to(w)
             s, z = fit_params(w[:, cs], mask[:, cs], bits, symmetric, clip, hb)
             scales[:, gi] = s
             if zeros is not None:
@@ -109,7 +109,7 @@ def gptq_quantize(
             j = i1 + i
             gi = group_of[j]
             if perm is None and j % g == 0:  # dynamic grid, fitted to the updated group
-                hb = None if clip_hessian is None else clip_hessian[j : j + g, j : j + g].to(w)
+                hb = None if hessian is None else hessian[j : j + g, j : j + g].to(w)
                 s, z = fit_params(w1[:, i : i + g], loop_mask[:, j : j + g], bits, symmetric, clip, hb)
                 scales[:, gi] = s
                 if zeros is not None:

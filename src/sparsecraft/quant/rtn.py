@@ -31,9 +31,9 @@ class QuantConfig:
     group_size: int = 128
     symmetric: bool = True
     method: str = "rtn"
-    # search a clipped range per (row, group) minimising the squared rounding error
+    # search a clipped range per (row, group) minimising the squared rounding error (GPTQ: of the
+    # group's output, through the Hessian block of its inputs)
     clip: bool = False
-    clip_output: bool = False  # GPTQ: the clip search minimises the group's output error (Hessian block)
     # GPTQ
     act_order: bool = False  # columns in order of decreasing Hessian diagonal, static group grids
     refit_scales: bool = False  # GPTQ: re-solve each row's group scales for its output (quant.refit)
@@ -61,8 +61,6 @@ class QuantConfig:
             raise SparsecraftError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.refit_scales and self.method != "gptq":
             raise SparsecraftError("refit_scales solves on the Hessian; it needs method='gptq'")
-        if self.clip_output and not (self.clip and self.method == "gptq"):
-            raise SparsecraftError("clip_output weights GPTQ's clipping search: needs clip and method='gptq'")
         if self.act_order and self.method != "gptq":
             raise SparsecraftError("act_order reorders GPTQ's columns; it needs method='gptq'")
         if not isinstance(self.awq_grid, int) or not (2 <= self.awq_grid <= 1000):
@@ -85,7 +83,6 @@ class QuantConfig:
             "symmetric": self.symmetric,
             "method": self.method,
             "clip": self.clip,
-            **({"clip_output": True} if self.clip_output else {}),
             "act_order": self.act_order,
             "refit_scales": self.refit_scales,
             "awq": self.awq,
