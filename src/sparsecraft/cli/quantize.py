@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument(
         "--clip",
         action="store_true",
-        help="search a clipped range per group (least squared error) instead of min/max",
+        help="search a clipped range per group instead of min/max (least squared error: of the weights "
+        "for RTN, of the group's output for GPTQ)",
     )
     p.add_argument(
         "--format",
