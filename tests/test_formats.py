@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sparsecraft.errors import SparsecraftError
@@ -224,6 +224,8 @@ def test_bitmask_quantized_dequantizes_exactly(rows, cols, bits, sym, gs, sparsi
     dtype=st.sampled_from(FLOATS),
     seed=st.integers(0, 2**16),
 )
+# bf16 int8: the nearest code of the rounded value misses, its neighbour is on the grid (CI, session 5)
+@example(rows=5, groups=10, bits=8, sym=False, gs=12, nm=(4, 8), dtype=torch.bfloat16, seed=608)
 def test_nm_quantized_dequantizes_exactly(rows, groups, bits, sym, gs, nm, dtype, seed):
     n, m = nm
     cols = groups * m

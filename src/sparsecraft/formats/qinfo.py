@@ -118,8 +118,16 @@ def codes_from_dense(w: torch.Tensor, q: QuantInfo, where: str = "weight") -> to
     rows = torch.arange(out_f).unsqueeze(1).expand(out_f, in_f)
     cols = torch.arange(in_f).unsqueeze(0).expand(out_f, in_f)
     codes = q.codes_at(w, rows, cols)
-    back = q.dequantize_at(codes, rows, cols).to(w.dtype)
-    bad = back != w
+    bad = q.dequantize_at(codes, rows, cols).to(w.dtype) != w
+    if bad.any():
+        # a 16-bit weight is the rounded (code - zero) * scale: with 8-bit codes the rounding can
+        # exceed half a step, so the nearest code may miss while its neighbour gives the value
+        lo, hi = code_range(q.bits, q.symmetric)
+        for step in (-1, 1):
+            alt = (codes.to(torch.int16) + step).clamp(lo, hi).to(codes.dtype)
+            hit = bad & (q.dequantize_at(alt, rows, cols).to(w.dtype) == w)
+            codes = torch.where(hit, alt, codes)
+            bad &= ~hit
     if bad.any():
         n = int(bad.sum())
         raise SparsecraftError(
