@@ -104,7 +104,8 @@ def quantize_model(
     zeros_before = {n: int((weight_matrix(m) == 0).sum()) for n, m in layers.items()}
     engine = None
     awq_report = None
-    if calibration is None and (config.method == "gptq" or config.awq):
+    needs_calibration = config.method == "gptq" or config.awq
+    if calibration is None and needs_calibration:
         from ..data import calibration_windows
 
         calibration = calibration_windows(
@@ -150,7 +151,7 @@ def quantize_model(
     }
     if awq_report is not None:
         report["awq"] = awq_report
-    if calibration is not None and (config.method == "gptq" or config.awq):
+    if needs_calibration:
         report["calibration"] = {
             "source": config.calib,
             "nsamples": int(calibration.shape[0]),

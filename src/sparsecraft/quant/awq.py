@@ -301,17 +301,16 @@ class _ScaleSearcher:
         self.pending: list[tuple[Fold, Tensor]] = []
         self.records: list[dict] = []
 
-    def _rel(self, name: str) -> tuple[int, str]:
-        rest = name[len(self.blocks_name) + 1:]
-        index, rel = rest.split(".", 1)
-        return int(index), rel
+    def _rel(self, name: str) -> str:
+        """Block-relative name: "model.layers.3.mlp.up_proj" -> "mlp.up_proj"."""
+        return name[len(self.blocks_name) + 1:].split(".", 1)[1]
 
     def solve(self, name, layer, weight, stats) -> SolveResult:
         return self.solve_group([name], [layer], [weight], stats)[0]
 
     def solve_group(self, names, layers, weights, stats) -> list[SolveResult]:
         unchanged = [SolveResult(weight=w) for w in weights]
-        fold = self.folds.get(tuple(self._rel(n)[1] for n in names))
+        fold = self.folds.get(tuple(self._rel(n) for n in names))
         searched = [w for n, w in zip(names, weights) if n in self.selected]
         if fold is None or not searched:
             return unchanged
