@@ -45,6 +45,8 @@ class KernelConfig:
     xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
     scatter: bool = False  # bitmask: one unit per thread, a warp's lanes on consecutive units
+    sliced: int = 0  # bitmask: the sliced slot-major kernel (sliced.py) on segments of this many columns;
+    # bn = rows per slice, bb = batch rows per program
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -174,6 +176,10 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     batch, in_f = x.shape
     out_f = tw.shape[0]
     cfg = cfg or default_config(tw, batch, x.device, x.dtype)
+    if cfg.sliced:
+        from .sliced import sliced_mm
+
+        return sliced_mm(x, tw.sliced_view(cfg.sliced, cfg.bn), cfg.bb, cfg.num_warps)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     dummy = tw.meta

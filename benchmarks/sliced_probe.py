@@ -1,0 +1,81 @@
+"""Probe of the sliced bitmask kernel (kernels/triton/sliced.py) on the llama-7b layer shapes.
+
+Per shape and sparsity: 32 distinct layers in one CUDA graph, ms per layer, for dense cuBLAS,
+the unit kernel (dispatch default) and sliced variants (segment, rows, warps, registers, unroll);
+``raw`` rows accumulate into a preallocated float32 buffer (no zero fill, no cast: kernel only).
+
+    python benchmarks/sliced_probe.py [--batch 1] [--sparsity 0.7,0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_kernels import SHAPES, clone_tw, log, make_compressed, rel_err, time_graph  # noqa: E402
+
+from sparsecraft.kernels.triton import layout  # noqa: E402
+from sparsecraft.kernels.triton.dispatch import sparse_mm  # noqa: E402
+from sparsecraft.kernels.triton.sliced import sliced_mm  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--sparsity", default="0.7,0.5")
+    ap.add_argument("--variants", default="256:32:1,128:32:1,256:64:2,128:64:2")
+    ap.add_argument("--unroll", default="1,2,4")
+    args = ap.parse_args()
+    variants = [tuple(int(v) for v in s.split(":")) for s in args.variants.split(",")]
+    unrolls = [int(u) for u in args.unroll.split(",")]
+    for sp in [float(s) for s in args.sparsity.split(",")]:
+        for name, (o, k) in SHAPES.items():
+            probe(sp, name, o, k, args.batch, variants, unrolls)
+            torch.cuda.empty_cache()
+    return 0
+
+
+def probe(sp: float, name: str, o: int, k: int, b: int, variants: list, unrolls: list) -> None:
+    obj = make_compressed(f"bitmask_{int(sp * 100)}", o, k, 7)
+    tw = layout.prepare(obj, "cuda")
+    layers = [clone_tw(tw) for _ in range(32)]
+    dense = [torch.randn(o, k, device="cuda", dtype=torch.float16) for _ in range(32)]
+    x = torch.randn(b, k, device="cuda", dtype=torch.float16)
+    ref = x.float() @ obj.to_dense().cuda().float().t()
+    bb = min(b, 16)
+
+    def timed(label, fn):
+        ms, _ = time_graph(lambda: [fn(i) for i in range(32)], reps=10)
+        log(f"sp={sp} {name:8s} b={b} {label:40s} {ms / 32 * 1000:7.1f} us/layer")
+
+    timed("dense cuBLAS", lambda i: F.linear(x, dense[i]))
+    timed("unit default", lambda i: sparse_mm(x, layers[i]))
+    for (seg, rows, warps), unroll, reg in itertools.product(variants, unrolls, (True, False)):
+        if not reg and unroll > 1:
+            continue
+        for lay in layers:
+            lay.sliced_view(seg, rows)
+        err = rel_err(sliced_mm(x, layers[0].sliced_view(seg, rows), bb, warps, reg, unroll), ref)
+        lab = f"sliced seg={seg} rows={rows} w={warps} reg={int(reg)} u={unroll}"
+        if err > 3e-3:
+            log(f"WRONG {lab}: {err:.2e}")
+            continue
+        timed(lab, lambda i, seg=seg, rows=rows, warps=warps, reg=reg, unroll=unroll: sliced_mm(
+            x, layers[i].sliced_view(seg, rows), bb, warps, reg, unroll))
+        if unroll == 1 and reg:
+            bufs = [torch.zeros(b, o, device="cuda") for _ in range(32)]
+            timed(lab + " raw", lambda i, seg=seg, rows=rows, warps=warps, bufs=bufs: sliced_mm(
+                x, layers[i].sliced_view(seg, rows), bb, warps, True, 1, out=bufs[i]))
+    sw = layers[0].sliced_view(256, 32)
+    log(f"sp={sp} {name} bytes: bitmask {tw.nbytes() / 1e6:.2f} MB, sliced {sw.nbytes() / 1e6:.2f} MB, "
+        f"dense {o * k * 2 / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
