@@ -338,18 +338,9 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     def unit(bn, bk, bb, warps, **kw):
         return KernelConfig(bn, bk, bb, warps, unit=True, **kw)
 
-    def sliced(seg, rows, bb, warps):
-        return KernelConfig(rows, 0, bb, warps, sliced=seg)
-
-    if fmt.startswith("bitmask") and batch <= 16:
-        # the sliced slot-major kernel (kernels/triton/sliced.py): segment, rows per slice, batch tile
-        bb = min(batch, 16)
-        s = ([sliced(256, 32, 1, 1), sliced(256, 64, 1, 1), sliced(256, 64, 1, 2), sliced(512, 32, 1, 1),
-              sliced(128, 32, 1, 1)] if batch == 1 else
-             [sliced(256, 32, bb, 1), sliced(256, 64, bb, 2), sliced(256, 32, 4, 1), sliced(128, 32, 4, 1)])
-        s = list(dict.fromkeys(s))
-    else:
-        s = []
+    # batch 1, bitmask: the sliced slot-major kernel (kernels/triton/sliced.py) at the settings that
+    # won benchmarks/sliced_probe.py (session 6): 128-column segments, step loop unrolled 4 times
+    s = [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=4) for rows, warps in ((64, 2), (32, 1))]
     if batch == 1:
         if fmt.startswith("bitmask"):
             c = s + [unit(4, 256, 1, 4, scatter=True), unit(4, 256, 1, 2, scatter=True)]
@@ -363,8 +354,10 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
         c = [unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if batch <= 4 else []
         flags = dict(dot=True, scatter=fmt.startswith("bitmask"))
         c += [unit(32, 256, 16, 4, split_k=4, **flags), unit(16, 256, 16, 1, split_k=4, **flags),
-              unit(16, 256, 16, 2, split_k=4, **flags), unit(16, 128, 16, 1, split_k=8, **flags)]
-        return s + (c[:1] if QUICK else c) + [DECODE_CUBLAS]
+              unit(16, 256, 16, 2, split_k=4, **flags)]
+        if not fmt.startswith("bitmask"):  # bitmask tiles are multiples of layout.TILE (256) columns
+            c.append(unit(16, 128, 16, 1, split_k=8, **flags))
+        return (c[:1] if QUICK else c) + [DECODE_CUBLAS]
     return [DECODE_CUBLAS]  # not tuned above DOT_MAX_BATCH (the dispatcher decodes + cuBLAS there)
 
 
@@ -395,7 +388,8 @@ def tune(fmt, layers, batch, xs, reps):
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
             f" s={cfg.split_k}"
             + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "scatter") if getattr(cfg, k))
-            + (f" sliced seg={cfg.sliced} bytes x{sliced_bytes_ratio(first, cfg):.3f}" if cfg.sliced else "")
+            + (f" sliced seg={cfg.sliced} u={cfg.unroll} bytes x{sliced_bytes_ratio(first, cfg):.3f}"
+               if cfg.sliced else "")
             + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "
             + " ".join(f"{n} {res[n] * 1000:6.1f}us" for n in SHAPES)
         )

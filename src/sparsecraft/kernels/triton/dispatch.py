@@ -46,7 +46,8 @@ class KernelConfig:
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
     scatter: bool = False  # bitmask: one unit per thread, a warp's lanes on consecutive units
     sliced: int = 0  # bitmask: the sliced slot-major kernel (sliced.py) on segments of this many columns;
-    # bn = rows per slice, bb = batch rows per program
+    # bn = rows per slice, bb = batch rows per program, unroll = its step loop's unroll factor
+    unroll: int = 1
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -179,7 +180,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     if cfg.sliced:
         from .sliced import sliced_mm
 
-        return sliced_mm(x, tw.sliced_view(cfg.sliced, cfg.bn), cfg.bb, cfg.num_warps)
+        return sliced_mm(x, tw.sliced_view(cfg.sliced, cfg.bn), cfg.bb, cfg.num_warps, unroll=cfg.unroll)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     dummy = tw.meta
