@@ -270,3 +270,69 @@ def test_unit_kernels_decline_other_layouts():
     _check(sparse_mm(x, tw), x.double() @ ref_w.t(), 4e-3)
     with pytest.raises(ValueError, match="unit kernels"):
         sparse_mm(x, tw, KernelConfig(bn=8, bk=256, bb=1, num_warps=4, unit=True))
+
+
+SLICED_CASES = [  # out, in, sparsity, dtype, seg, rows, batch, bb, reg, unroll
+    (37, 200, 0.7, torch.float16, 64, 8, 1, 1, True, 1),  # row and column tails, partial segment
+    (24, 512, 0.5, torch.bfloat16, 256, 16, 3, 4, True, 2),  # batch tail, unrolled walk
+    (20, 640, 0.98, torch.float16, 128, 4, 2, 1, False, 1),  # all-zero words: one empty step each
+    (9, 128, 0.0, torch.float16, 128, 8, 1, 1, True, 1),  # dense
+    (16, 320, 0.9, torch.float16, 320, 16, 1, 1, True, 1),  # segment of 5 words: no registers
+]
+
+
+@pytest.mark.parametrize("case", SLICED_CASES, ids=[f"{c[0]}x{c[1]}-{c[2]}-seg{c[4]}" for c in SLICED_CASES])
+def test_sliced_kernel_matches_dense_reference(case):
+    """The sliced slot-major bitmask kernel (sliced.py) through the dispatcher's KernelConfig, with
+    an empty row, against the float64 product."""
+    out_f, in_f, sparsity, dtype, seg, rows, batch, bb, reg, unroll = case
+    gen = torch.Generator().manual_seed(out_f * in_f)
+    keep = torch.rand(out_f, in_f, generator=gen) >= sparsity
+    keep[out_f // 2] = False
+    w = (torch.randn(out_f, in_f, generator=gen) * keep).to(dtype)
+    tw = layout.prepare(formats.BitmaskTensor.from_dense(w, mask=keep))
+    x = torch.randn(batch, in_f, generator=gen).to(dtype)
+    ref = x.double() @ w.double().t()
+    if reg:
+        y = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll))
+    else:
+        from sparsecraft.kernels.triton.sliced import sliced_mm
+
+        y = sliced_mm(x, tw.sliced_view(seg, rows), bb, reg=False)
+    assert y.shape == (batch, out_f) and y.dtype == dtype
+    _check(y, ref, 2e-2 if dtype == torch.bfloat16 else 4e-3)
+    assert y[:, out_f // 2].abs().max() == 0
+
+
+def test_sliced_layout_steps_cover_every_row_with_little_padding():
+    from sparsecraft.kernels.triton.sliced import build
+
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.rand(512, 1024, generator=gen) >= 0.7
+    w = (torch.randn(512, 1024, generator=gen) * keep).half()
+    bt = formats.BitmaskTensor.from_dense(w, mask=keep)
+    sw = build(bt.mask, bt.values, (512, 1024), seg=128, rows=32)
+    n_seg, n_slice = sw.steps.shape
+    kept = keep.view(512, n_seg, 128).sum(-1)  # no all-zero 64-bit words at 70% on this draw
+    assert (keep.view(512, n_seg, 2, 64).sum(-1) > 0).all()
+    for s in range(n_seg):
+        lane_rows = sw.perm[s].long().view(n_slice, 32)
+        assert torch.equal(lane_rows.flatten().sort().values, torch.arange(512))  # a permutation
+        assert (sw.steps[s].unsqueeze(1) >= kept[lane_rows, s]).all()  # every row fits its slice
+    stored, needed = sw.values.numel(), int(keep.sum())
+    assert needed <= stored <= 1.03 * needed  # rows sorted per segment: padding under 3%
+    assert sw.nbytes() < bt.values.numel() * 2 * 1.25 + 512 * 1024 / 8
+
+
+def test_sliced_layout_rejects_bad_input():
+    from sparsecraft.errors import SparsecraftError
+    from sparsecraft.kernels.triton.sliced import build
+
+    keep = torch.ones(4, 128, dtype=torch.bool)
+    bt = formats.BitmaskTensor.from_dense(torch.ones(4, 128, dtype=torch.float16), mask=keep)
+    with pytest.raises(SparsecraftError, match="multiple of 64"):
+        build(bt.mask, bt.values, (4, 128), seg=96)
+    with pytest.raises(SparsecraftError, match="stored"):
+        build(bt.mask, bt.values[:-1], (4, 128))
+    with pytest.raises(SparsecraftError, match="float16/bfloat16"):
+        build(bt.mask, bt.values.float(), (4, 128))
