@@ -6,17 +6,19 @@ row instead, and every warp-wide load stays coalesced:
 
 * the K axis is cut into segments of ``seg`` columns; in each segment the rows are sorted by how
   many values they keep there and cut into slices of ``rows`` consecutive sorted rows, so the rows
-  of a slice need about the same number of steps (padding under 1% on random masks);
+  of a slice need about the same number of steps (padding under 3% on random masks);
 * a slice stores its values *slot-major*: step k of every lane is one contiguous run of ``rows``
-  values (lane l reads element k * rows + l), and its mask as 32-bit words, word-major the same way;
+  values (lane l reads element k * rows + l), and its mask as 64-bit words, word-major the same way;
 * a lane finds its next column from its current mask word: lowest set bit, cleared after use; an
-  exhausted word loads the next one. An all-zero word costs one step whose stored value is 0, so
-  every step consumes exactly one bit or one word and the walk needs no inner loop.
+  exhausted word is replaced by the next one (held in registers for segments of up to 256 columns).
+  An all-zero word costs one step whose stored value is 0, so every step consumes exactly one bit
+  or one word and the walk needs no inner loop.
 
-Bytes per weight: values + 1/8 (mask) + 4 bytes per row per segment (the slice's row order), about
-2% of the values at 70% on 256-column segments. The layout is built once from a bitmask weight
-(:func:`build`), on whichever device it lives on. Products are accumulated in float32 with one
-atomic add per row and segment.
+Bytes: values + 1/8 per weight (mask) + 4 per row and segment (the slices' row order) + padding;
+0.2–2.5% more than the row-major bitmask layout at 50–70% (docs/results/gpu_kernels.md, run 10,
+where this kernel is timed: 1.3x the unit kernel on the large 70% layers, still below dense).
+The layout is built once from a bitmask weight (:func:`build`), on whichever device it lives on.
+Products are accumulated in float32 with one atomic add per row and segment.
 """
 
 from __future__ import annotations
