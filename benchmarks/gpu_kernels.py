@@ -363,7 +363,7 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
 
 def sliced_bytes_ratio(first: dict, cfg: KernelConfig) -> float:
     """Bytes of the sliced layout over the row-major bitmask layout, over the three shapes."""
-    sl = sum(w.sliced_view(cfg.sliced, cfg.bn).nbytes() for w in first.values())
+    sl = sum(w.sliced_view(cfg.sliced, cfg.bn, cfg.per_step).nbytes() for w in first.values())
     return sl / sum(w.nbytes() for w in first.values())
 
 

@@ -29,8 +29,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--sparsity", default="0.7,0.5")
-    ap.add_argument("--variants", default="256:32:1,128:32:1,256:64:2,128:64:2")
-    ap.add_argument("--unroll", default="1,2,4")
+    ap.add_argument("--variants", default="128:32:1:4,128:64:2:4,128:32:1:2,128:64:2:2,256:32:1:4,128:32:1:1",
+                    help="segment:rows:warps:values per step, comma separated")
+    ap.add_argument("--unroll", default="1,2")
     args = ap.parse_args()
     variants = [tuple(int(v) for v in s.split(":")) for s in args.variants.split(",")]
     unrolls = [int(u) for u in args.unroll.split(",")]
@@ -56,25 +57,21 @@ def probe(sp: float, name: str, o: int, k: int, b: int, variants: list, unrolls:
 
     timed("dense cuBLAS", lambda i: F.linear(x, dense[i]))
     timed("unit default", lambda i: sparse_mm(x, layers[i]))
-    for (seg, rows, warps), unroll, reg in itertools.product(variants, unrolls, (True, False)):
-        if not reg and unroll > 1:
-            continue
-        for lay in layers:
-            lay.sliced_view(seg, rows)
-        err = rel_err(sliced_mm(x, layers[0].sliced_view(seg, rows), bb, warps, reg, unroll), ref)
-        lab = f"sliced seg={seg} rows={rows} w={warps} reg={int(reg)} u={unroll}"
+    for (seg, rows, warps, per), unroll in itertools.product(variants, unrolls):
+        views = [lay.sliced_view(seg, rows, per) for lay in layers]
+        err = rel_err(sliced_mm(x, views[0], bb, warps, True, unroll), ref)
+        lab = f"sliced seg={seg} rows={rows} w={warps} p={per} u={unroll}"
+        lab += f" bytes x{views[0].nbytes() / tw.nbytes():.3f}"
         if err > 3e-3:
             log(f"WRONG {lab}: {err:.2e}")
             continue
-        timed(lab, lambda i, seg=seg, rows=rows, warps=warps, reg=reg, unroll=unroll: sliced_mm(
-            x, layers[i].sliced_view(seg, rows), bb, warps, reg, unroll))
-        if unroll == 1 and reg:
+        timed(lab, lambda i, views=views, warps=warps, unroll=unroll: sliced_mm(
+            x, views[i], bb, warps, True, unroll))
+        if unroll == 1:
             bufs = [torch.zeros(b, o, device="cuda") for _ in range(32)]
-            timed(lab + " raw", lambda i, seg=seg, rows=rows, warps=warps, bufs=bufs: sliced_mm(
-                x, layers[i].sliced_view(seg, rows), bb, warps, True, 1, out=bufs[i]))
-    sw = layers[0].sliced_view(256, 32)
-    log(f"sp={sp} {name} bytes: bitmask {tw.nbytes() / 1e6:.2f} MB, sliced {sw.nbytes() / 1e6:.2f} MB, "
-        f"dense {o * k * 2 / 1e6:.2f} MB")
+            timed(lab + " raw", lambda i, views=views, warps=warps, bufs=bufs: sliced_mm(
+                x, views[i], bb, warps, True, 1, out=bufs[i]))
+    log(f"sp={sp} {name} bytes: bitmask {tw.nbytes() / 1e6:.2f} MB, dense {o * k * 2 / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ class KernelConfig:
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
     scatter: bool = False  # bitmask: one unit per thread, a warp's lanes on consecutive units
     sliced: int = 0  # bitmask: the sliced slot-major kernel (sliced.py) on segments of this many columns;
-    # bn = rows per slice, bb = batch rows per program, unroll = its step loop's unroll factor
+    # bn = rows per slice, bb = batch rows per program, unroll = its step loop's unroll factor,
+    # per_step = values a lane takes per step
     unroll: int = 1
+    per_step: int = 4
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -180,7 +182,8 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     if cfg.sliced:
         from .sliced import sliced_mm
 
-        return sliced_mm(x, tw.sliced_view(cfg.sliced, cfg.bn), cfg.bb, cfg.num_warps, unroll=cfg.unroll)
+        sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
+        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     dummy = tw.meta

@@ -61,17 +61,18 @@ class TritonWeight:
         """Bytes a full pass of the kernel streams from memory (every tensor above once)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def sliced_view(self, seg: int, rows: int):
+    def sliced_view(self, seg: int, rows: int, per_step: int = 4):
         """This bitmask weight in the sliced slot-major layout of ``sliced.py`` (built once per
-        (seg, rows) and kept on this object)."""
+        setting and kept on this object)."""
         from .sliced import build
 
         if self.fmt != "bitmask" or self.bits:
             raise SparsecraftError("the sliced layout takes bitmask weights with float values")
         cache = self.__dict__.setdefault("_sliced", {})
-        if (seg, rows) not in cache:
-            cache[(seg, rows)] = build(self.meta, self.values, self.shape, seg, rows)
-        return cache[(seg, rows)]
+        key = (seg, rows, per_step)
+        if key not in cache:
+            cache[key] = build(self.meta, self.values, self.shape, seg, rows, per_step)
+        return cache[key]
 
     def to(self, device: torch.device | str) -> TritonWeight:
         kw = {k: getattr(self, k) for k in self.__dataclass_fields__}

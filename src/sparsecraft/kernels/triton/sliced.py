@@ -23,6 +23,7 @@ Products are accumulated in float32 with one atomic add per row and segment.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ...errors import SparsecraftError
-from .gemv import _popc
+from .gemv import _h2f, _popc
 
 
 @dataclass
@@ -38,11 +39,12 @@ class SlicedWeight:
     """A bitmask (out, in) weight in the sliced slot-major layout (see the module docstring)."""
 
     shape: tuple[int, int]
-    seg: int  # columns per segment, a multiple of 64
+    seg: int  # columns per segment, a multiple of 32
     rows: int  # rows per slice (= lanes per program)
-    values: torch.Tensor  # (total steps * rows,) float16/bfloat16, slot-major per slice, slices in order
-    words: torch.Tensor  # int64 (n_seg, n_slice, seg // 64, rows): mask words, word-major per slice
-    start: torch.Tensor  # int32 (n_seg, n_slice): first element of the slice in ``values``
+    per_step: int  # values a lane takes per step (1, 2 or 4), loaded together
+    values: torch.Tensor  # (total steps * rows * per_step,) float16/bfloat16, slot-major per slice
+    words: torch.Tensor  # int32 (n_seg, n_slice, seg // 32, rows): mask words, word-major per slice
+    start: torch.Tensor  # int32 (n_seg, n_slice): first step-vector (per_step values) of the slice
     steps: torch.Tensor  # int32 (n_seg, n_slice): steps of the slice (its longest row)
     perm: torch.Tensor  # int32 (n_seg, n_slice * rows): output row of each lane (>= out: padding)
 
@@ -53,110 +55,117 @@ class SlicedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def build(mask: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], seg: int = 256,
-          rows: int = 32) -> SlicedWeight:
+def build(mask: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], seg: int = 128,
+          rows: int = 32, per_step: int = 4) -> SlicedWeight:
     """The sliced layout of a bitmask weight: ``mask`` uint8 (out, ceil(in/8)) LSB first, ``values``
     its kept values in row-major order (as :class:`sparsecraft.formats.BitmaskTensor` stores them)."""
     out_f, in_f = shape
-    if seg % 64 or seg <= 0 or rows <= 0 or rows & (rows - 1):
-        raise SparsecraftError(f"sliced layout: seg={seg} must be a multiple of 64, rows={rows} a power of 2")
+    if seg % 32 or seg <= 0 or rows <= 0 or rows & (rows - 1) or per_step not in (1, 2, 4):
+        raise SparsecraftError(
+            f"sliced layout: seg={seg} must be a multiple of 32, rows={rows} a power of 2, "
+            f"per_step={per_step} one of 1, 2, 4")
     if values.dtype not in (torch.float16, torch.bfloat16):
         raise SparsecraftError(f"sliced layout takes float16/bfloat16 values, not {values.dtype}")
-    dev = mask.device
+    dev, p = mask.device, per_step
     n_seg = -(-in_f // seg)
     n_slice = -(-out_f // rows)
-    kp, wps, outp = n_seg * seg, seg // 64, n_slice * rows
+    kp, wps, outp = n_seg * seg, seg // 32, n_slice * rows
     ar8 = torch.arange(8, device=dev, dtype=torch.uint8)
     unpacked = ((mask.unsqueeze(-1) >> ar8) & 1).bool().view(out_f, -1)[:, :in_f]  # bits past in: not weights
     bits = torch.zeros(out_f, kp, dtype=torch.bool, device=dev)
     bits[:, :in_f] = unpacked
-    packed = (bits.view(out_f, kp // 8, 8).to(torch.uint8) << ar8).sum(-1, dtype=torch.uint8)
-    words = packed.view(torch.int64).view(out_f, n_seg, wps)  # little-endian: bit j = column j
     if int(bits.sum()) != values.numel():
         raise SparsecraftError(f"bitmask keeps {int(bits.sum())} values but {values.numel()} are stored")
+    packed = (bits.view(out_f, kp // 8, 8).to(torch.uint8) << ar8).sum(-1, dtype=torch.uint8)
+    words = packed.view(torch.int32).view(out_f, n_seg, wps)  # little-endian: bit j = column j
     dense = torch.zeros(out_f, kp, dtype=values.dtype, device=dev)
     dense[bits] = values
-    # a step per kept value, and one for each all-zero word (at its first column, value 0)
-    flags = bits.view(out_f, n_seg, wps, 64).clone()
-    flags[..., 0] |= words == 0
-    flags = flags.view(out_f, n_seg, seg)
-    count = flags.sum(-1)  # (out, n_seg)
+    # a word takes ceil(kept / per_step) steps, at least one (an all-zero word: one step of zeros);
+    # the kept value of rank r in its word goes to step (steps of earlier words) + r // p, slot r % p
+    bw = bits.view(out_f, n_seg, wps, 32)
+    groups = ((bw.sum(-1) + p - 1) // p).clamp(min=1)  # (out, n_seg, wps)
+    count = groups.sum(-1)  # (out, n_seg)
+    rank = torch.cumsum(bw, dim=-1) - 1
+    r_idx, s_idx, w_idx, b_idx = bw.nonzero(as_tuple=True)
+    rk = rank[r_idx, s_idx, w_idx, b_idx]
+    step = (torch.cumsum(groups, -1) - groups)[r_idx, s_idx, w_idx] + rk // p
     order = torch.argsort(count.t(), dim=1, descending=True, stable=True)  # (n_seg, out)
     perm = torch.full((n_seg, outp), out_f, dtype=torch.int64, device=dev)
     perm[:, :out_f] = order
     cnt = torch.zeros(n_seg, outp, dtype=torch.int64, device=dev)
     cnt[:, :out_f] = torch.gather(count.t(), 1, order)
     steps = cnt.view(n_seg, n_slice, rows).amax(-1)  # (n_seg, n_slice)
-    lmax = int(steps.max()) if steps.numel() else 0
-    # table[s, lane row, k] = k-th step value of that row in segment s (0 past its count)
-    table = torch.zeros(n_seg, outp + 1, max(lmax, 1), dtype=values.dtype, device=dev)
-    seg_vals = dense.view(out_f, n_seg, seg).transpose(0, 1)  # (n_seg, out, seg)
-    f = flags.transpose(0, 1)
-    slot = torch.cumsum(f, dim=-1) - 1
-    s_idx, r_idx, c_idx = f.nonzero(as_tuple=True)
-    table[s_idx, r_idx, slot[s_idx, r_idx, c_idx]] = seg_vals[s_idx, r_idx, c_idx]
-    lanes = torch.gather(table, 1, perm.unsqueeze(-1).expand(-1, -1, table.shape[-1]))  # (n_seg, outp, L)
-    lanes = lanes.view(n_seg, n_slice, rows, -1).transpose(2, 3)  # (n_seg, n_slice, L, rows)
-    keep = torch.arange(lanes.shape[2], device=dev).view(1, 1, -1) < steps.unsqueeze(-1)
-    flat = lanes[keep]  # slot-major per slice, slices in (segment, slice) order: (total steps, rows)
-    sizes = (steps * rows).flatten()
-    start = (torch.cumsum(sizes, 0) - sizes).view(n_seg, n_slice)
+    lmax = max(int(steps.max()) if steps.numel() else 0, 1)
+    # table[s, row, k, j] = slot j of step k of that row in segment s (0 where nothing is kept)
+    table = torch.zeros(n_seg, outp + 1, lmax, p, dtype=values.dtype, device=dev)
+    table[s_idx, r_idx, step, rk % p] = dense.view(out_f, n_seg, wps, 32)[r_idx, s_idx, w_idx, b_idx]
+    lanes = torch.gather(table, 1, perm.view(n_seg, outp, 1, 1).expand(-1, -1, lmax, p))
+    lanes = lanes.view(n_seg, n_slice, rows, lmax, p).transpose(2, 3)  # (n_seg, n_slice, L, rows, p)
+    keep = torch.arange(lmax, device=dev).view(1, 1, -1) < steps.unsqueeze(-1)
+    flat = lanes[keep]  # slot-major per slice, slices in (segment, slice) order: (total steps, rows, p)
     if flat.numel() >= 2**31:
         raise SparsecraftError("a sliced weight with 2**31 or more stored values is beyond the kernel")
-    wpad = torch.zeros(n_seg, outp + 1, wps, dtype=torch.int64, device=dev)  # row out_f and up: padding
+    sizes = (steps * rows).flatten()
+    start = (torch.cumsum(sizes, 0) - sizes).view(n_seg, n_slice)  # in units of per_step values
+    wpad = torch.zeros(n_seg, outp + 1, wps, dtype=torch.int32, device=dev)  # row out_f: padding lanes
     wpad[:, :out_f] = words.transpose(0, 1)
     w_sl = torch.gather(wpad, 1, perm.unsqueeze(-1).expand(-1, -1, wps))  # (n_seg, outp, wps)
     w_sl = w_sl.view(n_seg, n_slice, rows, wps).transpose(2, 3).contiguous()
     return SlicedWeight(
-        shape=(out_f, in_f), seg=seg, rows=rows, values=flat.reshape(-1).contiguous(), words=w_sl,
+        shape=(out_f, in_f), seg=seg, rows=rows, per_step=p, values=flat.reshape(-1).contiguous(), words=w_sl,
         start=start.to(torch.int32).contiguous(), steps=steps.to(torch.int32).contiguous(),
         perm=perm.to(torch.int32).contiguous(),
     )
 
 
 @triton.jit
-def _ctz64(bit, INTERP: tl.constexpr):
-    """Trailing zeros of a one-bit int64 (64 for 0)."""
-    b = bit - 1
-    return _popc(b.to(tl.int32), INTERP) + _popc((b >> 32).to(tl.int32), INTERP)
-
-
-@triton.jit
 def _word(wptr, j: tl.constexpr, C: tl.constexpr, WPS: tl.constexpr):
     if j < WPS:
         return tl.load(wptr + j * C)
-    return tl.zeros(wptr.shape, tl.int64)
+    return tl.zeros(wptr.shape, tl.int32)
 
 
 @triton.jit
-def sliced_gemv_kernel(x_ptr, out_ptr, vals_ptr, words_ptr, start_ptr, steps_ptr, perm_ptr,
+def _slot(q, j: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr):
+    """Slot j of a step's P packed 16-bit values (int16 / int32 / int64 for P = 1 / 2 / 4) as float32."""
+    if P == 4:
+        return _h2f((q >> (16 * j)).to(tl.int32), BF16)
+    if P == 2:
+        return _h2f(q >> (16 * j), BF16)
+    return _h2f(q.to(tl.int32), BF16)
+
+
+@triton.jit
+def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, perm_ptr,
                        B, N, stride_xb, stride_ob, n_slice,
-                       SEG: tl.constexpr, C: tl.constexpr, BB: tl.constexpr, INTERP: tl.constexpr,
-                       REG: tl.constexpr = True, UNROLL: tl.constexpr = 1):
+                       SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
+                       BF16: tl.constexpr, INTERP: tl.constexpr, REG: tl.constexpr = True,
+                       UNROLL: tl.constexpr = 1):
     """out[b, row] += sum over the segment's kept (row, col) of W[row, col] * x[b, col] (float32).
 
-    ``REG``: the segment's mask words (at most 4) are loaded into registers before the walk, so a
-    step depends on no load but its own x and value (independent steps overlap); otherwise an
-    exhausted word loads the next one inside the walk."""
+    A step takes the P lowest set bits of the lane's current 32-bit mask word (fewer where the word
+    runs out: those slots hold 0) and its P values with one load. ``REG``: the segment's mask words
+    (at most 4) are loaded into registers before the walk, so a step waits on no load but its own
+    x and values; otherwise an exhausted word loads the next one inside the walk."""
     sl = tl.program_id(1) * n_slice + tl.program_id(0)  # (segment, slice)
-    WPS: tl.constexpr = SEG // 64
+    WPS: tl.constexpr = SEG // 32
     lane = tl.arange(0, C)
     start = tl.load(start_ptr + sl)
     steps = tl.load(steps_ptr + sl)
     rows = tl.load(perm_ptr + sl * C + lane)
     wptr = words_ptr + sl * (WPS * C) + lane
-    vptr = vals_ptr + start + lane
+    vptr = vq_ptr + start + lane
     bi = tl.program_id(2) * BB + tl.arange(0, BB)
     bmask = bi < B
     xrow = x_ptr + tl.program_id(1) * SEG + bi * stride_xb
     if REG:
-        tl.static_assert(WPS <= 4, "REG holds at most 4 mask words (segments of up to 256 columns)")
+        tl.static_assert(WPS <= 4, "REG holds at most 4 mask words (segments of up to 128 columns)")
         m0 = _word(wptr, 0, C, WPS)
         m1 = _word(wptr, 1, C, WPS)
         m2 = _word(wptr, 2, C, WPS)
         m3 = _word(wptr, 3, C, WPS)
     w = tl.full((C,), -1, tl.int32)
-    cur = tl.zeros((C,), tl.int64)
+    cur = tl.zeros((C,), tl.int32)
     acc = tl.zeros((C, BB), tl.float32)
     for k in tl.range(0, steps, loop_unroll_factor=UNROLL):
         adv = cur == 0
@@ -166,21 +175,23 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vals_ptr, words_ptr, start_ptr, steps_ptr
             cur = tl.where(adv, tl.where(w < WPS, nxt, 0), cur)
         else:
             cur = tl.load(wptr + w * C, mask=adv & (w < WPS), other=cur)
-        bit = cur & (-cur)
-        col = w * 64 + _ctz64(bit, INTERP)
-        v = tl.load(vptr + k * C).to(tl.float32)
-        xv = tl.load(xrow[None, :] + col[:, None], mask=(bit != 0)[:, None] & bmask[None, :], other=0.0)
-        acc += v[:, None] * xv.to(tl.float32)
-        cur = cur ^ bit
+        q = tl.load(vptr + k * C)
+        for j in tl.static_range(P):
+            bit = cur & (-cur)
+            cur = cur ^ bit
+            col = w * 32 + _popc(bit - 1, INTERP)
+            xv = tl.load(xrow[None, :] + col[:, None], mask=(bit != 0)[:, None] & bmask[None, :], other=0.0)
+            acc += _slot(q, j, P, BF16)[:, None] * xv.to(tl.float32)
     tl.atomic_add(out_ptr + bi[None, :] * stride_ob + rows[:, None], acc,
                   mask=(rows < N)[:, None] & bmask[None, :])
+
+
+_PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, read as one integer
 
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
               unroll: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two)."""
-    import os
-
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
@@ -191,9 +202,10 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     n_seg, n_slice = sw.steps.shape
     grid = (n_slice, n_seg, -(-batch // bb))
     sliced_gemv_kernel[grid](
-        x, out, sw.values, sw.words, sw.start, sw.steps, sw.perm,
+        x, out, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
         batch, sw.shape[0], x.stride(0), out.stride(0), n_slice,
-        SEG=sw.seg, C=sw.rows, BB=bb, INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1",
-        REG=reg and sw.seg <= 256, UNROLL=unroll, num_warps=num_warps,
+        SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
+        INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1", REG=reg and sw.seg <= 128, UNROLL=unroll,
+        num_warps=num_warps,
     )
     return out if raw else out.to(x.dtype)
