@@ -29,7 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--sparsity", default="0.7,0.5")
-    ap.add_argument("--variants", default="128:32:1:4,128:64:2:4,128:32:1:2,128:64:2:2,256:32:1:4,128:32:1:1",
+    ap.add_argument("--variants", default="128:32:1:4,128:64:2:4,64:32:1:4,64:64:2:4,128:128:4:4",
                     help="segment:rows:warps:values per step, comma separated")
     ap.add_argument("--unroll", default="1,2")
     args = ap.parse_args()
