@@ -136,22 +136,18 @@ def _slot(q, j: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
-def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, perm_ptr, ws_ptr, cnt_ptr,
-                       B, N, stride_xb, stride_ob, n_slice, n_seg,
+def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, perm_ptr,
+                       B, N, stride_xb, stride_ob, n_slice,
                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
                        BF16: tl.constexpr, INTERP: tl.constexpr, REG: tl.constexpr = True,
-                       UNROLL: tl.constexpr = 1, FINISH: tl.constexpr = False):
+                       UNROLL: tl.constexpr = 1):
     """out[b, row] += sum over the segment's kept (row, col) of W[row, col] * x[b, col] (float32).
 
     A step takes the P lowest set bits of the lane's current 32-bit mask word (fewer where the word
     runs out: those slots hold 0) and its P values with one load. ``REG``: the segment's mask words
     (at most 4) are loaded into registers before the walk, so a step waits on no load but its own
-    x and values; otherwise an exhausted word loads the next one inside the walk.
-
-    ``FINISH`` (one batch tile): sums go to a float32 workspace that is zero on entry; the program
-    that finishes a row's last segment (a per-row counter says which) moves the sum to ``out`` in
-    its dtype and zeroes the workspace and the counter again, so no fill or cast kernel runs.
-    Otherwise sums are added to a float32 ``out`` zeroed by the caller."""
+    x and values; otherwise an exhausted word loads the next one inside the walk. Sums are added
+    atomically to a float32 ``out`` that is zero on entry."""
     sl = tl.program_id(1) * n_slice + tl.program_id(0)  # (segment, slice)
     WPS: tl.constexpr = SEG // 32
     lane = tl.arange(0, C)
@@ -187,62 +183,55 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
             col = w * 32 + _popc(bit - 1, INTERP)
             xv = tl.load(xrow[None, :] + col[:, None], mask=(bit != 0)[:, None] & bmask[None, :], other=0.0)
             acc += _slot(q, j, P, BF16)[:, None] * xv.to(tl.float32)
-    live = rows < N
-    m2 = live[:, None] & bmask[None, :]
-    if FINISH:
-        wsp = ws_ptr + bi[None, :] * N + rows[:, None]
-        tl.atomic_add(wsp, acc, mask=m2)
-        last = live & (tl.atomic_add(cnt_ptr + rows, 1, mask=live) == n_seg - 1)
-        ml = last[:, None] & bmask[None, :]
-        zero = tl.zeros_like(acc)
-        total = tl.atomic_add(wsp, zero, mask=ml)  # an atomic read: the sum of every segment
-        optr = out_ptr + bi[None, :] * stride_ob + rows[:, None]
-        tl.store(optr, total.to(out_ptr.dtype.element_ty), mask=ml)
-        tl.store(wsp, zero, mask=ml)  # the next call starts from zeros (kernel boundaries order this)
-        tl.store(cnt_ptr + rows, tl.zeros_like(rows), mask=last)
-    else:
-        tl.atomic_add(out_ptr + bi[None, :] * stride_ob + rows[:, None], acc, mask=m2)
+    tl.atomic_add(out_ptr + bi[None, :] * stride_ob + rows[:, None], acc,
+                  mask=(rows < N)[:, None] & bmask[None, :])
+
+
+@triton.jit
+def _move_out_kernel(ws_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = ws in out's dtype, and ws = 0 again: one kernel instead of a cast and a fill."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    tl.store(out_ptr + i, tl.load(ws_ptr + i, mask=m).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(ws_ptr + i, tl.zeros((BLOCK,), tl.float32), mask=m)
+
+
+def _workspace(sw: SlicedWeight, device: torch.device, batch: int) -> torch.Tensor:
+    """The weight's float32 sums (batch, out), zero between calls (:func:`_move_out_kernel` clears
+    them); made on first use, so outside any CUDA graph capture."""
+    cache = sw.__dict__.setdefault("_workspace", {})
+    key = (str(device), batch)
+    if key not in cache:
+        cache[key] = torch.zeros(batch, sw.shape[0], device=device, dtype=torch.float32)
+    return cache[key]
 
 
 _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, read as one integer
 
 
-def _workspace(sw: SlicedWeight, device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight's float32 sums (rows, out) and per-row counters, zero between calls (the kernel's
-    FINISH mode leaves them zeroed); made on first use, outside any CUDA graph capture."""
-    cache = sw.__dict__.setdefault("_workspace", {})
-    key = (str(device), rows)
-    if key not in cache:
-        cache[key] = (torch.zeros(rows, sw.shape[0], device=device, dtype=torch.float32),
-                      torch.zeros(sw.shape[0], device=device, dtype=torch.int32))
-    return cache[key]
-
-
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
               unroll: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two). With one
-    batch tile (B <= bb) the kernel writes ``out`` itself (FINISH); ``out`` given: timing probes,
-    float32 sums added to it and returned as they are."""
+    """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two).
+
+    Sums go to a persistent zeroed float32 workspace, and one small kernel moves them to the
+    result and clears the workspace (two kernels per product, no fill). ``out`` given (timing
+    probes): the float32 sums are added to it and returned as they are."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
     x = x.contiguous()
+    raw = out is not None
+    ws = out if raw else _workspace(sw, x.device, batch)
     n_seg, n_slice = sw.steps.shape
-    finish = out is None and batch <= bb
-    if finish:
-        ws, cnt = _workspace(sw, x.device, bb)
-        out = torch.empty(batch, sw.shape[0], device=x.device, dtype=x.dtype)
-    else:
-        ws = cnt = sw.steps  # unused
-        raw = out is not None
-        if out is None:
-            out = torch.zeros(batch, sw.shape[0], device=x.device, dtype=torch.float32)
-    grid = (n_slice, n_seg, -(-batch // bb))
-    sliced_gemv_kernel[grid](
-        x, out, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm, ws, cnt,
-        batch, sw.shape[0], x.stride(0), out.stride(0), n_slice, n_seg,
+    sliced_gemv_kernel[(n_slice, n_seg, -(-batch // bb))](
+        x, ws, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
+        batch, sw.shape[0], x.stride(0), ws.stride(0), n_slice,
         SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
         INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1", REG=reg and sw.seg <= 128, UNROLL=unroll,
-        FINISH=finish, num_warps=num_warps,
+        num_warps=num_warps,
     )
-    return out if finish or raw else out.to(x.dtype)
+    if raw:
+        return out
+    y = torch.empty(batch, sw.shape[0], device=x.device, dtype=x.dtype)
+    _move_out_kernel[(-(-ws.numel() // 1024),)](ws, y, ws.numel(), BLOCK=1024, num_warps=4)
+    return y
