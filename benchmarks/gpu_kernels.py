@@ -338,9 +338,10 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     def unit(bn, bk, bb, warps, **kw):
         return KernelConfig(bn, bk, bb, warps, unit=True, **kw)
 
-    # batch 1, bitmask: the sliced slot-major kernel (kernels/triton/sliced.py) at the settings that
-    # won benchmarks/sliced_probe.py (session 6): 128-column segments, step loop unrolled 4 times
-    s = [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=4) for rows, warps in ((64, 2), (32, 1))]
+    # batch 1, bitmask: the sliced slot-major kernel (kernels/triton/sliced.py): the dispatcher's
+    # setting and its neighbours from benchmarks/sliced_probe.py (session 6)
+    s = [dispatch.SLICED_BATCH1] + [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=2, per_step=4)
+                                    for rows, warps in ((128, 4), (32, 1))]
     if batch == 1:
         if fmt.startswith("bitmask"):
             c = s + [unit(4, 256, 1, 4, scatter=True), unit(4, 256, 1, 2, scatter=True)]
@@ -388,7 +389,8 @@ def tune(fmt, layers, batch, xs, reps):
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
             f" s={cfg.split_k}"
             + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "scatter") if getattr(cfg, k))
-            + (f" sliced seg={cfg.sliced} u={cfg.unroll} bytes x{sliced_bytes_ratio(first, cfg):.3f}"
+            + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
+               f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced else "")
             + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "
             + " ".join(f"{n} {res[n] * 1000:6.1f}us" for n in SHAPES)

@@ -147,6 +147,9 @@ def test_cuda_forward_dispatch_policy_on_cpu_tensors():
             y = dispatch.cuda_forward(mod, x)
             assert mod._cuda_weight is not None and y.shape == (batch, 24)
             _check(y, x.double() @ ref_w.t() + bias.double(), 4e-3)
+        if fmt == "bitmask":  # batch 1 ran the sliced kernel: its layout was built, its workspace is clear
+            sw = mod._cuda_weight.sliced_view(**dispatch.SLICED_LAYOUT)
+            assert sw.__dict__["_workspace"][1].abs().max() == 0
         assert dispatch.use_kernel(mod._cuda_weight, 4)  # both take the unit kernels up to 16 rows
         assert not dispatch.use_kernel(mod._cuda_weight, 20) or fmt == "nm"
         # a cached dense copy serves every batch above 1 (then never slower than dense)
@@ -176,6 +179,14 @@ def test_custom_op_traces_under_torch_compile_fullgraph():
     )
     x = torch.randn(1, 256).half()
     _check(fn(x), 2 * (x.double() @ ref_w.t()), 4e-3)
+    # bitmask at batch 1: the sliced kernel's op, which declares its workspace as mutated
+    obj, ref_w = _make("bitmask", 40, 256, torch.float16, sparsity=0.7, seed=10)
+    tw = layout.prepare(obj)
+    tw.sliced_view(**dispatch.SLICED_LAYOUT)  # as prepare_module does: built before tracing
+    fn = torch.compile(lambda a: dispatch.sparse_linear(a, tw), backend="aot_eager", fullgraph=True)
+    y1, y2 = fn(x), fn(x)
+    _check(y1, x.double() @ ref_w.t(), 4e-3)
+    assert torch.equal(y1, y2)  # the workspace is clear again after every call
 
 
 def test_bench_cuda_runner(tmp_path, capsys):
@@ -305,23 +316,26 @@ def test_sliced_kernel_matches_dense_reference(case):
 
 
 def test_sliced_layout_steps_cover_every_row_with_little_padding():
+    """Every row of a slice fits in the slice's steps (a step: up to per_step kept values of one
+    32-bit mask word, at least one step per word), rows are a permutation, padding stays small."""
     from sparsecraft.kernels.triton.sliced import build
 
     gen = torch.Generator().manual_seed(0)
     keep = torch.rand(512, 1024, generator=gen) >= 0.7
     w = (torch.randn(512, 1024, generator=gen) * keep).half()
     bt = formats.BitmaskTensor.from_dense(w, mask=keep)
-    sw = build(bt.mask, bt.values, (512, 1024), seg=128, rows=32)
-    n_seg, n_slice = sw.steps.shape
-    kept = keep.view(512, n_seg, 128).sum(-1)  # no all-zero 64-bit words at 70% on this draw
-    assert (keep.view(512, n_seg, 2, 64).sum(-1) > 0).all()
-    for s in range(n_seg):
-        lane_rows = sw.perm[s].long().view(n_slice, 32)
-        assert torch.equal(lane_rows.flatten().sort().values, torch.arange(512))  # a permutation
-        assert (sw.steps[s].unsqueeze(1) >= kept[lane_rows, s]).all()  # every row fits its slice
-    stored, needed = sw.values.numel(), int(keep.sum())
-    assert needed <= stored <= 1.03 * needed  # rows sorted per segment: padding under 3%
-    assert sw.nbytes() < bt.values.numel() * 2 * 1.25 + 512 * 1024 / 8
+    for per_step, max_padding in ((1, 1.03), (4, 1.2)):
+        sw = build(bt.mask, bt.values, (512, 1024), seg=128, rows=32, per_step=per_step)
+        n_seg, n_slice = sw.steps.shape
+        popc = keep.view(512, n_seg, 4, 32).sum(-1)
+        need = ((popc + per_step - 1) // per_step).clamp(min=1).sum(-1)  # steps of each row and segment
+        for s in range(n_seg):
+            lane_rows = sw.perm[s].long().view(n_slice, 32)
+            assert torch.equal(lane_rows.flatten().sort().values, torch.arange(512))  # a permutation
+            assert (sw.steps[s].unsqueeze(1) >= need[lane_rows, s]).all()
+        stored = sw.values.numel()
+        assert int(keep.sum()) <= stored <= max_padding * int(keep.sum())  # rows sorted per segment
+        assert sw.nbytes() < stored * 2 + 512 * 1024 / 8 + 4 * 512 * n_seg + 8 * n_seg * n_slice + 1
 
 
 def test_sliced_layout_rejects_bad_input():
@@ -330,8 +344,10 @@ def test_sliced_layout_rejects_bad_input():
 
     keep = torch.ones(4, 128, dtype=torch.bool)
     bt = formats.BitmaskTensor.from_dense(torch.ones(4, 128, dtype=torch.float16), mask=keep)
-    with pytest.raises(SparsecraftError, match="multiple of 64"):
-        build(bt.mask, bt.values, (4, 128), seg=96)
+    with pytest.raises(SparsecraftError, match="multiple of 32"):
+        build(bt.mask, bt.values, (4, 128), seg=48)
+    with pytest.raises(SparsecraftError, match="per_step"):
+        build(bt.mask, bt.values, (4, 128), per_step=3)
     with pytest.raises(SparsecraftError, match="stored"):
         build(bt.mask, bt.values[:-1], (4, 128))
     with pytest.raises(SparsecraftError, match="float16/bfloat16"):

@@ -114,10 +114,26 @@ UNIT_TILES: dict[tuple[str, int, int], tuple] = {
 }
 
 
+# batch 1, bitmask with 16-bit values: the sliced kernel (sliced.py) at the setting that won the H200
+# probes of session 6 (docs/results/gpu_kernels.md, run 11): 128-column segments, 64-row slices on two
+# warps, 4 values per step, walk unrolled twice; its layout is built once by prepare_module
+SLICED_LAYOUT = dict(seg=128, rows=64, per_step=4)
+SLICED_BATCH1 = KernelConfig(bn=64, bk=0, bb=1, num_warps=2, sliced=128, unroll=2, per_step=4)
+
+
+def sliced_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
+    """Whether the sliced kernel takes this weight: bitmask with float16/bfloat16 values and inputs."""
+    half = (torch.float16, torch.bfloat16)
+    return (tw.fmt == "bitmask" and tw.bits == 0 and tw.values.dtype in half
+            and (x_dtype is None or x_dtype in half))
+
+
 def default_config(tw: TritonWeight, batch: int, device: torch.device,
                    x_dtype: torch.dtype = torch.float16) -> KernelConfig:
     """Shape-only tile choice: the per-shape winners of the H100 tuning run (docs/results/gpu_kernels.md)."""
     out_f, in_f = tw.shape
+    if batch == 1 and sliced_supported(tw, x_dtype):
+        return SLICED_BATCH1
     if batch <= UNIT_MAX_BATCH and unit_supported(tw, x_dtype):
         return unit_config(tw, batch, device)
     if batch == 1:
@@ -333,16 +349,47 @@ def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, dense, is_bitma
     return x.new_empty(x.shape[0], out_features)
 
 
+@torch.library.custom_op("sparsecraft::triton_sliced_linear", mutates_args=("ws",))
+def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Tensor, start: torch.Tensor,
+                          steps: torch.Tensor, perm: torch.Tensor, ws: torch.Tensor, out_features: int,
+                          in_features: int) -> torch.Tensor:
+    """Batch 1 through the sliced kernel (``ws``: its float32 workspace, zero again on return)."""
+    from .sliced import SlicedWeight, sliced_mm
+
+    lay = SLICED_LAYOUT
+    sw = SlicedWeight((out_features, in_features), lay["seg"], lay["rows"], lay["per_step"], values, words,
+                      start, steps, perm)
+    cfg = SLICED_BATCH1
+    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws)
+
+
+@_triton_sliced_linear.register_fake
+def _(x, values, words, start, steps, perm, ws, out_features, in_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
 def sparse_linear(x: torch.Tensor, tw: TritonWeight, bias: torch.Tensor | None = None,
                   dense: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for x (..., in) on CUDA with W compressed.
 
     One custom op (opaque to torch.compile, capturable in a CUDA graph). Batch 1 always runs our
-    kernels; larger batches use ``dense`` (a cached dense copy of W) with cuBLAS when given, so they
-    are never slower than dense; without it see :func:`use_kernel`.
+    kernels (bitmask weights: the sliced kernel, its own op); larger batches use ``dense`` (a cached
+    dense copy of W) with cuBLAS when given, so they are never slower than dense; without it see
+    :func:`use_kernel`.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 1 and sliced_supported(tw, x2.dtype):
+        from .sliced import _workspace
+
+        sw = tw.sliced_view(**SLICED_LAYOUT)  # built by prepare_module, before any graph capture
+        y = torch.ops.sparsecraft.triton_sliced_linear(
+            x2, sw.values, sw.words, sw.start, sw.steps, sw.perm, _workspace(sw, 1),
+            tw.shape[0], tw.shape[1],
+        )
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, tw.shape[0])
     y = torch.ops.sparsecraft.triton_sparse_linear(
         x2, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets, tw.scales, tw.zeros, dense,
         tw.fmt == "bitmask", tw.shape[0], tw.shape[1], tw.n, tw.m, tw.bits, tw.group_size, tw.symmetric,
@@ -375,6 +422,10 @@ def prepare_module(module, device, keep_dense: bool = False) -> bool:
     if not supports(module.weight_compressed):
         return False
     module._cuda_weight = prepare(module.weight_compressed, device)
+    if sliced_supported(module._cuda_weight):  # batch 1's layout (a second copy, ~1.1x the bitmask bytes)
+        from .sliced import _workspace
+
+        _workspace(module._cuda_weight.sliced_view(**SLICED_LAYOUT), 1)
     module._cuda_dense = (decompress(module._cuda_weight).contiguous() if keep_dense else None)
     module._cuda_bias = module.bias.detach().to(device) if module.bias is not None else None
     return True

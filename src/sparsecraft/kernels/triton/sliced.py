@@ -196,32 +196,36 @@ def _move_out_kernel(ws_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(ws_ptr + i, tl.zeros((BLOCK,), tl.float32), mask=m)
 
 
-def _workspace(sw: SlicedWeight, device: torch.device, batch: int) -> torch.Tensor:
+def _workspace(sw: SlicedWeight, batch: int) -> torch.Tensor:
     """The weight's float32 sums (batch, out), zero between calls (:func:`_move_out_kernel` clears
     them); made on first use, so outside any CUDA graph capture."""
     cache = sw.__dict__.setdefault("_workspace", {})
-    key = (str(device), batch)
-    if key not in cache:
-        cache[key] = torch.zeros(batch, sw.shape[0], device=device, dtype=torch.float32)
-    return cache[key]
+    if batch not in cache:
+        cache[batch] = torch.zeros(batch, sw.shape[0], device=sw.values.device, dtype=torch.float32)
+    return cache[batch]
 
 
 _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, read as one integer
 
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
-              unroll: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+              unroll: int = 1, out: torch.Tensor | None = None,
+              ws: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two).
 
     Sums go to a persistent zeroed float32 workspace, and one small kernel moves them to the
     result and clears the workspace (two kernels per product, no fill). ``out`` given (timing
-    probes): the float32 sums are added to it and returned as they are."""
+    probes): the float32 sums are added to it and returned as they are. ``ws``: the workspace, when
+    the caller keeps it (the custom op of dispatch.py)."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
     x = x.contiguous()
     raw = out is not None
-    ws = out if raw else _workspace(sw, x.device, batch)
+    if raw:
+        ws = out
+    elif ws is None:
+        ws = _workspace(sw, batch)
     n_seg, n_slice = sw.steps.shape
     sliced_gemv_kernel[(n_slice, n_seg, -(-batch // bb))](
         x, ws, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
