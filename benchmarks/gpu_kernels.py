@@ -77,7 +77,7 @@ def make_compressed(fmt: str, out_f: int, in_f: int, seed: int, dtype=torch.floa
 
 
 def clone_tw(tw: layout.TritonWeight) -> layout.TritonWeight:
-    kw = {k: getattr(tw, k) for k in tw.__dataclass_fields__}
+    kw = tw.init_fields()
     for k, t in tw.tensors().items():
         kw[k] = t.clone()
     return layout.TritonWeight(**kw)

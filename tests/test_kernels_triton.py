@@ -149,7 +149,7 @@ def test_cuda_forward_dispatch_policy_on_cpu_tensors():
             _check(y, x.double() @ ref_w.t() + bias.double(), 4e-3)
         if fmt == "bitmask":  # batch 1 ran the sliced kernel: its layout was built, its workspace is clear
             sw = mod._cuda_weight.sliced_view(**dispatch.SLICED_LAYOUT)
-            assert sw.__dict__["_workspace"][1].abs().max() == 0
+            assert sw.workspaces[1].abs().max() == 0
         assert dispatch.use_kernel(mod._cuda_weight, 4)  # both take the unit kernels up to 16 rows
         assert not dispatch.use_kernel(mod._cuda_weight, 20) or fmt == "nm"
         # a cached dense copy serves every batch above 1 (then never slower than dense)

@@ -12,7 +12,7 @@ dense bytes) and is counted in :meth:`TritonWeight.nbytes`. Row offsets are kept
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -39,6 +39,9 @@ class TritonWeight:
     symmetric: bool = True
     scales: torch.Tensor | None = None  # (out, ceil(in/G)) float16
     zeros: torch.Tensor | None = None  # (out, ceil(in/G)) uint8
+    # sliced layouts of this weight (sliced.py), by (seg, rows, per_step); a plain field, so that
+    # torch.compile reads the cache without a graph break; not copied by to() or clone()
+    sliced: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def vals_stride(self) -> int:
@@ -68,14 +71,17 @@ class TritonWeight:
 
         if self.fmt != "bitmask" or self.bits:
             raise SparsecraftError("the sliced layout takes bitmask weights with float values")
-        cache = self.__dict__.setdefault("_sliced", {})
         key = (seg, rows, per_step)
-        if key not in cache:
-            cache[key] = build(self.meta, self.values, self.shape, seg, rows, per_step)
-        return cache[key]
+        if key not in self.sliced:
+            self.sliced[key] = build(self.meta, self.values, self.shape, seg, rows, per_step)
+        return self.sliced[key]
+
+    def init_fields(self) -> dict:
+        """The constructor's arguments that rebuild this weight (the layout caches are left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     def to(self, device: torch.device | str) -> TritonWeight:
-        kw = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        kw = self.init_fields()
         for k, t in self.tensors().items():
             kw[k] = t.to(device)
         return TritonWeight(**kw)

@@ -24,7 +24,7 @@ Products are accumulated in float32 with one atomic add per row and segment.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -47,6 +47,7 @@ class SlicedWeight:
     start: torch.Tensor  # int32 (n_seg, n_slice): first step-vector (per_step values) of the slice
     steps: torch.Tensor  # int32 (n_seg, n_slice): steps of the slice (its longest row)
     perm: torch.Tensor  # int32 (n_seg, n_slice * rows): output row of each lane (>= out: padding)
+    workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # by batch
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.values, self.words, self.start, self.steps, self.perm]
@@ -199,10 +200,9 @@ def _move_out_kernel(ws_ptr, out_ptr, n, BLOCK: tl.constexpr):
 def _workspace(sw: SlicedWeight, batch: int) -> torch.Tensor:
     """The weight's float32 sums (batch, out), zero between calls (:func:`_move_out_kernel` clears
     them); made on first use, so outside any CUDA graph capture."""
-    cache = sw.__dict__.setdefault("_workspace", {})
-    if batch not in cache:
-        cache[batch] = torch.zeros(batch, sw.shape[0], device=sw.values.device, dtype=torch.float32)
-    return cache[batch]
+    if batch not in sw.workspaces:
+        sw.workspaces[batch] = torch.zeros(batch, sw.shape[0], device=sw.values.device, dtype=torch.float32)
+    return sw.workspaces[batch]
 
 
 _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, read as one integer
