@@ -1,8 +1,11 @@
 """Pick the kernel and its tile shape for one product y = x @ W^T, W a :class:`TritonWeight`.
 
-As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, runs 5 and 6):
+As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, runs 5 and 6), batch-1
+bitmask on the H200 (runs 10-11):
 
-* batch 1..``UNIT_MAX_BATCH`` (16): the 8-column unit kernels (gemv.py) for 2:4 with float or int4
+* batch 1, bitmask with 16-bit values: the sliced kernel (sliced.py), whose layout
+  :func:`prepare_module` builds next to the row-major one (``SLICED_LAYOUT``);
+* batch 1..``UNIT_MAX_BATCH`` (16) otherwise: the 8-column unit kernels (gemv.py) for 2:4 with float or int4
   values and bitmask with float values (16-bit inputs, in_features % 8 == 0), with the tile and
   variant of ``UNIT_TILES`` (FMA rows or, for larger batches, the tensor-core ``dot`` variant);
   other layouts at batch 1 run the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
