@@ -338,10 +338,14 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     def unit(bn, bk, bb, warps, **kw):
         return KernelConfig(bn, bk, bb, warps, unit=True, **kw)
 
-    # batch 1, bitmask: the sliced slot-major kernel (kernels/triton/sliced.py): the dispatcher's
-    # setting and its neighbours from benchmarks/sliced_probe.py (session 6)
-    s = [dispatch.SLICED_BATCH1] + [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=2, per_step=4)
-                                    for rows, warps in ((128, 4), (32, 1))]
+    # bitmask up to 4 rows: the sliced slot-major kernel (kernels/triton/sliced.py), the dispatcher's
+    # setting and at batch 1 its neighbours from benchmarks/sliced_probe.py (session 6)
+    s = []
+    if fmt.startswith("bitmask") and batch <= dispatch.SLICED_MAX_BATCH:
+        s = [dispatch.sliced_config(batch)]
+        if batch == 1:
+            s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=2, per_step=4)
+                  for rows, warps in ((128, 4), (32, 1))]
     if batch == 1:
         if fmt.startswith("bitmask"):
             c = s + [unit(4, 256, 1, 4, scatter=True), unit(4, 256, 1, 2, scatter=True)]
@@ -352,7 +356,7 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             c = [unit(4, 512, 1, 2), unit(2, 512, 1, 1), unit(4, 1024, 1, 4)]
         return c[:2] if QUICK else c
     if batch <= 16:
-        c = [unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if batch <= 4 else []
+        c = s + ([unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if batch <= 4 else [])
         flags = dict(dot=True, scatter=fmt.startswith("bitmask"))
         c += [unit(32, 256, 16, 4, split_k=4, **flags), unit(16, 256, 16, 1, split_k=4, **flags),
               unit(16, 256, 16, 2, split_k=4, **flags)]

@@ -3,7 +3,7 @@
 As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, runs 5 and 6), batch-1
 bitmask on the H200 (runs 10-11):
 
-* batch 1, bitmask with 16-bit values: the sliced kernel (sliced.py), whose layout
+* batch 1..4, bitmask with 16-bit values: the sliced kernel (sliced.py), whose layout
   :func:`prepare_module` builds next to the row-major one (``SLICED_LAYOUT``);
 * batch 1..``UNIT_MAX_BATCH`` (16) otherwise: the 8-column unit kernels (gemv.py) for 2:4 with float or int4
   values and bitmask with float values (16-bit inputs, in_features % 8 == 0), with the tile and
@@ -117,11 +117,19 @@ UNIT_TILES: dict[tuple[str, int, int], tuple] = {
 }
 
 
-# batch 1, bitmask with 16-bit values: the sliced kernel (sliced.py) at the setting that won the H200
-# probes of session 6 (docs/results/gpu_kernels.md, run 11): 128-column segments, 64-row slices on two
-# warps, 4 values per step, walk unrolled twice; its layout is built once by prepare_module
+# batch 1-4, bitmask with 16-bit values: the sliced kernel (sliced.py) at the setting that won the
+# H200 probes of session 6 (docs/results/gpu_kernels.md, runs 10-11): 128-column segments, 64-row
+# slices on two warps, 4 values per step, the walk unrolled twice at batch 1; at batch 4 it is about
+# twice as fast as the unit kernels, at batch 16 2-3x slower than their tensor-core variant
 SLICED_LAYOUT = dict(seg=128, rows=64, per_step=4)
-SLICED_BATCH1 = KernelConfig(bn=64, bk=0, bb=1, num_warps=2, sliced=128, unroll=2, per_step=4)
+SLICED_MAX_BATCH = 4
+
+
+def sliced_config(batch: int) -> KernelConfig:
+    """The sliced kernel's launch for ``batch`` (<= SLICED_MAX_BATCH) rows, on SLICED_LAYOUT."""
+    return KernelConfig(bn=SLICED_LAYOUT["rows"], bk=0, bb=_pow2_at_least(batch, 1), num_warps=2,
+                        sliced=SLICED_LAYOUT["seg"], unroll=2 if batch == 1 else 1,
+                        per_step=SLICED_LAYOUT["per_step"])
 
 
 def sliced_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
@@ -135,8 +143,8 @@ def default_config(tw: TritonWeight, batch: int, device: torch.device,
                    x_dtype: torch.dtype = torch.float16) -> KernelConfig:
     """Shape-only tile choice: the per-shape winners of the H100 tuning run (docs/results/gpu_kernels.md)."""
     out_f, in_f = tw.shape
-    if batch == 1 and sliced_supported(tw, x_dtype):
-        return SLICED_BATCH1
+    if batch <= SLICED_MAX_BATCH and sliced_supported(tw, x_dtype):
+        return sliced_config(batch)
     if batch <= UNIT_MAX_BATCH and unit_supported(tw, x_dtype):
         return unit_config(tw, batch, device)
     if batch == 1:
@@ -356,13 +364,13 @@ def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, dense, is_bitma
 def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Tensor, start: torch.Tensor,
                           steps: torch.Tensor, perm: torch.Tensor, ws: torch.Tensor, out_features: int,
                           in_features: int) -> torch.Tensor:
-    """Batch 1 through the sliced kernel (``ws``: its float32 workspace, zero again on return)."""
+    """Batch 1-4 through the sliced kernel (``ws``: its float32 workspace, zero again on return)."""
     from .sliced import SlicedWeight, sliced_mm
 
     lay = SLICED_LAYOUT
     sw = SlicedWeight((out_features, in_features), lay["seg"], lay["rows"], lay["per_step"], values, words,
                       start, steps, perm)
-    cfg = SLICED_BATCH1
+    cfg = sliced_config(x.shape[0])
     return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws)
 
 
@@ -376,18 +384,19 @@ def sparse_linear(x: torch.Tensor, tw: TritonWeight, bias: torch.Tensor | None =
     """``F.linear(x, W, bias)`` for x (..., in) on CUDA with W compressed.
 
     One custom op (opaque to torch.compile, capturable in a CUDA graph). Batch 1 always runs our
-    kernels (bitmask weights: the sliced kernel, its own op); larger batches use ``dense`` (a cached
-    dense copy of W) with cuBLAS when given, so they are never slower than dense; without it see
-    :func:`use_kernel`.
+    kernels (bitmask weights up to 4 rows: the sliced kernel, its own op); larger batches use
+    ``dense`` (a cached dense copy of W) with cuBLAS when given, so they are never slower than
+    dense; without it see :func:`use_kernel`.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] == 1 and sliced_supported(tw, x2.dtype):
+    rows = x2.shape[0]
+    if (rows == 1 or (dense is None and 1 < rows <= SLICED_MAX_BATCH)) and sliced_supported(tw, x2.dtype):
         from .sliced import _workspace
 
         sw = tw.sliced_view(**SLICED_LAYOUT)  # built by prepare_module, before any graph capture
         y = torch.ops.sparsecraft.triton_sliced_linear(
-            x2, sw.values, sw.words, sw.start, sw.steps, sw.perm, _workspace(sw, 1),
+            x2, sw.values, sw.words, sw.start, sw.steps, sw.perm, _workspace(sw, rows),
             tw.shape[0], tw.shape[1],
         )
         if bias is not None:
