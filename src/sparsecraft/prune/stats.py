@@ -63,11 +63,13 @@ class LayerStats:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input width {x.shape[-1]} != in_features {self.in_features}")
         self.count += x.shape[0]
-        # sums with float32 accumulation, without a float32 copy of low-precision inputs
-        self.sum += x.sum(0, dtype=torch.float32).to(self.sum.device)
-        self.sumsq += torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).to(self.sum.device) ** 2
+        # float32 sums over a float32 copy: on the CPU about 3x faster than reducing bf16 inputs
+        # with dtype=float32 (column reductions of bf16 do not vectorise; session 6)
+        xf = x.float()
+        self.sum += xf.sum(0).to(self.sum.device)
+        self.sumsq += xf.square().sum(0).to(self.sum.device)
         if self.sumabs is not None:
-            self.sumabs += torch.linalg.vector_norm(x, 1, dim=0, dtype=torch.float32).to(self.sum.device)
+            self.sumabs += xf.abs().sum(0).to(self.sum.device)
         if self._hessian is not None:
             if self.hessian_matmul_dtype is not None and x.dtype == self.hessian_matmul_dtype:
                 # bf16 inputs: products are exact; the batch's partial sum is rounded once.
