@@ -1,10 +1,10 @@
 """Probe of the sliced bitmask kernel (kernels/triton/sliced.py) on the llama-7b layer shapes.
 
-Per shape and sparsity: 32 distinct layers in one CUDA graph, ms per layer, for dense cuBLAS,
-the unit kernel (dispatch default) and sliced variants (segment, rows, warps, registers, unroll);
-``raw`` rows accumulate into a preallocated float32 buffer (no zero fill, no cast: kernel only).
+Per shape and sparsity: 32 distinct layers in one CUDA graph, µs per layer, for dense cuBLAS,
+the dispatcher's default and sliced variants (segment, rows, warps, values per step; unroll);
+``raw`` rows accumulate into a preallocated float32 buffer (the kernel alone, no move-out kernel).
 
-    python benchmarks/sliced_probe.py [--batch 1] [--sparsity 0.7,0.5]
+    python benchmarks/sliced_probe.py [--batch 1] [--sparsity 0.7,0.5] [--variants 128:64:2:4,...]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def probe(sp: float, name: str, o: int, k: int, b: int, variants: list, unrolls:
         log(f"sp={sp} {name:8s} b={b} {label:40s} {ms / 32 * 1000:7.1f} us/layer")
 
     timed("dense cuBLAS", lambda i: F.linear(x, dense[i]))
-    timed("unit default", lambda i: sparse_mm(x, layers[i]))
+    timed("dispatch default", lambda i: sparse_mm(x, layers[i]))
     for (seg, rows, warps, per), unroll in itertools.product(variants, unrolls):
         views = [lay.sliced_view(seg, rows, per) for lay in layers]
         err = rel_err(sliced_mm(x, views[0], bb, warps, True, unroll), ref)

@@ -48,11 +48,11 @@ class KernelConfig:
     xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
     scatter: bool = False  # bitmask: one unit per thread, a warp's lanes on consecutive units
-    sliced: int = 0  # bitmask: the sliced slot-major kernel (sliced.py) on segments of this many columns;
-    # bn = rows per slice, bb = batch rows per program, unroll = its step loop's unroll factor,
-    # per_step = values a lane takes per step
-    unroll: int = 1
-    per_step: int = 4
+    # bitmask: the sliced kernel (sliced.py) on segments of this many columns (0: off); bn = rows per
+    # slice, bb = batch rows per program
+    sliced: int = 0
+    unroll: int = 1  # sliced: unroll factor of the step loop
+    per_step: int = 4  # sliced: kept values a lane takes per step
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -399,13 +399,11 @@ def sparse_linear(x: torch.Tensor, tw: TritonWeight, bias: torch.Tensor | None =
             x2, sw.values, sw.words, sw.start, sw.steps, sw.perm, _workspace(sw, rows),
             tw.shape[0], tw.shape[1],
         )
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*lead, tw.shape[0])
-    y = torch.ops.sparsecraft.triton_sparse_linear(
-        x2, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets, tw.scales, tw.zeros, dense,
-        tw.fmt == "bitmask", tw.shape[0], tw.shape[1], tw.n, tw.m, tw.bits, tw.group_size, tw.symmetric,
-    )
+    else:
+        y = torch.ops.sparsecraft.triton_sparse_linear(
+            x2, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets, tw.scales, tw.zeros, dense,
+            tw.fmt == "bitmask", tw.shape[0], tw.shape[1], tw.n, tw.m, tw.bits, tw.group_size, tw.symmetric,
+        )
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, tw.shape[0])
@@ -434,7 +432,7 @@ def prepare_module(module, device, keep_dense: bool = False) -> bool:
     if not supports(module.weight_compressed):
         return False
     module._cuda_weight = prepare(module.weight_compressed, device)
-    if sliced_supported(module._cuda_weight):  # batch 1's layout (a second copy, ~1.1x the bitmask bytes)
+    if sliced_supported(module._cuda_weight):  # the layout of batches 1-4 (a second copy, 1.1-1.15x)
         from .sliced import _workspace
 
         _workspace(module._cuda_weight.sliced_view(**SLICED_LAYOUT), 1)

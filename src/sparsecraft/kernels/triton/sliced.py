@@ -1,24 +1,25 @@
-"""Bitmask weights in a sliced, slot-major layout: one loop step per kept value, not per column.
+"""Bitmask weights in a sliced, slot-major layout: loop steps per kept value, not per column.
 
 The unit kernels (gemv.py) read bitmask weights column by column, so 70% sparsity costs them as
-many instructions as 50% (docs/results/gpu_kernels.md). Here a lane walks the set bits of its own
-row instead, and every warp-wide load stays coalesced:
+many instructions as 50%. Here a lane walks the set bits of its own row instead, and every
+warp-wide load stays coalesced:
 
 * the K axis is cut into segments of ``seg`` columns; in each segment the rows are sorted by how
-  many values they keep there and cut into slices of ``rows`` consecutive sorted rows, so the rows
-  of a slice need about the same number of steps (padding under 3% on random masks);
-* a slice stores its values *slot-major*: step k of every lane is one contiguous run of ``rows``
-  values (lane l reads element k * rows + l), and its mask as 64-bit words, word-major the same way;
-* a lane finds its next column from its current mask word: lowest set bit, cleared after use; an
-  exhausted word is replaced by the next one (held in registers for segments of up to 256 columns).
-  An all-zero word costs one step whose stored value is 0, so every step consumes exactly one bit
-  or one word and the walk needs no inner loop.
+  many steps they need there and cut into slices of ``rows`` consecutive sorted rows, so the rows
+  of a slice need about the same number of steps;
+* a step takes the next ``per_step`` set bits of the lane's current 32-bit mask word (lowest
+  first) and their values with one load: a slice stores its values slot-major (step k of every
+  lane is one contiguous run of ``rows`` x ``per_step`` values) and its mask word-major the same way;
+* a word whose bits run out inside a step leaves that step's other slots empty (stored as 0), an
+  all-zero word costs one empty step, and an exhausted word is replaced by the next one (held in
+  registers for segments of up to 128 columns), so the walk needs no inner loop.
 
-Bytes: values + 1/8 per weight (mask) + 4 per row and segment (the slices' row order) + padding;
-0.2–2.5% more than the row-major bitmask layout at 50–70% (docs/results/gpu_kernels.md, run 10,
-where this kernel is timed: 1.3x the unit kernel on the large 70% layers, still below dense).
-The layout is built once from a bitmask weight (:func:`build`), on whichever device it lives on.
-Products are accumulated in float32 with one atomic add per row and segment.
+Bytes: values padded to whole steps + 1/8 per weight (mask) + 4 per row and segment (the slices'
+row order); with 4 values per step 1.10x (50%) to 1.15x (70%) the row-major bitmask layout.
+Sums are added atomically to a float32 workspace that a second small kernel moves to the result
+and clears. On the H200 this is the dispatcher's kernel for bitmask weights at batch 1-4
+(docs/results/gpu_kernels.md, runs 10-12). The layout is built once from a bitmask weight
+(:func:`build`), on whichever device it lives on.
 """
 
 from __future__ import annotations
