@@ -283,20 +283,20 @@ def test_unit_kernels_decline_other_layouts():
         sparse_mm(x, tw, KernelConfig(bn=8, bk=256, bb=1, num_warps=4, unit=True))
 
 
-SLICED_CASES = [  # out, in, sparsity, dtype, seg, rows, batch, bb, reg, unroll
-    (37, 200, 0.7, torch.float16, 64, 8, 1, 1, True, 1),  # row and column tails, partial segment
-    (24, 512, 0.5, torch.bfloat16, 256, 16, 3, 4, True, 2),  # batch tail, unrolled walk
-    (20, 640, 0.98, torch.float16, 128, 4, 2, 1, False, 1),  # all-zero words: one empty step each
-    (9, 128, 0.0, torch.float16, 128, 8, 1, 1, True, 1),  # dense
-    (16, 320, 0.9, torch.float16, 320, 16, 1, 1, True, 1),  # segment of 5 words: no registers
+SLICED_CASES = [  # out, in, sparsity, dtype, seg, rows, batch, bb, reg, unroll, values per step
+    (37, 200, 0.7, torch.float16, 64, 8, 1, 1, True, 1, 4),  # row and column tails, partial segment
+    (24, 512, 0.5, torch.bfloat16, 128, 16, 3, 4, True, 2, 2),  # batch tail, unrolled walk
+    (20, 640, 0.98, torch.float16, 128, 4, 2, 1, False, 1, 1),  # all-zero words: one empty step each
+    (9, 128, 0.0, torch.float16, 128, 8, 1, 1, True, 1, 4),  # dense
+    (16, 320, 0.9, torch.bfloat16, 320, 16, 1, 1, True, 1, 4),  # 10 words: loaded in the walk
 ]
 
 
-@pytest.mark.parametrize("case", SLICED_CASES, ids=[f"{c[0]}x{c[1]}-{c[2]}-seg{c[4]}" for c in SLICED_CASES])
+@pytest.mark.parametrize("case", SLICED_CASES, ids=[f"{c[0]}x{c[1]}-{c[2]}-seg{c[4]}-p{c[10]}" for c in SLICED_CASES])
 def test_sliced_kernel_matches_dense_reference(case):
     """The sliced slot-major bitmask kernel (sliced.py) through the dispatcher's KernelConfig, with
     an empty row, against the float64 product."""
-    out_f, in_f, sparsity, dtype, seg, rows, batch, bb, reg, unroll = case
+    out_f, in_f, sparsity, dtype, seg, rows, batch, bb, reg, unroll, per_step = case
     gen = torch.Generator().manual_seed(out_f * in_f)
     keep = torch.rand(out_f, in_f, generator=gen) >= sparsity
     keep[out_f // 2] = False
@@ -305,11 +305,11 @@ def test_sliced_kernel_matches_dense_reference(case):
     x = torch.randn(batch, in_f, generator=gen).to(dtype)
     ref = x.double() @ w.double().t()
     if reg:
-        y = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll))
+        y = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll, per_step=per_step))
     else:
         from sparsecraft.kernels.triton.sliced import sliced_mm
 
-        y = sliced_mm(x, tw.sliced_view(seg, rows), bb, reg=False)
+        y = sliced_mm(x, tw.sliced_view(seg, rows, per_step), bb, reg=False)
     assert y.shape == (batch, out_f) and y.dtype == dtype
     _check(y, ref, 2e-2 if dtype == torch.bfloat16 else 4e-3)
     assert y[:, out_f // 2].abs().max() == 0
