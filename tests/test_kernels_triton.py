@@ -292,7 +292,8 @@ SLICED_CASES = [  # out, in, sparsity, dtype, seg, rows, batch, bb, reg, unroll,
 ]
 
 
-@pytest.mark.parametrize("case", SLICED_CASES, ids=[f"{c[0]}x{c[1]}-{c[2]}-seg{c[4]}-p{c[10]}" for c in SLICED_CASES])
+@pytest.mark.parametrize("case", SLICED_CASES,
+                         ids=[f"{c[0]}x{c[1]}-{c[2]}-seg{c[4]}-p{c[10]}" for c in SLICED_CASES])
 def test_sliced_kernel_matches_dense_reference(case):
     """The sliced slot-major bitmask kernel (sliced.py) through the dispatcher's KernelConfig, with
     an empty row, against the float64 product."""
