@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ...errors import SparsecraftError
+from ...formats.packing import pack_bits, unpack_bits
 from .gemv import _h2f, _popc
 
 
@@ -72,14 +73,11 @@ def build(mask: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], seg:
     n_seg = -(-in_f // seg)
     n_slice = -(-out_f // rows)
     kp, wps, outp = n_seg * seg, seg // 32, n_slice * rows
-    ar8 = torch.arange(8, device=dev, dtype=torch.uint8)
-    unpacked = ((mask.unsqueeze(-1) >> ar8) & 1).bool().view(out_f, -1)[:, :in_f]  # bits past in: not weights
     bits = torch.zeros(out_f, kp, dtype=torch.bool, device=dev)
-    bits[:, :in_f] = unpacked
+    bits[:, :in_f] = unpack_bits(mask, in_f)  # bits past in_f are not weights
     if int(bits.sum()) != values.numel():
         raise SparsecraftError(f"bitmask keeps {int(bits.sum())} values but {values.numel()} are stored")
-    packed = (bits.view(out_f, kp // 8, 8).to(torch.uint8) << ar8).sum(-1, dtype=torch.uint8)
-    words = packed.view(torch.int32).view(out_f, n_seg, wps)  # little-endian: bit j = column j
+    words = pack_bits(bits).view(torch.int32).view(out_f, n_seg, wps)  # little-endian: bit j = column j
     dense = torch.zeros(out_f, kp, dtype=values.dtype, device=dev)
     dense[bits] = values
     # a word takes ceil(kept / per_step) steps, at least one (an all-zero word: one step of zeros);
