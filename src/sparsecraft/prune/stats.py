@@ -75,7 +75,7 @@ class LayerStats:
                 # bf16 inputs: products are exact; the batch's partial sum is rounded once.
                 self._hessian += (x.t() @ x).to(device=self._hessian.device, dtype=torch.float32)
             else:
-                xf = x.to(device=self._hessian.device, dtype=torch.float32)
+                xf = xf.to(self._hessian.device)  # the float32 copy above (no copy on the same device)
                 if self.tf32 and xf.is_cuda:
                     # TF32 tensor cores for this product only (inputs ~10-bit mantissa, fp32 sums)
                     prev = torch.backends.cuda.matmul.allow_tf32
@@ -89,8 +89,8 @@ class LayerStats:
         if sample_every > 0 and self.sample_rows > 0:
             taken = sum(s.shape[0] for s in self._samples)
             if taken < self.sample_rows:
-                rows = x[::sample_every][: self.sample_rows - taken]
-                self._samples.append(rows.to(device=self.sum.device, dtype=torch.float32).clone())
+                rows = xf[::sample_every][: self.sample_rows - taken]
+                self._samples.append(rows.to(self.sum.device).clone())
 
     def check_finite(self, name: str) -> None:
         if not (torch.isfinite(self.sum).all() and torch.isfinite(self.sumsq).all()):
