@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 from sparsecraft.kernels.triton import dispatch, layout  # noqa: E402
 from sparsecraft.kernels.triton.dispatch import KernelConfig, decompress, sparse_mm  # noqa: E402
+from sparsecraft.kernels.triton.sliced import SlicedWeight, build, sliced_mm  # noqa: E402
 
 formats = pytest.importorskip("sparsecraft.formats")
 
@@ -147,11 +148,11 @@ def test_cuda_forward_dispatch_policy_on_cpu_tensors():
             y = dispatch.cuda_forward(mod, x)
             assert mod._cuda_weight is not None and y.shape == (batch, 24)
             _check(y, x.double() @ ref_w.t() + bias.double(), 4e-3)
-        if fmt == "bitmask":  # batch 1 ran the sliced kernel: its layout was built, its workspace is clear
-            sw = mod._cuda_weight.sliced_view(**dispatch.SLICED_LAYOUT)
-            assert sw.workspaces[1].abs().max() == 0
-        assert dispatch.use_kernel(mod._cuda_weight, 4)  # both take the unit kernels up to 16 rows
-        assert not dispatch.use_kernel(mod._cuda_weight, 20) or fmt == "nm"
+        if fmt == "bitmask":  # the sliced layout is the weight; the walk kernel left its workspaces clear
+            assert isinstance(mod._cuda_weight, SlicedWeight)
+            assert all(ws.abs().max() == 0 for ws in mod._cuda_weight.workspaces.values())
+        else:
+            assert dispatch.use_kernel(mod._cuda_weight, 4) and dispatch.use_kernel(mod._cuda_weight, 16)
         # a cached dense copy serves every batch above 1 (then never slower than dense)
         assert dispatch.prepare_module(mod, "cpu", keep_dense=True)
         assert torch.allclose(mod._cuda_dense.double(), ref_w)
@@ -179,14 +180,22 @@ def test_custom_op_traces_under_torch_compile_fullgraph():
     )
     x = torch.randn(1, 256).half()
     _check(fn(x), 2 * (x.double() @ ref_w.t()), 4e-3)
-    # bitmask at batch 1: the sliced kernel's op, which declares its workspace as mutated
+    # bitmask: the sliced kernels' op, which declares its workspace as mutated (batch 1: the walk,
+    # batch 6: the tensor-core kernel), and the op that decodes the weight (batch 20)
     obj, ref_w = _make("bitmask", 40, 256, torch.float16, sparsity=0.7, seed=10)
-    tw = layout.prepare(obj)
-    tw.sliced_view(**dispatch.SLICED_LAYOUT)  # as prepare_module does: built before tracing
-    fn = torch.compile(lambda a: dispatch.sparse_linear(a, tw), backend="aot_eager", fullgraph=True)
-    y1, y2 = fn(x), fn(x)
-    _check(y1, x.double() @ ref_w.t(), 4e-3)
-    assert torch.equal(y1, y2)  # the workspace is clear again after every call
+    sw = dispatch.prepare_weight(obj, "cpu")
+    x6, x20 = torch.randn(6, 256).half(), torch.randn(20, 256).half()
+    for xb in (x6, x20):
+        dispatch.sparse_linear(xb, sw)  # the first, eager call makes the batch's workspace
+
+    def f(a, b, c):
+        return dispatch.sparse_linear(a, sw), dispatch.sparse_linear(b, sw), dispatch.sparse_linear(c, sw)
+
+    fn = torch.compile(f, backend="aot_eager", fullgraph=True)
+    y1, y2 = fn(x, x6, x20), fn(x, x6, x20)
+    for y, xb in zip(y1, (x, x6, x20), strict=True):
+        _check(y, xb.double() @ ref_w.t(), 4e-3)
+    assert all(torch.equal(a, b) for a, b in zip(y1, y2, strict=True))  # workspaces clear after every call
 
 
 def test_bench_cuda_runner(tmp_path, capsys):
@@ -305,22 +314,24 @@ def test_sliced_kernel_matches_dense_reference(case):
     tw = layout.prepare(formats.BitmaskTensor.from_dense(w, mask=keep))
     x = torch.randn(batch, in_f, generator=gen).to(dtype)
     ref = x.double() @ w.double().t()
+    sw = tw.sliced_view(seg, rows, per_step)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     if reg:
         y = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll, per_step=per_step))
     else:
-        from sparsecraft.kernels.triton.sliced import sliced_mm
-
-        y = sliced_mm(x, tw.sliced_view(seg, rows, per_step), bb, reg=False)
+        y = sliced_mm(x, sw, bb, reg=False)
     assert y.shape == (batch, out_f) and y.dtype == dtype
-    _check(y, ref, 2e-2 if dtype == torch.bfloat16 else 4e-3)
+    _check(y, ref, tol)
     assert y[:, out_f // 2].abs().max() == 0
+    assert torch.equal(decompress(sw), w)  # decoded from the sliced layout: exact
+    if rows >= 16:  # the tensor-core kernel (slices of 16 rows or more), two batch tiles
+        x = torch.randn(17, in_f, generator=gen).to(dtype)
+        _check(sliced_mm(x, sw, 16, 4, dot=True), x.double() @ w.double().t(), tol)
 
 
 def test_sliced_layout_steps_cover_every_row_with_little_padding():
     """Every row of a slice fits in the slice's steps (a step: up to per_step kept values of one
     32-bit mask word, at least one step per word), rows are a permutation, padding stays small."""
-    from sparsecraft.kernels.triton.sliced import build
-
     gen = torch.Generator().manual_seed(0)
     keep = torch.rand(512, 1024, generator=gen) >= 0.7
     w = (torch.randn(512, 1024, generator=gen) * keep).half()
@@ -341,7 +352,6 @@ def test_sliced_layout_steps_cover_every_row_with_little_padding():
 
 def test_sliced_layout_rejects_bad_input():
     from sparsecraft.errors import SparsecraftError
-    from sparsecraft.kernels.triton.sliced import build
 
     keep = torch.ones(4, 128, dtype=torch.bool)
     bt = formats.BitmaskTensor.from_dense(torch.ones(4, 128, dtype=torch.float16), mask=keep)
@@ -353,3 +363,42 @@ def test_sliced_layout_rejects_bad_input():
         build(bt.mask, bt.values[:-1], (4, 128))
     with pytest.raises(SparsecraftError, match="float16/bfloat16"):
         build(bt.mask, bt.values.float(), (4, 128))
+
+
+def test_sliced_weight_serves_batches_1_to_16_and_decodes_above():
+    """A bitmask layer keeps only the sliced layout (prepare_module): every batch size runs from it
+    (1-4 the walk kernel, 5-16 the tensor-core kernel, above: decoded, then a dense product), and
+    no row-major tensor stays referenced."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    obj, ref_w = _make("bitmask", 40, 200, torch.bfloat16, sparsity=0.7, seed=11)
+    made = []
+    prepare = dispatch.prepare
+
+    def spy(*a):
+        made.append(prepare(*a))
+        return made[-1]
+
+    mod = SimpleNamespace(weight_compressed=obj, bias=None, _cuda_weight=None)
+    try:
+        dispatch.prepare = spy
+        assert dispatch.prepare_module(mod, "cpu")
+    finally:
+        dispatch.prepare = prepare
+    row_major = weakref.ref(made.pop())
+    gc.collect()
+    assert row_major() is None  # the TritonWeight (values, mask, row and tile offsets) is gone
+    sw = mod._cuda_weight
+    assert isinstance(sw, SlicedWeight) and set(vars(mod)) == {"weight_compressed", "bias", "_cuda_weight",
+                                                                "_cuda_dense", "_cuda_bias"}
+    gen = torch.Generator().manual_seed(3)
+    for batch in [*range(1, 17), 33]:
+        x = torch.randn(batch, 200, generator=gen).bfloat16()
+        _check(dispatch.cuda_forward(mod, x), x.double() @ ref_w.t(), 2e-2)
+        assert dispatch.sliced_config(batch).dot == (batch > 4) or batch > 16
+    assert sorted(sw.workspaces) == list(range(1, 17))  # none for the decoded batch
+    assert all(ws.abs().max() == 0 for ws in sw.workspaces.values())
+    x = torch.randn(2, 200, generator=gen)  # float32 inputs: decoded to float32, then a dense product
+    _check(dispatch.sparse_linear(x, sw), x.double() @ ref_w.t(), 1e-6)

@@ -1,14 +1,17 @@
-"""Pick the kernel and its tile shape for one product y = x @ W^T, W a :class:`TritonWeight`.
+"""Pick the kernel and its tile shape for one product y = x @ W^T, W a :class:`TritonWeight`
+or, for bitmask weights with 16-bit values, a :class:`~.sliced.SlicedWeight`.
 
-As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, runs 5 and 6), batch-1
-bitmask on the H200 (runs 10-11):
+As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, runs 5 and 6), bitmask on the
+H200 (runs 10-13):
 
-* batch 1..4, bitmask with 16-bit values: the sliced kernel (sliced.py), whose layout
-  :func:`prepare_module` builds next to the row-major one (``SLICED_LAYOUT``);
-* batch 1..``UNIT_MAX_BATCH`` (16) otherwise: the 8-column unit kernels (gemv.py) for 2:4 with float or int4
-  values and bitmask with float values (16-bit inputs, in_features % 8 == 0), with the tile and
-  variant of ``UNIT_TILES`` (FMA rows or, for larger batches, the tensor-core ``dot`` variant);
-  other layouts at batch 1 run the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
+* bitmask with 16-bit values: only the sliced layout (sliced.py, ``SLICED_LAYOUT``) is kept on the
+  device (:func:`prepare_module`); batch 1..4 run its step-per-kept-value kernel, batch 5..16 its
+  tensor-core kernel (``sliced_config``), larger batches decode it to a dense temporary
+  (:func:`decompress`) for cuBLAS;
+* batch 1..``UNIT_MAX_BATCH`` (16) otherwise: the 8-column unit kernels (gemv.py) for 2:4 with float
+  or int4 values (16-bit inputs, in_features % 8 == 0), with the tile and variant of ``UNIT_TILES``
+  (FMA rows or, for larger batches, the tensor-core ``dot`` variant); other layouts at batch 1 run
+  the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
 * other N:M layouts up to ``DOT_MAX_BATCH`` rows: the decode-then-``tl.dot`` kernel of sparse_mm.py;
 * otherwise (anything above 16 rows, prefill): a dense weight and cuBLAS; the dense weight is a
   cached copy when the model was prepared with ``keep_dense=True`` (then no batch is slower than
@@ -16,8 +19,9 @@ bitmask on the H200 (runs 10-11):
   beat dense cuBLAS on that chain (best: 2:4 0.66x at batch 4-16), so those paths save memory only.
 
 Everything here depends on shapes only (no host syncs, no data-dependent choices), so a decode
-step can be captured in a CUDA graph; :func:`sparse_linear` is registered as the custom op
-``sparsecraft::triton_sparse_linear`` so torch.compile treats it as one opaque call.
+step can be captured in a CUDA graph; :func:`sparse_linear` calls custom ops
+(``sparsecraft::triton_sparse_linear``, ``triton_sliced_linear``, ``triton_sliced_dense``), so
+torch.compile treats each product as one opaque call.
 """
 
 from __future__ import annotations
@@ -107,29 +111,30 @@ def unit_config(tw: TritonWeight, batch: int, device: torch.device) -> KernelCon
 UNIT_TILES: dict[tuple[str, int, int], tuple] = {
     ("nm", 0, 1): (4, 512, 2, 0),
     ("nm", 4, 1): (4, 512, 2, 0, "xrow", "prmt"),
-    ("bitmask", 0, 1): (4, 256, 4, 0, "scatter"),
     ("nm", 0, 4): (32, 256, 4, 0, "dot"),
     ("nm", 4, 4): (8, 512, 4, 0),
-    ("bitmask", 0, 4): (8, 512, 4, 0),
     ("nm", 0, 16): (32, 256, 4, 4, "dot"),
     ("nm", 4, 16): (16, 256, 1, 4, "dot"),
-    ("bitmask", 0, 16): (16, 256, 1, 4, "dot", "scatter"),
 }
 
 
-# batch 1-4, bitmask with 16-bit values: the sliced kernel (sliced.py) at the setting that won the
-# H200 probes of session 6 (docs/results/gpu_kernels.md, runs 10-11): 128-column segments, 64-row
-# slices on two warps, 4 values per step, the walk unrolled twice at batch 1; at batch 4 it is about
-# twice as fast as the unit kernels, at batch 16 2-3x slower than their tensor-core variant
+# bitmask with 16-bit values: the sliced layout (sliced.py) at the setting that won the H200 probes
+# of session 6 (docs/results/gpu_kernels.md, runs 10-12): 128-column segments, 64-row slices,
+# 4 values per step. Batch 1-4: the step walk on two warps (unrolled twice at batch 1; at batch 4
+# about twice as fast as the row-major unit kernels); batch 5-16: the tensor-core kernel (run 13)
 SLICED_LAYOUT = dict(seg=128, rows=64, per_step=4)
-SLICED_MAX_BATCH = 4
+SLICED_WALK_MAX_BATCH = 4
+SLICED_MAX_BATCH = 16
 
 
 def sliced_config(batch: int) -> KernelConfig:
-    """The sliced kernel's launch for ``batch`` (<= SLICED_MAX_BATCH) rows, on SLICED_LAYOUT."""
-    return KernelConfig(bn=SLICED_LAYOUT["rows"], bk=0, bb=_pow2_at_least(batch, 1), num_warps=2,
-                        sliced=SLICED_LAYOUT["seg"], unroll=2 if batch == 1 else 1,
-                        per_step=SLICED_LAYOUT["per_step"])
+    """The sliced kernels' launch for ``batch`` (<= SLICED_MAX_BATCH) rows, on SLICED_LAYOUT."""
+    lay = SLICED_LAYOUT
+    if batch > SLICED_WALK_MAX_BATCH:
+        return KernelConfig(bn=lay["rows"], bk=0, bb=16, num_warps=4, sliced=lay["seg"], dot=True,
+                            per_step=lay["per_step"])
+    return KernelConfig(bn=lay["rows"], bk=0, bb=_pow2_at_least(batch, 1), num_warps=2, sliced=lay["seg"],
+                        unroll=2 if batch == 1 else 1, per_step=lay["per_step"])
 
 
 def sliced_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
@@ -210,7 +215,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         from .sliced import sliced_mm
 
         sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
-        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll)
+        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     dummy = tw.meta
@@ -295,11 +300,14 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
     return out.to(x.dtype) if cfg.split_k > 1 else out
 
 
-def decompress(tw: TritonWeight, dtype: torch.dtype | None = None, bn: int | None = None,
-               bk: int = 256) -> torch.Tensor:
-    """Dense (out, in) weight decoded on the device of ``tw``."""
+def decompress(tw, dtype: torch.dtype | None = None, bn: int | None = None, bk: int = 256) -> torch.Tensor:
+    """Dense (out, in) weight decoded on the device of ``tw`` (a TritonWeight or a SlicedWeight)."""
     from .sparse_mm import decompress_kernel
 
+    if not isinstance(tw, TritonWeight):
+        from .sliced import sliced_dense
+
+        return sliced_dense(tw, dtype)
     out_f, in_f = tw.shape
     # bitmask: one warp per program keeps the prefix sum inside the warp (as in the GEMV kernel)
     warps = 1 if tw.fmt == "bitmask" else 4
@@ -360,18 +368,24 @@ def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, dense, is_bitma
     return x.new_empty(x.shape[0], out_features)
 
 
+def _sliced(values, words, start, steps, perm, out_features: int, in_features: int):
+    from .sliced import SlicedWeight
+
+    lay = SLICED_LAYOUT
+    return SlicedWeight((out_features, in_features), lay["seg"], lay["rows"], lay["per_step"], values, words,
+                        start, steps, perm)
+
+
 @torch.library.custom_op("sparsecraft::triton_sliced_linear", mutates_args=("ws",))
 def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Tensor, start: torch.Tensor,
                           steps: torch.Tensor, perm: torch.Tensor, ws: torch.Tensor, out_features: int,
                           in_features: int) -> torch.Tensor:
-    """Batch 1-4 through the sliced kernel (``ws``: its float32 workspace, zero again on return)."""
-    from .sliced import SlicedWeight, sliced_mm
+    """Batch 1-16 through the sliced kernels (``ws``: their float32 workspace, zero again on return)."""
+    from .sliced import sliced_mm
 
-    lay = SLICED_LAYOUT
-    sw = SlicedWeight((out_features, in_features), lay["seg"], lay["rows"], lay["per_step"], values, words,
-                      start, steps, perm)
     cfg = sliced_config(x.shape[0])
-    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws)
+    sw = _sliced(values, words, start, steps, perm, out_features, in_features)
+    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot)
 
 
 @_triton_sliced_linear.register_fake
@@ -379,26 +393,51 @@ def _(x, values, words, start, steps, perm, ws, out_features, in_features):
     return x.new_empty(x.shape[0], out_features)
 
 
-def sparse_linear(x: torch.Tensor, tw: TritonWeight, bias: torch.Tensor | None = None,
-                  dense: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for x (..., in) on CUDA with W compressed.
+@torch.library.custom_op("sparsecraft::triton_sliced_dense", mutates_args=())
+def _triton_sliced_dense(values: torch.Tensor, words: torch.Tensor, start: torch.Tensor, steps: torch.Tensor,
+                         perm: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The dense weight of a sliced one (larger batches: then cuBLAS)."""
+    from .sliced import sliced_dense
 
-    One custom op (opaque to torch.compile, capturable in a CUDA graph). Batch 1 always runs our
-    kernels (bitmask weights up to 4 rows: the sliced kernel, its own op); larger batches use
-    ``dense`` (a cached dense copy of W) with cuBLAS when given, so they are never slower than
-    dense; without it see :func:`use_kernel`.
+    return sliced_dense(_sliced(values, words, start, steps, perm, out_features, in_features))
+
+
+@_triton_sliced_dense.register_fake
+def _(values, words, start, steps, perm, out_features, in_features):
+    return values.new_empty(out_features, in_features)
+
+
+def _sliced_linear(x2: torch.Tensor, sw, dense: torch.Tensor | None) -> torch.Tensor:
+    """x2 (rows, in) @ W^T for a sliced weight: its kernels up to SLICED_MAX_BATCH rows (16-bit
+    inputs), else ``dense`` or the decoded weight with cuBLAS."""
+    from .sliced import _workspace
+
+    rows = x2.shape[0]
+    args = (sw.values, sw.words, sw.start, sw.steps, sw.perm)
+    half = x2.dtype in (torch.float16, torch.bfloat16)
+    if (rows == 1 or dense is None) and rows <= SLICED_MAX_BATCH and half:
+        # the workspace of this batch size is made outside any graph capture by a first, eager call
+        return torch.ops.sparsecraft.triton_sliced_linear(x2, *args, _workspace(sw, rows), *sw.shape)
+    w = dense if dense is not None else torch.ops.sparsecraft.triton_sliced_dense(*args, *sw.shape)
+    return x2 @ w.to(x2.dtype).t()
+
+
+def sparse_linear(x: torch.Tensor, tw, bias: torch.Tensor | None = None,
+                  dense: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for x (..., in) on CUDA with W compressed: a TritonWeight, or for
+    bitmask weights with 16-bit values a SlicedWeight (a TritonWeight of such a weight runs
+    through its sliced view, built on first use).
+
+    Custom ops (opaque to torch.compile, capturable in a CUDA graph). Batch 1 always runs our
+    kernels; larger batches use ``dense`` (a cached dense copy of W) with cuBLAS when given, so
+    they are never slower than dense; without it see :func:`use_kernel` (up to 16 rows for
+    sliced weights).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    rows = x2.shape[0]
-    if (rows == 1 or (dense is None and 1 < rows <= SLICED_MAX_BATCH)) and sliced_supported(tw, x2.dtype):
-        from .sliced import _workspace
-
-        sw = tw.sliced_view(**SLICED_LAYOUT)  # built by prepare_module, before any graph capture
-        y = torch.ops.sparsecraft.triton_sliced_linear(
-            x2, sw.values, sw.words, sw.start, sw.steps, sw.perm, _workspace(sw, rows),
-            tw.shape[0], tw.shape[1],
-        )
+    if not isinstance(tw, TritonWeight) or sliced_supported(tw):
+        sw = tw if not isinstance(tw, TritonWeight) else tw.sliced_view(**SLICED_LAYOUT)
+        y = _sliced_linear(x2, sw, dense)
     else:
         y = torch.ops.sparsecraft.triton_sparse_linear(
             x2, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets, tw.scales, tw.zeros, dense,
@@ -423,6 +462,19 @@ def supports(weight) -> bool:
     return False
 
 
+def prepare_weight(obj, device):
+    """The device layout of a format object: a SlicedWeight for bitmask weights with 16-bit values
+    (the only copy: every batch size reads it), else a TritonWeight."""
+    tw = prepare(obj, device)
+    if not sliced_supported(tw):
+        return tw
+    from .sliced import _workspace
+
+    sw = tw.sliced_view(**SLICED_LAYOUT)  # tw and its row-major tensors are dropped on return
+    _workspace(sw, 1)
+    return sw
+
+
 def prepare_module(module, device, keep_dense: bool = False) -> bool:
     """Put a ``SparseLinear``'s weight on ``device`` in the Triton layout (once, at load time).
 
@@ -431,11 +483,7 @@ def prepare_module(module, device, keep_dense: bool = False) -> bool:
     """
     if not supports(module.weight_compressed):
         return False
-    module._cuda_weight = prepare(module.weight_compressed, device)
-    if sliced_supported(module._cuda_weight):  # the layout of batches 1-4 (a second copy, 1.1-1.15x)
-        from .sliced import _workspace
-
-        _workspace(module._cuda_weight.sliced_view(**SLICED_LAYOUT), 1)
+    module._cuda_weight = prepare_weight(module.weight_compressed, device)
     module._cuda_dense = (decompress(module._cuda_weight).contiguous() if keep_dense else None)
     module._cuda_bias = module.bias.detach().to(device) if module.bias is not None else None
     return True

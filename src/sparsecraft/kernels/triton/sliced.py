@@ -136,8 +136,17 @@ def _slot(q, j: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
+def _slice(words_ptr, start_ptr, perm_ptr, C: tl.constexpr, WPS: tl.constexpr):
+    """Program (slice, segment): its first step-vector, each lane's output row, its mask words."""
+    sl = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    lane = tl.arange(0, C)
+    rows = tl.load(perm_ptr + sl * C + lane)
+    return sl, lane, tl.load(start_ptr + sl), rows, words_ptr + sl * (WPS * C) + lane
+
+
+@triton.jit
 def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, perm_ptr,
-                       B, N, stride_xb, stride_ob, n_slice,
+                       B, N, stride_xb, stride_ob,
                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
                        BF16: tl.constexpr, INTERP: tl.constexpr, REG: tl.constexpr = True,
                        UNROLL: tl.constexpr = 1):
@@ -148,13 +157,9 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
     (at most 4) are loaded into registers before the walk, so a step waits on no load but its own
     x and values; otherwise an exhausted word loads the next one inside the walk. Sums are added
     atomically to a float32 ``out`` that is zero on entry."""
-    sl = tl.program_id(1) * n_slice + tl.program_id(0)  # (segment, slice)
     WPS: tl.constexpr = SEG // 32
-    lane = tl.arange(0, C)
-    start = tl.load(start_ptr + sl)
+    sl, lane, start, rows, wptr = _slice(words_ptr, start_ptr, perm_ptr, C, WPS)
     steps = tl.load(steps_ptr + sl)
-    rows = tl.load(perm_ptr + sl * C + lane)
-    wptr = words_ptr + sl * (WPS * C) + lane
     vptr = vq_ptr + start + lane
     bi = tl.program_id(2) * BB + tl.arange(0, BB)
     bmask = bi < B
@@ -188,6 +193,61 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
 
 
 @triton.jit
+def _word_tile(v_ptr, wptr, j: tl.constexpr, off, start, lane, C: tl.constexpr, P: tl.constexpr,
+               INTERP: tl.constexpr):
+    """Word j of every lane's mask as a dense (32 columns, C lanes) tile of its weights, and ``off``
+    (steps of the lane's earlier words) moved past it: the kept value of rank r in the word sits at
+    step off + r // P, slot r % P (words take ceil(kept / P) steps, at least one)."""
+    m = tl.load(wptr + j * C)
+    b = tl.arange(0, 32)[:, None]
+    rank = _popc(m[None, :] & ~(-1 << b), INTERP)  # kept columns of the lane before column b
+    pos = (start + (off[None, :] + rank // P) * C + lane[None, :]) * P + rank % P
+    v = tl.load(v_ptr + pos, mask=((m[None, :] >> b) & 1) != 0, other=0.0)
+    return v, off + tl.maximum((_popc(m, INTERP) + P - 1) // P, 1)
+
+
+@triton.jit
+def sliced_dot_kernel(x_ptr, out_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, B, N, K, stride_xb, stride_ob,
+                      SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
+                      INTERP: tl.constexpr, DOT_F32: tl.constexpr):
+    """Batches of 5-16 rows on the tensor cores: each 32-column word of the segment is expanded to
+    a dense (32, C) tile in registers (one predicated load per column, at the position
+    :func:`_word_tile` computes) and multiplied with the (BB, 32) inputs; float32 sums are added
+    atomically to ``out`` (zero on entry) as in :func:`sliced_gemv_kernel`."""
+    WPS: tl.constexpr = SEG // 32
+    sl, lane, start, rows, wptr = _slice(words_ptr, start_ptr, perm_ptr, C, WPS)
+    bi = tl.program_id(2) * BB + tl.arange(0, BB)
+    bmask = bi < B
+    off = tl.zeros((C,), tl.int32)
+    acc = tl.zeros((BB, C), tl.float32)
+    for j in tl.static_range(WPS):
+        v, off = _word_tile(v_ptr, wptr, j, off, start, lane, C, P, INTERP)
+        col = tl.program_id(1) * SEG + j * 32 + tl.arange(0, 32)
+        xt = tl.load(x_ptr + bi[:, None] * stride_xb + col[None, :], mask=bmask[:, None] & (col < K)[None, :],
+                     other=0.0)
+        if DOT_F32:  # the interpreter cannot multiply bf16 in tl.dot
+            acc += tl.dot(xt.to(tl.float32), v.to(tl.float32))
+        else:
+            acc += tl.dot(xt.to(v.dtype), v)
+    tl.atomic_add(out_ptr + bi[:, None] * stride_ob + rows[None, :], acc,
+                  mask=bmask[:, None] & (rows < N)[None, :])
+
+
+@triton.jit
+def sliced_dense_kernel(out_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, N, K,
+                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, INTERP: tl.constexpr):
+    """The dense (N, K) weight, one (slice, segment) block per program (prefill and large batches)."""
+    WPS: tl.constexpr = SEG // 32
+    sl, lane, start, rows, wptr = _slice(words_ptr, start_ptr, perm_ptr, C, WPS)
+    off = tl.zeros((C,), tl.int32)
+    for j in tl.static_range(WPS):
+        v, off = _word_tile(v_ptr, wptr, j, off, start, lane, C, P, INTERP)
+        col = tl.program_id(1) * SEG + j * 32 + tl.arange(0, 32)
+        tl.store(out_ptr + rows[None, :] * K + col[:, None], v.to(out_ptr.dtype.element_ty),
+                 mask=(rows < N)[None, :] & (col < K)[:, None])
+
+
+@triton.jit
 def _move_out_kernel(ws_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """out = ws in out's dtype, and ws = 0 again: one kernel instead of a cast and a fill."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -208,9 +268,10 @@ _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, r
 
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
-              unroll: int = 1, out: torch.Tensor | None = None,
-              ws: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two).
+              unroll: int = 1, out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
+              dot: bool = False) -> torch.Tensor:
+    """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two; ``dot``: the
+    tensor-core kernel, at least 16).
 
     Sums go to a persistent zeroed float32 workspace, and one small kernel moves them to the
     result and clears the workspace (two kernels per product, no fill). ``out`` given (timing
@@ -219,6 +280,8 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
+    if dot and bb < 16:
+        raise ValueError("the sliced dot kernel needs a batch tile of 16 or more")
     x = x.contiguous()
     raw = out is not None
     if raw:
@@ -226,15 +289,40 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     elif ws is None:
         ws = _workspace(sw, batch)
     n_seg, n_slice = sw.steps.shape
-    sliced_gemv_kernel[(n_slice, n_seg, -(-batch // bb))](
-        x, ws, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
-        batch, sw.shape[0], x.stride(0), ws.stride(0), n_slice,
-        SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
-        INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1", REG=reg and sw.seg <= 128, UNROLL=unroll,
-        num_warps=num_warps,
-    )
+    grid = (n_slice, n_seg, -(-batch // bb))
+    interp = _interpreted()
+    if dot:
+        sliced_dot_kernel[grid](
+            x, ws, sw.values, sw.words, sw.start, sw.perm, batch, sw.shape[0], in_f,
+            x.stride(0), ws.stride(0),
+            SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, INTERP=interp,
+            DOT_F32=interp and sw.values.dtype == torch.bfloat16, num_warps=num_warps,
+        )
+    else:
+        sliced_gemv_kernel[grid](
+            x, ws, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
+            batch, sw.shape[0], x.stride(0), ws.stride(0),
+            SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
+            INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, num_warps=num_warps,
+        )
     if raw:
         return out
     y = torch.empty(batch, sw.shape[0], device=x.device, dtype=x.dtype)
     _move_out_kernel[(-(-ws.numel() // 1024),)](ws, y, ws.numel(), BLOCK=1024, num_warps=4)
     return y
+
+
+def sliced_dense(sw: SlicedWeight, dtype: torch.dtype | None = None, num_warps: int = 4) -> torch.Tensor:
+    """The dense (out, in) weight of a sliced weight, on its device."""
+    out_f, in_f = sw.shape
+    dense = torch.empty(out_f, in_f, device=sw.values.device, dtype=dtype or sw.values.dtype)
+    n_seg, n_slice = sw.steps.shape
+    sliced_dense_kernel[(n_slice, n_seg)](
+        dense, sw.values, sw.words, sw.start, sw.perm, out_f, in_f,
+        SEG=sw.seg, C=sw.rows, P=sw.per_step, INTERP=_interpreted(), num_warps=num_warps,
+    )
+    return dense
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
