@@ -181,19 +181,19 @@ def test_custom_op_traces_under_torch_compile_fullgraph():
     x = torch.randn(1, 256).half()
     _check(fn(x), 2 * (x.double() @ ref_w.t()), 4e-3)
     # bitmask: the sliced kernels' op, which declares its workspace as mutated (batch 1: the walk,
-    # batch 6: the tensor-core kernel), and the op that decodes the weight (batch 20)
+    # batch 12: the tensor-core kernel), and the op that decodes the weight (batch 20)
     obj, ref_w = _make("bitmask", 40, 256, torch.float16, sparsity=0.7, seed=10)
     sw = dispatch.prepare_weight(obj, "cpu")
-    x6, x20 = torch.randn(6, 256).half(), torch.randn(20, 256).half()
-    for xb in (x6, x20):
+    x12, x20 = torch.randn(12, 256).half(), torch.randn(20, 256).half()
+    for xb in (x12, x20):
         dispatch.sparse_linear(xb, sw)  # the first, eager call makes the batch's workspace
 
     def f(a, b, c):
         return dispatch.sparse_linear(a, sw), dispatch.sparse_linear(b, sw), dispatch.sparse_linear(c, sw)
 
     fn = torch.compile(f, backend="aot_eager", fullgraph=True)
-    y1, y2 = fn(x, x6, x20), fn(x, x6, x20)
-    for y, xb in zip(y1, (x, x6, x20), strict=True):
+    y1, y2 = fn(x, x12, x20), fn(x, x12, x20)
+    for y, xb in zip(y1, (x, x12, x20), strict=True):
         _check(y, xb.double() @ ref_w.t(), 4e-3)
     assert all(torch.equal(a, b) for a, b in zip(y1, y2, strict=True))  # workspaces clear after every call
 
@@ -367,7 +367,7 @@ def test_sliced_layout_rejects_bad_input():
 
 def test_sliced_weight_serves_batches_1_to_16_and_decodes_above():
     """A bitmask layer keeps only the sliced layout (prepare_module): every batch size runs from it
-    (1-4 the walk kernel, 5-16 the tensor-core kernel, above: decoded, then a dense product), and
+    (1-8 the walk kernel, 9-16 the tensor-core kernel, above: decoded, then a dense product), and
     no row-major tensor stays referenced."""
     import gc
     import weakref
@@ -397,7 +397,7 @@ def test_sliced_weight_serves_batches_1_to_16_and_decodes_above():
     for batch in [*range(1, 17), 33]:
         x = torch.randn(batch, 200, generator=gen).bfloat16()
         _check(dispatch.cuda_forward(mod, x), x.double() @ ref_w.t(), 2e-2)
-        assert dispatch.sliced_config(batch).dot == (batch > 4) or batch > 16
+        assert dispatch.sliced_config(min(batch, 16)).dot == (batch > dispatch.SLICED_WALK_MAX_BATCH)
     assert sorted(sw.workspaces) == list(range(1, 17))  # none for the decoded batch
     assert all(ws.abs().max() == 0 for ws in sw.workspaces.values())
     x = torch.randn(2, 200, generator=gen)  # float32 inputs: decoded to float32, then a dense product

@@ -5,7 +5,7 @@ As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, runs 5 and 
 H200 (runs 10-13):
 
 * bitmask with 16-bit values: only the sliced layout (sliced.py, ``SLICED_LAYOUT``) is kept on the
-  device (:func:`prepare_module`); batch 1..4 run its step-per-kept-value kernel, batch 5..16 its
+  device (:func:`prepare_module`); batch 1..8 run its step-per-kept-value kernel, batch 9..16 its
   tensor-core kernel (``sliced_config``), larger batches decode it to a dense temporary
   (:func:`decompress`) for cuBLAS;
 * batch 1..``UNIT_MAX_BATCH`` (16) otherwise: the 8-column unit kernels (gemv.py) for 2:4 with float
@@ -120,10 +120,11 @@ UNIT_TILES: dict[tuple[str, int, int], tuple] = {
 
 # bitmask with 16-bit values: the sliced layout (sliced.py) at the setting that won the H200 probes
 # of session 6 (docs/results/gpu_kernels.md, runs 10-12): 128-column segments, 64-row slices,
-# 4 values per step. Batch 1-4: the step walk on two warps (unrolled twice at batch 1; at batch 4
-# about twice as fast as the row-major unit kernels); batch 5-16: the tensor-core kernel (run 13)
+# 4 values per step. Batch 1-8: the step walk on two warps (unrolled twice at batch 1); batch 9-16:
+# the tensor-core kernel on four warps (H200 run 13: at batch 8 the walk won at 70% and lost 3% at
+# 50%, at batch 16 the tensor-core kernel won; batches 9-15 not measured)
 SLICED_LAYOUT = dict(seg=128, rows=64, per_step=4)
-SLICED_WALK_MAX_BATCH = 4
+SLICED_WALK_MAX_BATCH = 8
 SLICED_MAX_BATCH = 16
 
 

@@ -16,10 +16,12 @@ warp-wide load stays coalesced:
 
 Bytes: values padded to whole steps + 1/8 per weight (mask) + 4 per row and segment (the slices'
 row order); with 4 values per step 1.10x (50%) to 1.15x (70%) the row-major bitmask layout.
-Sums are added atomically to a float32 workspace that a second small kernel moves to the result
-and clears. On the H200 this is the dispatcher's kernel for bitmask weights at batch 1-4
-(docs/results/gpu_kernels.md, runs 10-12). The layout is built once from a bitmask weight
-(:func:`build`), on whichever device it lives on.
+Sums are added atomically (relaxed) to a float32 (out, batch) workspace that a second small kernel
+moves to the result and clears. The same layout also feeds a tensor-core kernel for larger batches
+(each mask word expanded to a dense tile in registers) and the decode to a dense weight, so it is the
+only copy of a bitmask weight that the GPU keeps (dispatch.py: the walk up to batch 8, the
+tensor-core kernel up to 16, decode + cuBLAS above; docs/results/gpu_kernels.md, runs 10-13). The
+layout is built once from a bitmask weight (:func:`build`), on whichever device it lives on.
 """
 
 from __future__ import annotations
@@ -145,11 +147,20 @@ def _slice(words_ptr, start_ptr, perm_ptr, C: tl.constexpr, WPS: tl.constexpr):
 
 
 @triton.jit
+def _add_sums(ptrs, acc, mask, RELAXED: tl.constexpr):
+    """Atomic float32 adds; relaxed ones suffice: only a later kernel (the move-out) reads them."""
+    if RELAXED:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+@triton.jit
 def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, perm_ptr,
-                       B, N, stride_xb, stride_ob,
+                       B, N, stride_xb, stride_ob, stride_or,
                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
                        BF16: tl.constexpr, INTERP: tl.constexpr, REG: tl.constexpr = True,
-                       UNROLL: tl.constexpr = 1):
+                       UNROLL: tl.constexpr = 1, RELAXED: tl.constexpr = True):
     """out[b, row] += sum over the segment's kept (row, col) of W[row, col] * x[b, col] (float32).
 
     A step takes the P lowest set bits of the lane's current 32-bit mask word (fewer where the word
@@ -188,8 +199,8 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
             col = w * 32 + _popc(bit - 1, INTERP)
             xv = tl.load(xrow[None, :] + col[:, None], mask=(bit != 0)[:, None] & bmask[None, :], other=0.0)
             acc += _slot(q, j, P, BF16)[:, None] * xv.to(tl.float32)
-    tl.atomic_add(out_ptr + bi[None, :] * stride_ob + rows[:, None], acc,
-                  mask=(rows < N)[:, None] & bmask[None, :])
+    _add_sums(out_ptr + bi[None, :] * stride_ob + rows[:, None] * stride_or, acc,
+              (rows < N)[:, None] & bmask[None, :], RELAXED)
 
 
 @triton.jit
@@ -208,9 +219,9 @@ def _word_tile(v_ptr, wptr, j: tl.constexpr, off, start, lane, C: tl.constexpr, 
 
 @triton.jit
 def sliced_dot_kernel(x_ptr, out_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, B, N, K, stride_xb, stride_ob,
-                      SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
-                      INTERP: tl.constexpr, DOT_F32: tl.constexpr):
-    """Batches of 5-16 rows on the tensor cores: each 32-column word of the segment is expanded to
+                      stride_or, SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
+                      INTERP: tl.constexpr, DOT_F32: tl.constexpr, RELAXED: tl.constexpr = True):
+    """Batches of 9-16 rows on the tensor cores: each 32-column word of the segment is expanded to
     a dense (32, C) tile in registers (one predicated load per column, at the position
     :func:`_word_tile` computes) and multiplied with the (BB, 32) inputs; float32 sums are added
     atomically to ``out`` (zero on entry) as in :func:`sliced_gemv_kernel`."""
@@ -229,8 +240,8 @@ def sliced_dot_kernel(x_ptr, out_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, B, 
             acc += tl.dot(xt.to(tl.float32), v.to(tl.float32))
         else:
             acc += tl.dot(xt.to(v.dtype), v)
-    tl.atomic_add(out_ptr + bi[:, None] * stride_ob + rows[None, :], acc,
-                  mask=bmask[:, None] & (rows < N)[None, :])
+    _add_sums(out_ptr + bi[:, None] * stride_ob + rows[None, :] * stride_or, acc,
+              bmask[:, None] & (rows < N)[None, :], RELAXED)
 
 
 @triton.jit
@@ -248,19 +259,21 @@ def sliced_dense_kernel(out_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, N, K,
 
 
 @triton.jit
-def _move_out_kernel(ws_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """out = ws in out's dtype, and ws = 0 again: one kernel instead of a cast and a fill."""
+def _move_out_kernel(ws_ptr, out_ptr, n, N, stride_wb, stride_wr, BLOCK: tl.constexpr):
+    """out (B, N) = ws in out's dtype, and ws = 0 again: one kernel instead of a cast and a fill."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
-    tl.store(out_ptr + i, tl.load(ws_ptr + i, mask=m).to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(ws_ptr + i, tl.zeros((BLOCK,), tl.float32), mask=m)
+    w = ws_ptr + (i // N) * stride_wb + (i % N) * stride_wr
+    tl.store(out_ptr + i, tl.load(w, mask=m).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(w, tl.zeros((BLOCK,), tl.float32), mask=m)
 
 
 def _workspace(sw: SlicedWeight, batch: int) -> torch.Tensor:
-    """The weight's float32 sums (batch, out), zero between calls (:func:`_move_out_kernel` clears
-    them); made on first use, so outside any CUDA graph capture."""
+    """The weight's float32 sums, (out, batch): the sums of one output row lie side by side, so a
+    warp's atomic adds of several batch rows hit few cache lines. Zero between calls
+    (:func:`_move_out_kernel` clears them); made on first use, so outside any CUDA graph capture."""
     if batch not in sw.workspaces:
-        sw.workspaces[batch] = torch.zeros(batch, sw.shape[0], device=sw.values.device, dtype=torch.float32)
+        sw.workspaces[batch] = torch.zeros(sw.shape[0], batch, device=sw.values.device, dtype=torch.float32)
     return sw.workspaces[batch]
 
 
@@ -269,14 +282,15 @@ _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, r
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
               unroll: int = 1, out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
-              dot: bool = False) -> torch.Tensor:
+              dot: bool = False, relaxed: bool = True) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two; ``dot``: the
     tensor-core kernel, at least 16).
 
     Sums go to a persistent zeroed float32 workspace, and one small kernel moves them to the
     result and clears the workspace (two kernels per product, no fill). ``out`` given (timing
-    probes): the float32 sums are added to it and returned as they are. ``ws``: the workspace, when
-    the caller keeps it (the custom op of dispatch.py)."""
+    probes): the float32 (B, out) sums are added to it and returned as they are. ``ws``: the
+    (out, B) workspace, when the caller keeps it (the custom op of dispatch.py; any strides).
+    ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default)."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
@@ -284,31 +298,29 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
         raise ValueError("the sliced dot kernel needs a batch tile of 16 or more")
     x = x.contiguous()
     raw = out is not None
-    if raw:
-        ws = out
-    elif ws is None:
-        ws = _workspace(sw, batch)
+    acc = out if raw else (ws if ws is not None else _workspace(sw, batch)).t()  # (B, out), any strides
     n_seg, n_slice = sw.steps.shape
     grid = (n_slice, n_seg, -(-batch // bb))
     interp = _interpreted()
     if dot:
         sliced_dot_kernel[grid](
-            x, ws, sw.values, sw.words, sw.start, sw.perm, batch, sw.shape[0], in_f,
-            x.stride(0), ws.stride(0),
+            x, acc, sw.values, sw.words, sw.start, sw.perm, batch, sw.shape[0], in_f,
+            x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, INTERP=interp,
-            DOT_F32=interp and sw.values.dtype == torch.bfloat16, num_warps=num_warps,
+            DOT_F32=interp and sw.values.dtype == torch.bfloat16, RELAXED=relaxed, num_warps=num_warps,
         )
     else:
         sliced_gemv_kernel[grid](
-            x, ws, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
-            batch, sw.shape[0], x.stride(0), ws.stride(0),
+            x, acc, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
+            batch, sw.shape[0], x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
-            INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, num_warps=num_warps,
+            INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, RELAXED=relaxed, num_warps=num_warps,
         )
     if raw:
         return out
     y = torch.empty(batch, sw.shape[0], device=x.device, dtype=x.dtype)
-    _move_out_kernel[(-(-ws.numel() // 1024),)](ws, y, ws.numel(), BLOCK=1024, num_warps=4)
+    _move_out_kernel[(-(-y.numel() // 1024),)](acc, y, y.numel(), sw.shape[0], *acc.stride(), BLOCK=1024,
+                                                num_warps=4)
     return y
 
 
