@@ -108,25 +108,33 @@ def test_bf16_hessian_partials_give_the_same_solution_quality():
     assert e16 == pytest.approx(e32, rel=0.05)
 
 
-def test_layer_stats_match_direct_computation():
+@pytest.mark.parametrize("width", [12, 600])  # 600: the Hessian is summed in triangular blocks
+def test_layer_stats_match_direct_computation(width):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 50, 12, generator=g)
-    st = LayerStats(12, with_hessian=True)
-    st.update(x[0])
-    st.update(x[1:])
-    flat = x.reshape(-1, 12).double()
-    assert st.count == 150
-    torch.testing.assert_close(st.mean.double(), flat.mean(0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(st.var.double(), flat.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(st.sqnorm.double(), (flat**2).sum(0), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(st.hessian.double(), flat.T @ flat, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(st.scaled_hessian().double(), 2 / 150 * flat.T @ flat, rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 50, width, generator=g)
+    flat = x.reshape(-1, width).double()
+    for dtype in (torch.float32, torch.bfloat16):  # bf16: the fast mode's bf16 products
+        st = LayerStats(width, with_hessian=True, hessian_matmul_dtype=torch.bfloat16)
+        st.update(x[0].to(dtype))
+        _ = st.hessian  # reading it in between must not disturb the sums that follow
+        st.update(x[1:].to(dtype))
+        ref = flat if dtype == torch.float32 else x.reshape(-1, width).to(dtype).double()
+        assert st.count == 150
+        exact = dtype == torch.float32
+        rtol = 1e-5 if exact else 1e-2
+        torch.testing.assert_close(st.mean.double(), ref.mean(0), rtol=rtol, atol=1e-5)
+        torch.testing.assert_close(st.sqnorm.double(), (ref**2).sum(0), rtol=rtol, atol=1e-5)
+        torch.testing.assert_close(st.hessian.double(), ref.T @ ref, rtol=rtol, atol=1e-4 if exact else 0.5)
+        assert torch.equal(st.hessian, st.hessian.T)
+        torch.testing.assert_close(st.scaled_hessian().double(), 2 / 150 * ref.T @ ref, rtol=rtol,
+                                   atol=1e-5 if exact else 1e-2)
+    torch.testing.assert_close(st.var.double(), ref.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_masked_least_squares_is_the_exact_row_solution(nm):
-    """Equal to a per-row brute-force solve on the kept columns; zero elsewhere; never a larger
-    layer-wise error than SparseGPT's own update on the same mask."""
+def test_exact_update_is_the_exact_row_solution(nm):
+    """Equal to a per-row brute-force solve on the kept columns; zero elsewhere; the same mask as
+    plain SparseGPT and never a larger layer-wise error than its update."""
     from sparsecraft.prune.reconstruct import masked_least_squares
 
     g = torch.Generator().manual_seed(3)
@@ -134,21 +142,57 @@ def test_masked_least_squares_is_the_exact_row_solution(nm):
     x = torch.randn(600, cols, generator=g) @ torch.randn(cols, cols, generator=g)
     h = x.t() @ x
     w = torch.randn(rows, cols, generator=g)
-    new, keep, info = sparsegpt_prune(w, h, 0.6 if nm is None else 0.5, nm=nm, blocksize=8)
-    exact, iters = masked_least_squares(w, h, keep, info["damping"], start=new, tol=1e-7, max_iters=500)
+    sparsity = 0.6 if nm is None else 0.5
+    new, keep, info = sparsegpt_prune(w, h, sparsity, nm=nm, blocksize=8)
+    exact, keep2, info2 = sparsegpt_prune(w, h, sparsity, nm=nm, blocksize=8, exact_update=True)
+    assert torch.equal(keep, keep2) and 0 < info2["exact_update_iters"] < 200
+    hinv = inverse_cholesky(h, info["damping"], with_inverse=True)[3]
+    tight, iters = masked_least_squares(w, hinv, keep, tol=1e-12, max_iters=500)
     assert 0 < iters < 500
-    assert torch.equal(exact != 0, keep)
+    assert torch.equal(tight != 0, keep)
     hd = h.double() + info["damping"] * h.diagonal().double().mean() * torch.eye(cols, dtype=torch.float64)
     for i in range(rows):
         s = keep[i].nonzero().squeeze(1)
         ref = torch.linalg.solve(hd[s][:, s], (w[i].double() @ hd)[s])
-        torch.testing.assert_close(exact[i, s].double(), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tight[i, s].double(), ref, rtol=1e-4, atol=1e-5)
 
     def err(a):
         d = (w - a).double()
         return float(((d @ hd) * d).sum())
 
-    assert err(exact) <= err(new) * (1 + 1e-6)
+    assert err(tight) <= err(exact) * (1 + 1e-6)
+    assert err(exact) <= err(tight) * (1 + 1e-5)  # the default tolerance is close to the optimum
+    assert err(exact) < err(new)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_equals_the_unbatched_column_loop(nm):
+    """The lazy two-level updates give the textbook algorithm's result: every column processed in
+    turn, each pruned weight's error spread at once onto all columns to its right."""
+    w, _, stats = _layer(rows=20, cols=72, seed=5)
+    h = stats.hessian
+    new, keep, info = sparsegpt_prune(w, h, 0.6 if nm is None else 0.5, nm=nm, blocksize=32)
+    upper = inverse_cholesky(h, info["damping"])[0].double()
+    ref = w.double().clone()
+    pruned = torch.zeros_like(keep)
+    for i1 in range(0, 72, 32):
+        i2 = min(i1 + 32, 72)
+        d = torch.diagonal(upper)[i1:i2]
+        if nm is None:  # the block's mask from the weights updated so far, exact count per block
+            score = (ref[:, i1:i2] / d) ** 2
+            k = prune_count(score.numel(), 0.6)
+            block = torch.zeros(score.numel(), dtype=torch.bool)
+            block[score.reshape(-1).argsort()[:k]] = True
+            pruned[:, i1:i2] = block.view_as(score)
+        for i in range(i1, i2):
+            if nm is not None and (i - i1) % 4 == 0:
+                score = (ref[:, i : i + 4] / d[i - i1 : i - i1 + 4]) ** 2
+                pruned[:, i : i + 4].scatter_(1, score.argsort(1)[:, :2], True)
+            err = ref[:, i] * pruned[:, i] / upper[i, i]
+            ref[:, i:] -= err[:, None] * upper[i, i:][None, :]
+    assert torch.equal(~keep, pruned)
+    ref[pruned] = 0
+    torch.testing.assert_close(new.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 def test_exact_update_through_the_engine():

@@ -1,19 +1,20 @@
 """Exact weight update for a fixed mask: the least-squares reconstruction of each row.
 
-Given a layer W (rows, cols), the Hessian H ∝ Σ x xᵀ of its inputs and a keep-mask, the kept
-weights that minimise the layer-wise error ‖(W − Ŵ)X‖² are, per row i with kept columns S,
+Given a layer W (rows, cols), the damped Hessian H ∝ Σ x xᵀ + λI of its inputs and a keep-mask,
+the weights Ŵ that minimise the layer-wise error (W − Ŵ) H (W − Ŵ)ᵀ with Ŵ = 0 on each row's
+pruned columns P are (the optimal brain surgeon update for removing all of P at once)
 
-    Ŵ_{i,S} = (W H)_{i,S} · (H_{S,S})⁻¹        (Ŵ = 0 outside S).
+    Ŵ = W − y H⁻¹,    y (H⁻¹)_{P,P} = W_P        (y zero outside P).
 
-SparseGPT's sequential OBS update only approximates this (each pruned weight's error is spread
-onto the columns to its right only), so re-solving on SparseGPT's own mask lowers the calibration
-error. H is damped as in the solve (λ = percdamp · mean diag H), which keeps every H_{S,S} well
-conditioned.
+SparseGPT's sequential update only approximates this (each pruned weight's error is spread onto
+the columns to its right only), so re-solving on SparseGPT's own mask lowers the calibration
+error. Rows prune different columns, so there is no shared factorisation; direct per-row solves
+cost rows · |P|³/3 (minutes per model on a CPU). Instead all rows run preconditioned conjugate
+gradients at once, each iteration one (rows, cols) × (cols, cols) product with the mask applied.
 
-Rows keep different column sets, so there is no shared factorisation; direct per-row solves
-cost rows · |S|³/3 (minutes per model on a CPU). Instead all rows run conjugate gradients at
-once, each iteration one (rows, cols) × (cols, cols) product with the mask applied, preconditioned
-by diag H and started from the given weights (SparseGPT's solution is already close).
+Why this system and not the kept-weight one, H_{S,S} Ŵ_S = (W H)_S: on SmolLM2's layers CG on
+(H⁻¹)_{P,P}, started at zero, reaches a given error 2-8× sooner than CG on H_{S,S} started at
+SparseGPT's solution (both with the diagonal as preconditioner).
 """
 
 from __future__ import annotations
@@ -27,58 +28,58 @@ from torch import Tensor
 @torch.no_grad()
 def masked_least_squares(
     weight: Tensor,
-    hessian: Tensor,
+    hessian_inverse: Tensor,
     keep: Tensor,
-    damp: float,
-    start: Tensor | None = None,
     max_iters: int = 200,
-    tol: float = 1e-3,
+    tol: float = 1e-6,
 ) -> tuple[Tensor, int]:
-    """The kept weights of every row re-solved (float32, zero outside ``keep``), and the number
-    of iterations run.
+    """The weights of every row re-solved on its ``keep`` columns (float32, zero elsewhere), and
+    the number of iterations run.
 
-    ``damp``: the damping fraction of the mean Hessian diagonal (use the one the solve settled
-    on). ``start``: initial kept weights (default: ``weight`` masked). Stops when every row's
-    residual norm is below ``tol`` times its right-hand side's, or after ``max_iters``. On
-    SmolLM2's layers tol 1e-3 ends within 0.004% of the optimum's error (12-39 iterations).
+    ``hessian_inverse``: (H + λI)⁻¹, the damped Hessian's inverse (``inverse_cholesky(...,
+    with_inverse=True)``). Stops when an iteration lowers the layer's error by less than ``tol``
+    times the error removed so far, or after ``max_iters``. On SmolLM2's layers tol 1e-6 ends
+    within 1e-5 of the optimum's error (11-20 iterations).
     """
     if weight.device.type == "cpu":  # big products: every core helps (the engine solves on one)
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or threads)
         try:
-            return _solve(weight, hessian, keep, damp, start, max_iters, tol)
+            return _solve(weight, hessian_inverse, keep, max_iters, tol)
         finally:
             torch.set_num_threads(threads)
-    return _solve(weight, hessian, keep, damp, start, max_iters, tol)
+    return _solve(weight, hessian_inverse, keep, max_iters, tol)
 
 
-def _solve(weight, hessian, keep, damp, start, max_iters, tol) -> tuple[Tensor, int]:
-    device = weight.device
-    h = hessian.to(device=device, dtype=torch.float32).clone()
-    diag = torch.diagonal(h)
-    diag[diag == 0] = 1.0  # dead inputs, as in the solve
-    diag += damp * diag.mean()
-    m = keep.to(device=device, dtype=torch.float32)
-    w = weight.to(torch.float32)
-    b = (w @ h) * m  # right-hand sides (W H)_S
-    x = (w if start is None else start.to(torch.float32)) * m
-    r = b - (x @ h) * m
-    inv_d = (1.0 / diag).unsqueeze(0) * m
+def _solve(weight, hessian_inverse, keep, max_iters, tol) -> tuple[Tensor, int]:
+    a = hessian_inverse.to(torch.float32)
+    w = weight.to(device=a.device, dtype=torch.float32)
+    m = (~keep).to(device=a.device, dtype=torch.float32)  # the unknowns: the pruned columns
+    b = w * m
+    y = torch.zeros_like(b)
+    r = b.clone()
+    inv_d = (1.0 / torch.diagonal(a)).unsqueeze(0) * m
     z = r * inv_d
     p = z.clone()
     rz = (r * z).sum(1)
-    limit = (tol * b.norm(dim=1)) ** 2
+    # With y0 = 0, y·b grows monotonically to the error that the optimum removes, and each
+    # iteration adds α·rᵀz to it: their ratio says when further iterations stop paying.
+    removed = torch.zeros((), dtype=torch.float64, device=a.device)
     iters = 0
-    while iters < max_iters and bool(((r * r).sum(1) > limit).any()):
-        q = (p @ h) * m
+    while iters < max_iters:
+        q = (p @ a) * m
         pq = (p * q).sum(1)
-        alpha = torch.where(pq > 0, rz / pq.clamp_min(1e-30), torch.zeros_like(pq)).unsqueeze(1)
-        x.add_(alpha * p)
-        r.sub_(alpha * q)
+        alpha = torch.where(pq > 0, rz / pq.clamp_min(1e-30), torch.zeros_like(pq))
+        y.addcmul_(alpha.unsqueeze(1), p)
+        r.addcmul_(alpha.unsqueeze(1), q, value=-1.0)
+        step = (alpha * rz).sum().double()
+        removed += step
+        iters += 1
+        if bool(step <= tol * removed):
+            break
         z = r * inv_d
         rz_new = (r * z).sum(1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz)).unsqueeze(1)
-        p = z + beta * p
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        p = z + beta.unsqueeze(1) * p
         rz = rz_new
-        iters += 1
-    return x * m, iters
+    return (w - y @ a) * (1.0 - m), iters
