@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from ..allocator import keep_freed_memory
 from ..errors import SparsecraftError
 
 # Subcommand modules, in the order they appear in --help.
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    keep_freed_memory()  # CPU passes re-allocate the same large buffers (sparsecraft.allocator)
     try:
         return int(args.func(args) or 0)
     except SparsecraftError as e:

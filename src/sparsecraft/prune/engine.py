@@ -74,6 +74,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..allocator import keep_freed_memory
 from ..errors import SparsecraftError
 from ..models.discovery import block_linears, decoder_blocks, weight_matrix
 from .stats import LayerStats, relative_error
@@ -582,6 +583,7 @@ def run_sequential(
     if opts.batch_size < 1:
         raise SparsecraftError(f"batch_size {opts.batch_size}: must be >= 1")
     device = resolve_device(opts.device)
+    keep_freed_memory()  # the block passes re-allocate the same large buffers for every batch
     model.eval()
     blocks_name, blocks = decoder_blocks(model)
     fdtype = opts.forward_dtype or next(model.parameters()).dtype
