@@ -25,6 +25,7 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 TOP_PAD = 64 << 20
 
+
 def keep_freed_memory() -> bool:
     """Apply the setting (glibc on Linux; elsewhere nothing happens; calling it again is harmless)
     and return whether it is in effect. Memory cost: up to TRIM_THRESHOLD of freed memory stays

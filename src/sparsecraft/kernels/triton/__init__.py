@@ -7,6 +7,8 @@ Importing this package does not import triton; :func:`available` says whether it
 
 from __future__ import annotations
 
+import os
+
 
 def available() -> bool:
     """True when triton is importable (the kernels also run on CPU under TRITON_INTERPRET=1)."""
@@ -15,3 +17,8 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def interpreted() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels on CPU tensors; some use a float32 tl.dot then)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

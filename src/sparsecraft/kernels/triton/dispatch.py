@@ -27,11 +27,11 @@ torch.compile treats each product as one opaque call.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
+from . import interpreted
 from .layout import TILE, TritonWeight, prepare
 
 DOT_MAX_BATCH = 16  # N:M rows up to which the dot kernel beats decode + cuBLAS (measured)
@@ -234,7 +234,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         tw.n_groups, cfg.split_k,
         **_constexprs(tw, cfg.bk), BN=cfg.bn, BK=cfg.bk, BB=bb, USE_DOT=use_dot, ATOMIC=cfg.split_k > 1,
         # the interpreter cannot multiply bf16 in tl.dot
-        DOT_F32=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+        DOT_F32=x.dtype == torch.bfloat16 and interpreted(),
         RG=cfg.rg and tw.fmt == "bitmask" and tw.bits in (0, 8),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -278,7 +278,7 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
     grid = (triton_cdiv(out_f, cfg.bn), cfg.split_k, triton_cdiv(batch, bb))
     if cfg.dot and (bb < 16 or cfg.bn < 16):
         raise ValueError("the unit kernels' dot variant needs a batch tile and a row tile of 16 or more")
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp = interpreted()
     common = dict(BN=cfg.bn, U=bk // 8, BB=bb, ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16,
                   DOT=cfg.dot, DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
                   num_warps=cfg.num_warps, num_stages=1)

@@ -26,7 +26,6 @@ layout is built once from a bitmask weight (:func:`build`), on whichever device 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +34,7 @@ import triton.language as tl
 
 from ...errors import SparsecraftError
 from ...formats.packing import pack_bits, unpack_bits
+from . import interpreted
 from .gemv import _h2f, _popc
 
 
@@ -301,7 +301,7 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     acc = out if raw else (ws if ws is not None else _workspace(sw, batch)).t()  # (B, out), any strides
     n_seg, n_slice = sw.steps.shape
     grid = (n_slice, n_seg, -(-batch // bb))
-    interp = _interpreted()
+    interp = interpreted()
     if dot:
         sliced_dot_kernel[grid](
             x, acc, sw.values, sw.words, sw.start, sw.perm, batch, sw.shape[0], in_f,
@@ -331,10 +331,6 @@ def sliced_dense(sw: SlicedWeight, dtype: torch.dtype | None = None, num_warps: 
     n_seg, n_slice = sw.steps.shape
     sliced_dense_kernel[(n_slice, n_seg)](
         dense, sw.values, sw.words, sw.start, sw.perm, out_f, in_f,
-        SEG=sw.seg, C=sw.rows, P=sw.per_step, INTERP=_interpreted(), num_warps=num_warps,
+        SEG=sw.seg, C=sw.rows, P=sw.per_step, INTERP=interpreted(), num_warps=num_warps,
     )
     return dense
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
