@@ -212,7 +212,7 @@ def check(args) -> int:
         if dispatch.unit_supported(tw):
             cfgs += [KernelConfig(8, 512, 1, 4, split_k=2, unit=True), KernelConfig(8, 256, 8, 4, unit=True),
                      KernelConfig(4, 512, 16, 2, split_k=3, unit=True),
-                     KernelConfig(4, 256, 1, 4, unit=True, xrow=True, prmt=True, scatter=True),
+                     KernelConfig(4, 256, 1, 4, unit=True, xrow=True, prmt=True),
                      KernelConfig(16, 256, 16, 4, split_k=2, unit=True, dot=True)]
         if dispatch.sliced_supported(tw):  # the sliced tensor-core kernel (walk: the default at batch 1)
             cfgs += [KernelConfig(64, 0, 16, w, sliced=128, per_step=4, dot=True) for w in (2, 4, 8)]
@@ -337,12 +337,6 @@ def run_cfg(x, w, cfg):
     return sparse_mm(x, w, cfg)
 
 
-def row_major(fmt: str, cfg: KernelConfig) -> bool:
-    """A bitmask candidate that reads the row-major layout, which bitmask layers no longer keep on
-    the GPU (timed as the reference of the earlier runs; the chain uses sliced candidates only)."""
-    return fmt.startswith("bitmask") and not cfg.sliced
-
-
 def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     """Tile shapes tried per (format, batch); the fastest per layer shape is kept (measured here).
 
@@ -357,8 +351,10 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     # bitmask: the sliced slot-major kernels (kernels/triton/sliced.py), the dispatcher's setting, at
     # batch 1 its neighbours from benchmarks/sliced_probe.py (session 6); up to 8 rows the walk, from
     # 4 rows the tensor-core kernel on 2, 4 and 8 warps; the decode from the sliced layout + cuBLAS
-    s = []
+    # (the only candidate above 16 rows, as in the dispatcher)
     if fmt.startswith("bitmask"):
+        if batch > dispatch.SLICED_MAX_BATCH:
+            return [DECODE_SLICED]
         lay = dispatch.SLICED_LAYOUT
         s = [dispatch.sliced_config(batch)]
         if batch == 1:
@@ -371,22 +367,18 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
                   for w in (2, 4, 8)]
             s.append(DECODE_SLICED)
         s = list(dict.fromkeys(s))
+        return s[:1] if QUICK else s
     if batch == 1:
-        if fmt.startswith("bitmask"):
-            c = s + [unit(4, 256, 1, 4, scatter=True), unit(4, 256, 1, 2, scatter=True)]
-        elif fmt == "nm24_int4":
+        if fmt == "nm24_int4":
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True),
                  unit(4, 1024, 1, 4, xrow=True, prmt=True)]
         else:
             c = [unit(4, 512, 1, 2), unit(2, 512, 1, 1), unit(4, 1024, 1, 4)]
         return c[:2] if QUICK else c
     if batch <= 16:
-        c = s + ([unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if 1 < batch <= 4 else [])
-        flags = dict(dot=True, scatter=fmt.startswith("bitmask"))
-        c += [unit(32, 256, 16, 4, split_k=4, **flags), unit(16, 256, 16, 1, split_k=4, **flags),
-              unit(16, 256, 16, 2, split_k=4, **flags)]
-        if not fmt.startswith("bitmask"):  # bitmask tiles are multiples of layout.TILE (256) columns
-            c.append(unit(16, 128, 16, 1, split_k=8, **flags))
+        c = [unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if batch <= 4 else []
+        c += [unit(32, 256, 16, 4, split_k=4, dot=True), unit(16, 256, 16, 1, split_k=4, dot=True),
+              unit(16, 256, 16, 2, split_k=4, dot=True), unit(16, 128, 16, 1, split_k=8, dot=True)]
         return (c[:1] if QUICK else c) + [DECODE_CUBLAS]
     return [DECODE_CUBLAS]  # not tuned above DOT_MAX_BATCH (the dispatcher decodes + cuBLAS there)
 
@@ -417,16 +409,14 @@ def tune(fmt, layers, batch, xs, reps):
         log(
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
             f" s={cfg.split_k}"
-            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "scatter") if getattr(cfg, k))
+            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt") if getattr(cfg, k))
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")
-            + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}{' (row-major)' if row_major(fmt, cfg) else ''}  "
+            + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "
             + " ".join(f"{n} {res[n] * 1000:6.1f}us" for n in SHAPES)
         )
         results_tune.append(dict(fmt=fmt, batch=batch, cfg=cfg.__dict__, **{n: res[n] for n in SHAPES}))
-        if row_major(fmt, cfg):
-            continue
         for n, shp in SHAPES.items():
             if shp not in best or res[n] < best[shp][1]:
                 best[shp] = (cfg, res[n])

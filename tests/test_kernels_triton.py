@@ -97,8 +97,8 @@ def test_kernels_match_dense_reference(case):
         (1, KernelConfig(bn=8, bk=bk, bb=1, num_warps=4)),
         (1, KernelConfig(bn=16, bk=bk, bb=1, num_warps=4, split_k=2)),  # split K, atomic adds
         (1, KernelConfig(bn=4, bk=bk, bb=1, num_warps=4, split_k=3)),  # uneven split
-        (1, KernelConfig(bn=4, bk=bk, bb=1, num_warps=1, split_k=2, rg=True)),  # register gather (bitmask)
-        (3, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4, rg=True)),
+        (1, KernelConfig(bn=4, bk=bk, bb=1, num_warps=1, split_k=2)),  # one warp (bitmask: the prefix sum)
+        (3, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4)),  # batch tail
         (5, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4)),
         (19, KernelConfig(bn=16, bk=bk, bb=16, num_warps=4, split_k=2)),  # two batch tiles
     ]:
@@ -239,14 +239,12 @@ UNIT_CASES = [
     ("nm", 20, 264, torch.bfloat16, 0, 32, True),
     ("nm", 21, 776, torch.float16, 4, 128, True),  # partial last quant group
     ("nm", 19, 264, torch.float16, 4, 32, False),
-    ("bitmask", 37, 520, torch.float16, 0, 32, True),
-    ("bitmask", 19, 776, torch.bfloat16, 0, 32, True),
 ]
 
 
 @pytest.mark.parametrize("case", UNIT_CASES, ids=[_id(c + (2, 4)) for c in UNIT_CASES])
 def test_unit_kernels_match_dense_reference(case):
-    """The 8-column-unit kernels (gemv.py): batch 1 (selects / popcount path), FMA rows, tensor-core
+    """The 8-column-unit 2:4 kernels (gemv.py): batch 1 (selects and byte permute), FMA rows, tensor-core
     dot rows; K splits (atomics), row and batch tails, and the dispatcher's own choice."""
     fmt, out_f, in_f, dtype, bits, g, sym = case
     obj, ref_w = _make(fmt, out_f, in_f, dtype, bits, g, sym, sparsity=0.7, seed=out_f * in_f)
@@ -258,7 +256,7 @@ def test_unit_kernels_match_dense_reference(case):
     for batch, cfg in [
         (1, K(bn=8, bk=256, bb=1, num_warps=4, unit=True)),
         (1, K(bn=4, bk=512, bb=1, num_warps=2, split_k=2, unit=True)),
-        (1, K(bn=4, bk=256, bb=1, num_warps=4, unit=True, xrow=True, prmt=True, scatter=True)),
+        (1, K(bn=4, bk=256, bb=1, num_warps=4, unit=True, xrow=True, prmt=True)),
         (3, K(bn=8, bk=256, bb=4, num_warps=4, unit=True)),  # FMA rows, batch tail
         (5, K(bn=4, bk=512, bb=4, num_warps=2, split_k=3, unit=True, xrow=True)),  # two batch tiles
         (17, K(bn=16, bk=256, bb=16, num_warps=4, split_k=2, unit=True, dot=True)),  # tensor-core rows
@@ -268,7 +266,7 @@ def test_unit_kernels_match_dense_reference(case):
         x = torch.randn(batch, in_f, generator=gen).to(dtype)
         if cfg is None:
             cfg = dispatch.default_config(tw, batch, x.device, x.dtype)
-            assert cfg.sliced if fmt == "bitmask" else cfg.unit  # bitmask up to 4 rows: the sliced kernel
+            assert cfg.unit
         y = sparse_mm(x, tw, cfg)
         assert y.shape == (batch, out_f) and y.dtype == dtype
         _check(y, x.double() @ ref_w.t(), tol)
@@ -277,13 +275,13 @@ def test_unit_kernels_match_dense_reference(case):
 def test_unit_kernels_decline_other_layouts():
     obj, _ = _make("nm", 8, 256, torch.float16, n=4, m=8)
     assert not dispatch.unit_supported(layout.prepare(obj))  # 4:8 stays on the tile kernels
-    obj, _ = _make("bitmask", 8, 256, torch.float16, bits=8, g=64)
-    assert not dispatch.unit_supported(layout.prepare(obj))  # int8 bitmask too
+    obj, _ = _make("bitmask", 8, 256, torch.float16)
+    assert not dispatch.unit_supported(layout.prepare(obj))  # bitmask: the sliced kernels
     obj, _ = _make("nm", 8, 260, torch.float16)
     assert not dispatch.unit_supported(layout.prepare(obj))  # in % 8 != 0
     # float32 inputs on a float16 weight: the unit kernels read x as 16-bit pairs, so the
     # dispatcher takes the per-element kernel, and a forced unit config is refused
-    obj, ref_w = _make("bitmask", 8, 256, torch.float16)
+    obj, ref_w = _make("nm", 8, 256, torch.float16)
     tw = layout.prepare(obj)
     x = torch.randn(1, 256)
     assert not dispatch.default_config(tw, 1, x.device, x.dtype).unit

@@ -8,7 +8,7 @@ H200 (runs 10-13):
   device (:func:`prepare_module`); batch 1..8 run its step-per-kept-value kernel, batch 9..16 its
   tensor-core kernel (``sliced_config``), larger batches decode it to a dense temporary
   (:func:`decompress`) for cuBLAS;
-* batch 1..``UNIT_MAX_BATCH`` (16) otherwise: the 8-column unit kernels (gemv.py) for 2:4 with float
+* batch 1..``UNIT_MAX_BATCH`` (16): the 8-column unit kernels (gemv.py) for 2:4 with float
   or int4 values (16-bit inputs, in_features % 8 == 0), with the tile and variant of ``UNIT_TILES``
   (FMA rows or, for larger batches, the tensor-core ``dot`` variant); other layouts at batch 1 run
   the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
@@ -45,13 +45,11 @@ class KernelConfig:
     num_warps: int
     split_k: int = 1
     num_stages: int = 2
-    rg: bool = False  # bitmask, float/int8 values: contiguous block load + register gather (unmeasured)
-    unit: bool = False  # the 8-column-unit kernels of gemv.py (bk = 8 * units per tile; bb = batch tile)
+    unit: bool = False  # the 8-column-unit 2:4 kernels of gemv.py (bk = 8 * units per tile; bb = batch tile)
     # unit-kernel variants (gemv.py), off by default: see docs/results/gpu_kernels.md for which were timed
     dot: bool = False  # batch rows on the tensor cores (bb >= 16, bn >= 16) instead of FMAs per row
     xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
-    scatter: bool = False  # bitmask: one unit per thread, a warp's lanes on consecutive units
     # bitmask: the sliced kernel (sliced.py) on segments of this many columns (0: off); bn = rows per
     # slice, bb = batch rows per program
     sliced: int = 0
@@ -235,30 +233,26 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         **_constexprs(tw, cfg.bk), BN=cfg.bn, BK=cfg.bk, BB=bb, USE_DOT=use_dot, ATOMIC=cfg.split_k > 1,
         # the interpreter cannot multiply bf16 in tl.dot
         DOT_F32=x.dtype == torch.bfloat16 and interpreted(),
-        RG=cfg.rg and tw.fmt == "bitmask" and tw.bits in (0, 8),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype) if cfg.split_k > 1 else out
 
 
 def unit_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
-    """Whether the unit kernels (gemv.py) take this weight: 2:4 with float or int4 values, or
-    bitmask with float values; 16-bit floats, in_features % 8 == 0."""
-    in_f = tw.shape[1]
-    if in_f % 8 or (x_dtype is not None and x_dtype not in (torch.float16, torch.bfloat16)):
+    """Whether the unit kernels (gemv.py) take this weight: 2:4 with 16-bit float or int4 values,
+    16-bit float inputs, in_features % 8 == 0."""
+    if tw.fmt != "nm" or (tw.n, tw.m) != (2, 4) or tw.shape[1] % 8:
         return False
-    if tw.fmt == "nm":
-        if (tw.n, tw.m) != (2, 4):
-            return False
-        if tw.bits == 4:
-            return tw.group_size % 8 == 0 and tw.values.shape[1] % 2 == 0
-        return tw.bits == 0 and tw.values.dtype in (torch.float16, torch.bfloat16)
+    if x_dtype is not None and x_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if tw.bits == 4:
+        return tw.group_size % 8 == 0 and tw.values.shape[1] % 2 == 0
     return tw.bits == 0 and tw.values.dtype in (torch.float16, torch.bfloat16)
 
 
 def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tensor:
     """x (B, in) -> (B, out) through the unit kernels of gemv.py (see :func:`unit_supported`)."""
-    from .gemv import bitmask_gemv_kernel, nm24_gemv_kernel
+    from .gemv import nm24_gemv_kernel
 
     if not unit_supported(tw, x.dtype):
         raise ValueError(f"the unit kernels do not take this weight with {x.dtype} inputs")
@@ -268,36 +262,29 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
     batch, in_f = x.shape
     out_f = tw.shape[0]
     bk = cfg.bk
-    if bk % 8 or (bk // 8) & (bk // 8 - 1) or (tw.fmt == "bitmask" and bk % TILE):
-        raise ValueError(f"unit kernel tile width {bk}: 8 * a power of two (bitmask: a multiple of {TILE})")
+    if bk % 8 or (bk // 8) & (bk // 8 - 1):
+        raise ValueError(f"unit kernel tile width {bk}: 8 * a power of two")
     bb = max(1, cfg.bb)
+    if cfg.dot and (bb < 16 or cfg.bn < 16):
+        raise ValueError("the unit kernels' dot variant needs a batch tile and a row tile of 16 or more")
     if cfg.split_k > 1:
         out = torch.zeros(batch, out_f, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(batch, out_f, device=x.device, dtype=x.dtype)
     grid = (triton_cdiv(out_f, cfg.bn), cfg.split_k, triton_cdiv(batch, bb))
-    if cfg.dot and (bb < 16 or cfg.bn < 16):
-        raise ValueError("the unit kernels' dot variant needs a batch tile and a row tile of 16 or more")
     interp = interpreted()
-    common = dict(BN=cfg.bn, U=bk // 8, BB=bb, ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16,
-                  DOT=cfg.dot, DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
-                  num_warps=cfg.num_warps, num_stages=1)
-    if tw.fmt == "nm":
-        vq = tw.values.view(torch.int16 if tw.bits == 4 else torch.int64)
-        dummy = tw.meta
-        nm24_gemv_kernel[grid](
-            x, out, vq, tw.meta, tw.scales if tw.scales is not None else dummy,
-            tw.zeros if tw.zeros is not None else dummy,
-            batch, out_f, in_f, x.stride(0), out.stride(0), vq.shape[1], tw.meta.shape[1], tw.n_groups,
-            cfg.split_k, QBITS=tw.bits, SYM=bool(tw.symmetric), G=tw.group_size if tw.bits else 8,
-            VBF16=tw.values.dtype == torch.bfloat16, INTERP=interp, PRMT=cfg.prmt, **common,
-        )
-    else:
-        bitmask_gemv_kernel[grid](
-            x, out, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets,
-            batch, out_f, in_f, x.stride(0), out.stride(0), tw.meta.shape[1], tw.tile_offsets.shape[1],
-            cfg.split_k, 0, TILE=TILE, INTERP=interp, SCATTER=cfg.scatter, **common,
-        )
+    vq = tw.values.view(torch.int16 if tw.bits == 4 else torch.int64)
+    dummy = tw.meta
+    nm24_gemv_kernel[grid](
+        x, out, vq, tw.meta, tw.scales if tw.scales is not None else dummy,
+        tw.zeros if tw.zeros is not None else dummy,
+        batch, out_f, in_f, x.stride(0), out.stride(0), vq.shape[1], tw.meta.shape[1], tw.n_groups,
+        cfg.split_k, QBITS=tw.bits, SYM=bool(tw.symmetric), G=tw.group_size if tw.bits else 8,
+        VBF16=tw.values.dtype == torch.bfloat16, INTERP=interp, PRMT=cfg.prmt, BN=cfg.bn, U=bk // 8, BB=bb,
+        ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16, DOT=cfg.dot,
+        DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
+        num_warps=cfg.num_warps, num_stages=1,
+    )
     return out.to(x.dtype) if cfg.split_k > 1 else out
 
 

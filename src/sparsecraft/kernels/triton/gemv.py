@@ -1,22 +1,18 @@
-"""Decode kernels (batch 1..16) that work on whole 8-column units instead of per-element tiles.
+"""Decode kernels (batch 1..16) for 2:4 weights that work on whole 8-column units instead of
+per-element tiles.
 
 A *unit* is 8 consecutive columns of one row. Every tensor the kernels read is viewed so that one
 unit is one element, and every tile is a (BN rows, U units) array of the same shape, so the loads
 and the arithmetic share one register layout (sm_90 TTGIR: no shared-memory layout conversion of
 the weights; see ``XROW`` for x):
 
-* 2:4, float values: the unit's 4 stored values are one int64 (``values.view(int64)``), its four
-  2-bit indices one byte of ``indices``; int4 codes: the 4 nibbles are one int16.
-* bitmask, float values: the unit's mask is one byte; its kept values start at
-  ``row_offset + tile_offset + (exclusive running popcount of the mask bytes before it in the tile)``
-  and are loaded with one predicated load per column. No per-element prefix scan: one popcount
-  per byte (``popc.b32`` on the GPU, an arithmetic popcount under the interpreter) and a per-row
-  running sum over U bytes.
+* float values: the unit's 4 stored values are one int64 (``values.view(int64)``), its four 2-bit
+  indices one byte of ``indices``; int4 codes: the 4 nibbles are one int16.
 * x: the unit's 8 inputs are two int64 (``x.view(int64)``), split into 16-bit fields with shifts.
 
-2:4 at batch 1 multiplies in compressed space with selects instead of gathers: a group keeps
-positions i0 < i1, so x[i0] is one of x0..x2 and x[i1] one of x1..x3. Batches of 2..BB expand the
-unit to its 8 dense weights once (selects) and apply them to every input row with FMAs.
+Batch 1 multiplies in compressed space with selects instead of gathers: a group keeps positions
+i0 < i1, so x[i0] is one of x0..x2 and x[i1] one of x1..x3. Batches of 2..BB expand the unit to its
+8 dense weights once (selects) and apply them to every input row with FMAs.
 int4: codes become floats with the 2**23 magic-number trick (``0x4B000000 | nibble`` is the float
 2**23 + nibble); the group scale multiplies the unit's partial sum once.
 
@@ -24,11 +20,13 @@ The loop is software-pipelined by hand: the independent loads of the next tile a
 the current one is computed. K splits add float32 partial sums atomically (skinny layers).
 Variants (constexpr flags, off by default; docs/results/gpu_kernels.md says which were timed):
 ``XROW`` loads x as a (BN, U) tile in the weights' layout (no per-iteration layout conversion),
-``PRMT`` (2:4, batch 1) picks x at the kept positions with one byte permute per group, ``SCATTER``
-(bitmask) gives each thread one unit so a warp's gathers read neighbouring addresses, ``DOT`` runs
+``PRMT`` (batch 1) picks x at the kept positions with one byte permute per group, ``DOT`` runs
 batch rows on the tensor cores from a tile assembled in registers.
 Everything also runs under ``TRITON_INTERPRET=1`` on CPU tensors (``INTERP`` switches the inline
-assembly, popcount and byte permute, to arithmetic).
+assembly, the byte permute, to arithmetic).
+
+Bitmask weights with 16-bit values have their own kernels on the sliced layout (sliced.py); the
+unit kernel that read the row-major bitmask layout (timed in runs 6-12) was removed in session 8.
 """
 
 from __future__ import annotations
@@ -61,16 +59,6 @@ def _x8(x64_ptr, u, umask, BF16: tl.constexpr):
     x0, x1, x2, x3 = _split4(xa, BF16)
     x4, x5, x6, x7 = _split4(xb, BF16)
     return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def _popc(v, INTERP: tl.constexpr):
-    if INTERP:
-        v = v - ((v >> 1) & 0x55555555)
-        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-        v = (v + (v >> 4)) & 0x0F0F0F0F
-        return (v * 0x01010101) >> 24
-    return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -306,75 +294,3 @@ def _apply_rows(acc, w0, w1, w2, w3, w4, w5, w6, w7, x64_ptr, u, U_LIM, b0, B, s
         r = tl.sum(p, axis=1)
         acc += tl.where(bcol[None, :] == j, r[:, None], 0.0)
     return acc
-
-
-# ------------------------------------------------------------------------------------------ bitmask
-@triton.jit
-def _bm_load(kt, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles, stride_xb, b0, B, zero,
-             U: tl.constexpr, BB: tl.constexpr, TILE: tl.constexpr, XROW: tl.constexpr,
-             SCATTER: tl.constexpr):
-    if SCATTER:
-        # ``^ zero`` (a run-time 0) hides the units' contiguity from the compiler, so a thread is
-        # given one unit per row and a warp's lanes read consecutive units: the value gathers of a
-        # warp then touch a few neighbouring cache lines instead of about one line per lane
-        u = kt * U + (tl.arange(0, U) ^ zero)
-    else:
-        u = kt * U + tl.arange(0, U)
-    m2 = rmask[:, None] & (u[None, :] < U_LIM)
-    mb = tl.load(mask_ptr + rows[:, None] * ms + u[None, :], mask=m2, other=0)
-    tm = rmask & (rows * 0 + kt * U < U_LIM)
-    toff = tl.load(toff_ptr + rows * n_tiles + (kt * U * 8) // TILE, mask=tm, other=0)
-    xa, xb = _x_units(x64_ptr, rows, u, U_LIM, BB, XROW)
-    return mb, toff, xa, xb
-
-
-@triton.jit
-def _bm_col(vals_ptr, pos, mb, k: tl.constexpr):
-    """Column k of every unit: its value (0 where the mask bit is clear) and the next position."""
-    bit = (mb >> k) & 1
-    v = tl.load(vals_ptr + pos, mask=bit != 0, other=0.0).to(tl.float32)
-    return v, pos + bit
-
-
-@triton.jit
-def bitmask_gemv_kernel(
-    x_ptr, out_ptr, vals_ptr, mask_ptr, rowoff_ptr, toff_ptr,
-    B, N, K, stride_xb, stride_ob, ms, n_tiles, split_k, zero,
-    BF16: tl.constexpr, TILE: tl.constexpr, INTERP: tl.constexpr,
-    BN: tl.constexpr, U: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
-    DOT: tl.constexpr = False, DOT_F32: tl.constexpr = False, XROW: tl.constexpr = False,
-    SCATTER: tl.constexpr = False,
-):
-    """y = x @ W^T, W bitmask with float values, K % 8 == 0, U * 8 a multiple of TILE."""
-    rows, rmask, b0, kt0, kt1, U_LIM, x64_ptr, acc = _program(x_ptr, N, K, stride_xb, split_k, BN, U, BB)
-    rstart = tl.load(rowoff_ptr + rows, mask=rmask, other=0)
-    mb, toff, xa, xb = _bm_load(kt0, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles,
-                                stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
-    for kt in range(kt0, kt1):
-        mbc, toffc, xac, xbc = mb, toff, xa, xb
-        mb, toff, xa, xb = _bm_load(kt + 1, rows, rmask, U_LIM, mask_ptr, toff_ptr, x64_ptr, ms, n_tiles,
-                                    stride_xb, b0, B, zero, U, BB, TILE, XROW, SCATTER)
-        m = mbc.to(tl.int32)
-        pc = _popc(m, INTERP)
-        pos = (rstart + toffc)[:, None] + tl.cumsum(pc, axis=1) - pc
-        w0, pos = _bm_col(vals_ptr, pos, m, 0)
-        w1, pos = _bm_col(vals_ptr, pos, m, 1)
-        w2, pos = _bm_col(vals_ptr, pos, m, 2)
-        w3, pos = _bm_col(vals_ptr, pos, m, 3)
-        w4, pos = _bm_col(vals_ptr, pos, m, 4)
-        w5, pos = _bm_col(vals_ptr, pos, m, 5)
-        w6, pos = _bm_col(vals_ptr, pos, m, 6)
-        w7, pos = _bm_col(vals_ptr, pos, m, 7)
-        if BB == 1:
-            x0, x1, x2, x3 = _split4(xac, BF16)
-            x4, x5, x6, x7 = _split4(xbc, BF16)
-            acc += (w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
-                    + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7)
-        else:
-            if DOT:
-                acc = _dot_rows(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, kt, U_LIM, b0, B, stride_xb,
-                                BB, U, DOT_F32)
-            else:
-                acc = _apply_rows(acc, w0, w1, w2, w3, w4, w5, w6, w7, x64_ptr, xac, U_LIM, b0, B, stride_xb,
-                                  BF16, BB, XROW)
-    _store(acc, out_ptr, rows, rmask, b0, B, stride_ob, BB, BN, ATOMIC)

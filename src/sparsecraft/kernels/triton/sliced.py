@@ -1,8 +1,8 @@
 """Bitmask weights in a sliced, slot-major layout: loop steps per kept value, not per column.
 
-The unit kernels (gemv.py) read bitmask weights column by column, so 70% sparsity costs them as
-many instructions as 50%. Here a lane walks the set bits of its own row instead, and every
-warp-wide load stays coalesced:
+A kernel that reads bitmask weights column by column (the row-major unit kernel of earlier
+runs) pays as many instructions at 70% sparsity as at 50%. Here a lane walks the set bits of its
+own row instead, and every warp-wide load stays coalesced:
 
 * the K axis is cut into segments of ``seg`` columns; in each segment the rows are sorted by how
   many steps they need there and cut into slices of ``rows`` consecutive sorted rows, so the rows
@@ -35,7 +35,18 @@ import triton.language as tl
 from ...errors import SparsecraftError
 from ...formats.packing import pack_bits, unpack_bits
 from . import interpreted
-from .gemv import _h2f, _popc
+from .gemv import _h2f
+
+
+@triton.jit
+def _popc(v, INTERP: tl.constexpr):
+    """Set bits of each int32 (``popc.b32`` on the GPU, arithmetic under the interpreter)."""
+    if INTERP:
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F
+        return (v * 0x01010101) >> 24
+    return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @dataclass

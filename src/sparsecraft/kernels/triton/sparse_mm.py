@@ -5,7 +5,7 @@ batch tiles; with several K splits the partial sums are added atomically into a 
 skinny layers still fill the GPU). Per tile:
 * bitmask: the mask bits give each kept column its position in the row's compacted values
   (exclusive prefix sum + the precomputed per-tile offset), the values are gathered into a dense
-  (BN, BK) tile in registers (``RG``: one contiguous block load + ``tl.gather`` instead);
+  (BN, BK) tile in registers;
 * N:M: the T = BK*N/M stored values are loaded contiguously with their in-group positions;
 * batch 1 multiplies in place: bitmask against the dense x tile, N:M in compressed space against x
   gathered at the kept columns; batches of 2..BB expand the tile to dense and use ``tl.dot``.
@@ -112,25 +112,14 @@ def _stage1(kt, rows, rmask, K, vals_ptr, meta_ptr, toff_ptr, scale_ptr, zero_pt
 
 
 @triton.jit
-def _bm_stage2(a0, a1, rstart, rend, vals_ptr, QBITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               RG: tl.constexpr = False):
-    """Bitmask: positions of the kept columns and the gather of their values (or code bytes).
-
-    RG ("register gather", float and int8 values): load the tile's run of values as one contiguous
-    (BN, BK) block from its start (it holds at most BK values; reads past the tile stay inside the
-    row, rows end at ``rend``) and place them with ``tl.gather`` in registers, instead of one
-    global gather per kept column.
-    """
+def _bm_stage2(a0, a1, rstart, vals_ptr, QBITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Bitmask: positions of the kept columns and the gather of their values (or code bytes)."""
     bits = _unpack(a0.to(tl.int32), 1, BN, BK // 8)
     pref = tl.cumsum(bits, axis=1) - bits
     start = rstart + a1
     pos = start[:, None] + pref
     keep = bits != 0  # tiles past the limit loaded no mask bytes: nothing is gathered
-    if RG:
-        t = start[:, None] + tl.arange(0, BK)[None, :]
-        blk = tl.load(vals_ptr + t, mask=t < rend[:, None], other=0)
-        raw = tl.where(keep, tl.gather(blk, pref, axis=1), 0)
-    elif QBITS == 4:
+    if QBITS == 4:
         raw = tl.load(vals_ptr + pos // 2, mask=keep, other=0)
     else:
         raw = tl.load(vals_ptr + pos, mask=keep, other=0)
@@ -224,7 +213,7 @@ def sparse_mm_kernel(
     FMT: tl.constexpr, NN: tl.constexpr, MM: tl.constexpr, QBITS: tl.constexpr,
     SYM: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr,
-    USE_DOT: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr = False, RG: tl.constexpr = False,
+    USE_DOT: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -247,13 +236,12 @@ def sparse_mm_kernel(
 
     if FMT == 0:
         rstart = tl.load(rowoff_ptr + rows, mask=rmask, other=0)
-        rend = tl.load(rowoff_ptr + rows + 1, mask=rmask, other=0)
         # prologue: tile kt0 through stage 2, tile kt0+1 through stage 1
         a0, a1, sA, zA = _stage1(kt0, rows, rmask, klim, vals_ptr, meta_ptr, toff_ptr, scale_ptr,
                                  zero_ptr, vals_stride, meta_stride, n_tiles, n_groups,
                                  FMT, NN, MM, QBITS, SYM, G, TILE, BN, BK)
         xA = _x_tile(x_ptr, kt0, klim, bidx, bmask, pid_b, stride_xb, BK, USE_DOT)
-        rawB, posB, keepB = _bm_stage2(a0, a1, rstart, rend, vals_ptr, QBITS, BN, BK, RG)
+        rawB, posB, keepB = _bm_stage2(a0, a1, rstart, vals_ptr, QBITS, BN, BK)
         sB, zB, xB = sA, zA, xA
         a0, a1, sA, zA = _stage1(kt0 + 1, rows, rmask, klim, vals_ptr, meta_ptr, toff_ptr,
                                  scale_ptr, zero_ptr, vals_stride, meta_stride, n_tiles, n_groups,
@@ -261,7 +249,7 @@ def sparse_mm_kernel(
         xA = _x_tile(x_ptr, kt0 + 1, klim, bidx, bmask, pid_b, stride_xb, BK, USE_DOT)
         for kt in range(kt0, kt1):
             rawC, posC, keepC, sC, zC, xC = rawB, posB, keepB, sB, zB, xB
-            rawB, posB, keepB = _bm_stage2(a0, a1, rstart, rend, vals_ptr, QBITS, BN, BK, RG)
+            rawB, posB, keepB = _bm_stage2(a0, a1, rstart, vals_ptr, QBITS, BN, BK)
             sB, zB, xB = sA, zA, xA
             a0, a1, sA, zA = _stage1(kt + 2, rows, rmask, klim, vals_ptr, meta_ptr, toff_ptr,
                                      scale_ptr, zero_ptr, vals_stride, meta_stride, n_tiles, n_groups,
@@ -341,7 +329,7 @@ def decompress_kernel(
                            FMT, NN, MM, QBITS, SYM, G, TILE, BN, BK)
     if FMT == 0:
         rstart = tl.load(rowoff_ptr + rows, mask=rmask, other=0)
-        raw, pos, keep = _bm_stage2(a0, a1, rstart, rstart, vals_ptr, QBITS, BN, BK)
+        raw, pos, keep = _bm_stage2(a0, a1, rstart, vals_ptr, QBITS, BN, BK)
         w = _bm_stage3(raw, pos, keep, s, z, QBITS, SYM, G, BN, BK)
     else:
         v = _nm_values(a0, s, z, QBITS, SYM, NN, MM, G, BN, BK)
