@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SparsecraftError
-from .meta import dtype_name, parse_meta, require
+from .meta import StoredTensor, parse_meta, require
 from .packing import pack_bits, pack_int4, unpack_bits, unpack_int4
 from .qinfo import QuantInfo, code_range, codes_from_dense
 
@@ -48,7 +48,7 @@ def resolve_mask(w: torch.Tensor, mask: torch.Tensor | None, where: str) -> torc
 
 
 @dataclass
-class BitmaskTensor:
+class BitmaskTensor(StoredTensor):
     shape: tuple[int, int]
     dtype: torch.dtype  # dtype of the dense weight
     mask: torch.Tensor
@@ -142,20 +142,8 @@ class BitmaskTensor:
         return int(self.dense_mask().sum())
 
     # ---- serialisation ------------------------------------------------------------------
-    def meta(self) -> dict:
-        m = {"format": self.FORMAT, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
-        if self.quant is not None:
-            m["quant"] = self.quant.meta()
-        return m
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        t = {"mask": self.mask, "values": self.values, "row_offsets": self.row_offsets}
-        if self.quant is not None:
-            t.update(self.quant.tensors())
-        return t
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+    def _own_tensors(self) -> dict[str, torch.Tensor]:
+        return {"mask": self.mask, "values": self.values, "row_offsets": self.row_offsets}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], meta: dict, where: str = "weight") -> BitmaskTensor:

@@ -14,13 +14,13 @@ import torch
 
 from ..errors import SparsecraftError
 from .bitmask import _check_2d
-from .meta import dtype_name, parse_meta, require
+from .meta import StoredTensor, parse_meta, require
 from .packing import pack_int4, unpack_int4
 from .qinfo import QuantInfo, code_range, codes_from_dense, dequantize_dense
 
 
 @dataclass
-class QuantizedDenseTensor:
+class QuantizedDenseTensor(StoredTensor):
     shape: tuple[int, int]
     dtype: torch.dtype
     values: torch.Tensor
@@ -56,19 +56,8 @@ class QuantizedDenseTensor:
     def to_dense(self) -> torch.Tensor:
         return dequantize_dense(self.codes(), self.quant).to(self.dtype)
 
-    def meta(self) -> dict:
-        return {
-            "format": self.FORMAT,
-            "shape": list(self.shape),
-            "dtype": dtype_name(self.dtype),
-            "quant": self.quant.meta(),
-        }
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"values": self.values, **self.quant.tensors()}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+    def _own_tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values}
 
     @classmethod
     def from_tensors(

@@ -14,6 +14,33 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class StoredTensor:
+    """``meta``, ``to_tensors`` and ``nbytes`` of a compressed format, from its ``FORMAT``,
+    ``shape``, ``dtype``, ``quant`` and the two hooks below."""
+
+    def _own_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _own_meta(self) -> dict:
+        return {}
+
+    def meta(self) -> dict:
+        m = {"format": self.FORMAT, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
+        m.update(self._own_meta())
+        if self.quant is not None:
+            m["quant"] = self.quant.meta()
+        return m
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        t = self._own_tensors()
+        if self.quant is not None:
+            t.update(self.quant.tensors())
+        return t
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+
 def require(
     t: dict[str, torch.Tensor], key: str, where: str, dtype: torch.dtype, shape: tuple[int, ...] | None
 ) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import SparsecraftError
 from .bitmask import _check_2d, resolve_mask
-from .meta import dtype_name, parse_meta, require
+from .meta import StoredTensor, parse_meta, require
 from .packing import pack_int4, pack_subbyte, unpack_int4, unpack_subbyte
 from .qinfo import QuantInfo, code_range, codes_from_dense
 
@@ -59,7 +59,7 @@ def nm_positions(keep: torch.Tensor, n: int, m: int, where: str = "weight") -> t
 
 
 @dataclass
-class NMTensor:
+class NMTensor(StoredTensor):
     shape: tuple[int, int]
     dtype: torch.dtype
     n: int
@@ -165,26 +165,11 @@ class NMTensor:
         out.scatter_(-1, idx, vals)
         return out.view(out_f, in_f)
 
-    def meta(self) -> dict:
-        m = {
-            "format": self.FORMAT,
-            "shape": list(self.shape),
-            "dtype": dtype_name(self.dtype),
-            "n": self.n,
-            "m": self.m,
-        }
-        if self.quant is not None:
-            m["quant"] = self.quant.meta()
-        return m
+    def _own_meta(self) -> dict:
+        return {"n": self.n, "m": self.m}
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        t = {"values": self.values, "indices": self.indices}
-        if self.quant is not None:
-            t.update(self.quant.tensors())
-        return t
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+    def _own_tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values, "indices": self.indices}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], meta: dict, where: str = "weight") -> NMTensor:
