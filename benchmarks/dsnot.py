@@ -58,6 +58,14 @@ VARIANTS.update({
     "dsnot-guard-t0-no-k": {**_GUARD_T0, "skip_layer": "k_proj"},
     "dsnot-guard-t0-no-qk": {**_GUARD_T0, "skip_layer": ("q_proj", "k_proj")},
 })
+# only the layers whose outputs reach the residual stream without a nonlinearity in between
+# (v through the attention average, o, down): gate/up feed SiLU·product, q/k the softmax, where a
+# smaller mean output error need not mean a smaller error after the nonlinearity (session 8)
+_NONLINEAR_INPUTS = ("q_proj", "k_proj", "gate_proj", "up_proj")
+VARIANTS.update({
+    "dsnot-vod": {"skip_layer": _NONLINEAR_INPUTS},
+    "dsnot-guard-t0-vod": {**_GUARD_T0, "skip_layer": _NONLINEAR_INPUTS},
+})
 
 
 def rows() -> list[dict]:
@@ -98,6 +106,10 @@ def rows() -> list[dict]:
         add("wanda", 0.6, f"dsnot-guard-t0-{subset}")
     for spec in (0.7, 0.6, "2:4"):
         add("sparsegpt", spec, "dsnot-t0.01")
+    for spec in (0.6, 0.7):
+        for method in ("wanda", "sparsegpt"):
+            add(method, spec, "dsnot-vod")
+            add(method, spec, "dsnot-guard-t0-vod")
     unique = {}
     for r in out:
         unique.setdefault(r["key"], r)
