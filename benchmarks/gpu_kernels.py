@@ -214,6 +214,9 @@ def check(args) -> int:
                      KernelConfig(4, 512, 16, 2, split_k=3, unit=True),
                      KernelConfig(4, 256, 1, 4, unit=True, xrow=True, prmt=True),
                      KernelConfig(16, 256, 16, 4, split_k=2, unit=True, dot=True)]
+        if dispatch.int4_word_supported(tw, dtype):
+            cfgs += [KernelConfig(8, 512, 1, 2, unit=True, word=True),
+                     KernelConfig(4, 256, 1, 1, split_k=2, unit=True, word=True)]
         if dispatch.sliced_supported(tw):  # the sliced tensor-core kernel (walk: the default at batch 1)
             cfgs += [KernelConfig(64, 0, 16, w, sliced=128, per_step=4, dot=True) for w in (2, 4, 8)]
         worst = 0.0
@@ -372,6 +375,16 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
         if fmt == "nm24_int4":
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True),
                  unit(4, 1024, 1, 4, xrow=True, prmt=True)]
+            # the 16-column word kernel (inline PTX, session 9): (rows, columns, warps)
+            c += [unit(bn, bk, 1, warps, word=True) for bn, bk, warps in (
+                (4, 512, 1), (8, 512, 2), (16, 256, 2), (4, 1024, 2), (8, 1024, 4), (16, 512, 4),
+                (2, 1024, 1), (32, 256, 4), (8, 256, 1), (8, 1024, 2), (16, 512, 2), (4, 2048, 2))]
+            # narrow tiles, a warp's threads on different rows (x loads broadcast), K split 4-8
+            c += [unit(bn, bk, 1, warps, split_k=split, word=True) for bn, bk, warps, split in (
+                (32, 64, 1, 8), (64, 64, 2, 8), (32, 128, 1, 8), (16, 128, 1, 4), (16, 64, 1, 4))]
+            # x as one contiguous tile, split in registers
+            c += [unit(bn, bk, 1, warps, split_k=split, word=True, xrow=True) for bn, bk, warps, split in (
+                (4, 512, 1, 1), (8, 512, 2, 1), (16, 256, 2, 1), (32, 64, 1, 8), (32, 128, 1, 8))]
         else:
             c = [unit(4, 512, 1, 2), unit(2, 512, 1, 1), unit(4, 1024, 1, 4)]
         return c[:2] if QUICK else c
@@ -409,7 +422,7 @@ def tune(fmt, layers, batch, xs, reps):
         log(
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
             f" s={cfg.split_k}"
-            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt") if getattr(cfg, k))
+            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "word") if getattr(cfg, k))
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")

@@ -272,6 +272,29 @@ def test_unit_kernels_match_dense_reference(case):
         _check(y, x.double() @ ref_w.t(), tol)
 
 
+def test_int4_word_kernel_matches_dense_reference():
+    """The 16-column word kernel for 2:4 + symmetric int4 (gemv.nm24_int4_word_kernel): row tails, a
+    partial last word tile, a partial last quant group, K splits, two input rows; it declines what it
+    does not take (asymmetric codes, bf16 inputs, in_features % 16)."""
+    obj, ref_w = _make("nm", 21, 784, torch.float16, 4, 64, True, sparsity=0.7, seed=5)
+    tw = layout.prepare(obj)
+    assert dispatch.int4_word_supported(tw, torch.float16)
+    assert not dispatch.int4_word_supported(tw, torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    for batch, cfg in [(1, KernelConfig(8, 256, 1, 4, unit=True, word=True)),
+                       (1, KernelConfig(4, 128, 1, 2, split_k=3, unit=True, word=True)),
+                       (2, KernelConfig(16, 512, 1, 4, split_k=2, unit=True, word=True)),
+                       (1, KernelConfig(8, 128, 1, 2, split_k=2, unit=True, word=True, xrow=True))]:
+        x = torch.randn(batch, 784, generator=gen).half()
+        y = sparse_mm(x, tw, cfg)
+        assert y.shape == (batch, 21) and y.dtype == torch.float16
+        _check(y, x.double() @ ref_w.t(), 4e-3)
+    asym, _ = _make("nm", 19, 264, torch.float16, 4, 32, False, sparsity=0.7, seed=6)
+    odd, _ = _make("nm", 19, 264, torch.float16, 4, 32, True, sparsity=0.7, seed=7)  # 264 % 16
+    for o in (asym, odd):
+        assert not dispatch.int4_word_supported(layout.prepare(o))
+
+
 def test_unit_kernels_decline_other_layouts():
     obj, _ = _make("nm", 8, 256, torch.float16, n=4, m=8)
     assert not dispatch.unit_supported(layout.prepare(obj))  # 4:8 stays on the tile kernels

@@ -50,6 +50,8 @@ class KernelConfig:
     dot: bool = False  # batch rows on the tensor cores (bb >= 16, bn >= 16) instead of FMAs per row
     xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
+    word: bool = False  # 2:4 sym int4, fp16 inputs: the 16-column word kernel (inline PTX); bk = 16 * words;
+    # with xrow: x read as one contiguous tile and split
     # bitmask: the sliced kernel (sliced.py) on segments of this many columns (0: off); bn = rows per
     # slice, bb = batch rows per program
     sliced: int = 0
@@ -259,6 +261,8 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
     x = x.contiguous()
     if x.data_ptr() % 16:  # x is read as int64 pairs
         x = x.clone()
+    if cfg.word:
+        return _int4_word_mm(x, tw, cfg)
     batch, in_f = x.shape
     out_f = tw.shape[0]
     bk = cfg.bk
@@ -284,6 +288,37 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
         ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16, DOT=cfg.dot,
         DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
         num_warps=cfg.num_warps, num_stages=1,
+    )
+    return out.to(x.dtype) if cfg.split_k > 1 else out
+
+
+def int4_word_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
+    """Whether the word kernel (gemv.nm24_int4_word_kernel) takes this weight: 2:4, symmetric int4,
+    in_features % 16 == 0, group size a multiple of 16, fp16 inputs."""
+    return (tw.fmt == "nm" and (tw.n, tw.m) == (2, 4) and tw.bits == 4 and bool(tw.symmetric)
+            and tw.shape[1] % 16 == 0 and tw.group_size % 16 == 0 and x_dtype in (None, torch.float16))
+
+
+def _int4_word_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tensor:
+    from .gemv import nm24_int4_word_kernel
+
+    if not int4_word_supported(tw, x.dtype):
+        raise ValueError(f"the int4 word kernel does not take this weight with {x.dtype} inputs")
+    words = cfg.bk // 16
+    if cfg.bk % 16 or words & (words - 1):
+        raise ValueError(f"int4 word kernel tile width {cfg.bk}: 16 * a power of two")
+    batch, in_f = x.shape
+    out_f = tw.shape[0]
+    q = tw.values.view(torch.int32)  # 8 codes (16 columns) per word
+    ib = tw.meta.view(torch.int16)  # their 8 two-bit indices
+    if cfg.split_k > 1:
+        out = torch.zeros(batch, out_f, device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty(batch, out_f, device=x.device, dtype=x.dtype)
+    nm24_int4_word_kernel[(triton_cdiv(out_f, cfg.bn), cfg.split_k, batch)](
+        x, out, q, ib, tw.scales, out_f, in_f, x.stride(0), out.stride(0), q.shape[1], ib.shape[1],
+        tw.n_groups, cfg.split_k, G=tw.group_size, INTERP=interpreted(), BN=cfg.bn, W=words,
+        ATOMIC=cfg.split_k > 1, XCONT=cfg.xrow, num_warps=cfg.num_warps, num_stages=1,
     )
     return out.to(x.dtype) if cfg.split_k > 1 else out
 

@@ -294,3 +294,156 @@ def _apply_rows(acc, w0, w1, w2, w3, w4, w5, w6, w7, x64_ptr, u, U_LIM, b0, B, s
         r = tl.sum(p, axis=1)
         acc += tl.where(bcol[None, :] == j, r[:, None], 0.0)
     return acc
+
+
+# ------------------------------------------------------------------------- 2:4 + int4, batch 1
+# One 32-bit word of int4 codes holds the 8 kept values of 16 columns (4 groups of 4, low nibble
+# first); its 16 index bits (one 4-bit code i0 | i1 << 2 per group) are one int16. The inline PTX
+# below turns a word into its dot product with x in about 40 instructions (5 per value; the unit
+# kernel above spends about 27): per group one byte permute copies the group's code byte into
+# both 16-bit lanes, one masked OR makes the two nibbles fp16 1024 + n and 1024 + 16 n (the
+# symmetric codes' sign bit flipped by an XOR in the same logic op), one fp16x2 FMA maps them to
+# n - 8; a second byte permute picks x[i0] | x[i1] << 16 out of the group's four inputs (its
+# selector, 0x1010 + 0x22 i0 + 0x2200 i1, built for two groups at once in the two 16-bit lanes);
+# the four fp16x2 products of the word are summed in fp16x2 and the two lanes in float32.
+_INT4_WORD_PTX = """{
+.reg .b32 xa0, xa1, xa2, xa3, xa4, xa5, xa6, xa7;
+.reg .b32 y, t, s, sel, w, p, acc, cm, ca;
+.reg .b16 hl, hh;
+.reg .f32 fl, fh;
+mov.b64 {xa0, xa1}, $3;
+mov.b64 {xa2, xa3}, $4;
+mov.b64 {xa4, xa5}, $5;
+mov.b64 {xa6, xa7}, $6;
+mov.b32 cm, 0x2C003C00;
+mov.b32 ca, 0xD480E408;
+and.b32 y, $2, 0xFF;
+mul.lo.u32 y, y, 0x1001;
+and.b32 t, y, 0x00030003;
+mad.lo.u32 s, t, 0x22, 0x10101010;
+and.b32 t, y, 0x000C000C;
+mad.lo.u32 s, t, 0x880, s;
+prmt.b32 t, $1, $1, 0x0000;
+xor.b32 t, t, 0x00800008;
+and.b32 t, t, 0x00F0000F;
+or.b32 t, t, 0x64006400;
+fma.rn.f16x2 w, t, cm, ca;
+prmt.b32 p, xa0, xa1, s;
+mul.rn.f16x2 acc, w, p;
+prmt.b32 t, $1, $1, 0x1111;
+xor.b32 t, t, 0x00800008;
+and.b32 t, t, 0x00F0000F;
+or.b32 t, t, 0x64006400;
+fma.rn.f16x2 w, t, cm, ca;
+shr.b32 sel, s, 16;
+prmt.b32 p, xa2, xa3, sel;
+fma.rn.f16x2 acc, w, p, acc;
+shr.b32 y, $2, 8;
+and.b32 y, y, 0xFF;
+mul.lo.u32 y, y, 0x1001;
+and.b32 t, y, 0x00030003;
+mad.lo.u32 s, t, 0x22, 0x10101010;
+and.b32 t, y, 0x000C000C;
+mad.lo.u32 s, t, 0x880, s;
+prmt.b32 t, $1, $1, 0x2222;
+xor.b32 t, t, 0x00800008;
+and.b32 t, t, 0x00F0000F;
+or.b32 t, t, 0x64006400;
+fma.rn.f16x2 w, t, cm, ca;
+prmt.b32 p, xa4, xa5, s;
+fma.rn.f16x2 acc, w, p, acc;
+prmt.b32 t, $1, $1, 0x3333;
+xor.b32 t, t, 0x00800008;
+and.b32 t, t, 0x00F0000F;
+or.b32 t, t, 0x64006400;
+fma.rn.f16x2 w, t, cm, ca;
+shr.b32 sel, s, 16;
+prmt.b32 p, xa6, xa7, sel;
+fma.rn.f16x2 acc, w, p, acc;
+mov.b32 {hl, hh}, acc;
+cvt.f32.f16 fl, hl;
+cvt.f32.f16 fh, hh;
+add.f32 fl, fl, fh;
+mov.b32 $0, fl;
+}"""
+
+
+@triton.jit
+def _int4_word_dot(q, ib, x0, x1, x2, x3, INTERP: tl.constexpr):
+    """Dot product (float32) of one word of symmetric int4 2:4 codes ``q`` (int32), its index
+    bits ``ib`` (int32, low 16 bits) and the word's 16 fp16 inputs (4 int64 ``x0..x3``, one per
+    group), unscaled. The interpreter path computes the same with plain arithmetic."""
+    if INTERP:
+        acc = q.to(tl.float32) * 0.0
+        for g in tl.static_range(4):
+            xg = x0 if g == 0 else x1 if g == 1 else x2 if g == 2 else x3
+            b = (q >> (8 * g)) & 0xFF
+            c = (ib >> (4 * g)) & 15
+            i0 = (c & 3).to(tl.int64)
+            i1 = (c >> 2).to(tl.int64)
+            xv0 = _h2f(((xg >> (16 * i0)) & 0xFFFF).to(tl.int32), False)
+            xv1 = _h2f(((xg >> (16 * i1)) & 0xFFFF).to(tl.int32), False)
+            v0 = (((b & 15) ^ 8) - 8).to(tl.float32)
+            v1 = ((((b >> 4) & 15) ^ 8) - 8).to(tl.float32)
+            acc += v0 * xv0 + v1 * xv1
+        return acc
+    r = tl.inline_asm_elementwise(_INT4_WORD_PTX, "=r,r,r,l,l,l,l", [q, ib, x0, x1, x2, x3],
+                                  dtype=tl.int32, is_pure=True, pack=1)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_word_load(kt, rows, rmask, W_LIM, q_ptr, ib_ptr, s_ptr, x64_ptr, qs, ibs, ng,
+                    G: tl.constexpr, W: tl.constexpr, XCONT: tl.constexpr):
+    w = kt * W + tl.arange(0, W)
+    wm = (rows * 0)[:, None] + w[None, :]  # word index as a (BN, W) tile: x in the weights' layout
+    m2 = rmask[:, None] & (wm < W_LIM)
+    q = tl.load(q_ptr + rows[:, None] * qs + w[None, :], mask=m2, other=0)
+    ib = tl.load(ib_ptr + rows[:, None] * ibs + w[None, :], mask=m2, other=0)
+    s = tl.load(s_ptr + rows[:, None] * ng + ((w * 16) // G)[None, :], mask=m2, other=0.0)
+    if XCONT:
+        # the tile's x as one contiguous (BN, 4W) int64 load (vectorizable), split into 4 groups
+        j = tl.arange(0, 4 * W)
+        xj = (rows * 0)[:, None] + kt * (4 * W) + j[None, :]
+        xt = tl.load(x64_ptr + xj, mask=xj < 4 * W_LIM, other=0)
+        even, odd = tl.split(tl.reshape(xt, (xt.shape[0], W, 2, 2)))
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+    else:
+        xm = wm < W_LIM
+        x0 = tl.load(x64_ptr + 4 * wm, mask=xm, other=0)
+        x1 = tl.load(x64_ptr + 4 * wm + 1, mask=xm, other=0)
+        x2 = tl.load(x64_ptr + 4 * wm + 2, mask=xm, other=0)
+        x3 = tl.load(x64_ptr + 4 * wm + 3, mask=xm, other=0)
+    return q, ib, s, x0, x1, x2, x3
+
+
+@triton.jit
+def nm24_int4_word_kernel(
+    x_ptr, out_ptr, q_ptr, ib_ptr, s_ptr, N, K, stride_xb, stride_ob, qs, ibs, ng, split_k,
+    G: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, ATOMIC: tl.constexpr,
+    XCONT: tl.constexpr = False,
+):
+    """y = x @ W^T for fp16 inputs x (K % 16 == 0), W 2:4 with symmetric int4 codes and fp16 group
+    scales, read as (BN rows, W words) tiles; K split over the grid's second axis, one input row per
+    index of the third (each re-reads the weights: meant for batch 1)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    b = tl.program_id(2)
+    rmask = rows < N
+    W_ALL = K // 16
+    n_kt = tl.cdiv(W_ALL, W)
+    per = tl.cdiv(n_kt, split_k)
+    kt0 = tl.program_id(1) * per
+    kt1 = tl.minimum(kt0 + per, n_kt)
+    W_LIM = tl.minimum(W_ALL, kt1 * W)
+    x64_ptr = (x_ptr + b * stride_xb).to(tl.pointer_type(tl.int64))
+    acc = tl.zeros((BN, W), dtype=tl.float32)
+    q, ib, s, x0, x1, x2, x3 = _int4_word_load(kt0, rows, rmask, W_LIM, q_ptr, ib_ptr, s_ptr, x64_ptr,
+                                               qs, ibs, ng, G, W, XCONT)
+    for kt in range(kt0, kt1):  # the next tile's loads are issued before this one is computed
+        qc, ibc, sc, x0c, x1c, x2c, x3c = q, ib, s, x0, x1, x2, x3
+        q, ib, s, x0, x1, x2, x3 = _int4_word_load(kt + 1, rows, rmask, W_LIM, q_ptr, ib_ptr, s_ptr,
+                                                   x64_ptr, qs, ibs, ng, G, W, XCONT)
+        d = _int4_word_dot(qc, ibc.to(tl.int32) & 0xFFFF, x0c, x1c, x2c, x3c, INTERP)
+        acc += sc.to(tl.float32) * d
+    _store(acc, out_ptr, rows, rmask, b, b + 1, stride_ob, 1, BN, ATOMIC)
