@@ -68,11 +68,13 @@ VARIANTS.update({
 })
 
 
-def rows() -> list[dict]:
+def rows(seed: int = 0) -> list[dict]:
+    """Every row; ``seed`` is the calibration sampling seed (keys of seeds other than 0 end in -sN)."""
     out = []
 
     def add(method, spec, variant):
-        base_key = f"{method}-{_label(spec)}-n128-fast"  # same key as benchmarks/oneshot.py
+        # same key as benchmarks/oneshot.py for seed 0
+        base_key = f"{method}-{_label(spec)}-n128-fast" + (f"-s{seed}" if seed else "")
         kw = {"sparsity": spec} if isinstance(spec, float) else {"pattern": spec}
         refine = {"refine": "dsnot", "dsnot": VARIANTS[variant]} if variant else {"refine": None}
         out.append(
@@ -83,6 +85,7 @@ def rows() -> list[dict]:
                 "spec": _label(spec),
                 "variant": variant,
                 "refine": refine["refine"],
+                "seed": seed,
                 "config": {**kw, **FAST, **refine},
             }
         )
@@ -128,8 +131,9 @@ def run_row(spec: dict) -> dict:
     config = dict(spec["config"])
     if "dsnot" in config:
         config["dsnot"] = DSnoTConfig(**config["dsnot"])
-    cfg = PruneConfig(method=spec["method"], nsamples=128, seqlen=512, seed=0, batch_size=8, **config)
-    calib = calibration_windows(tokenizer, "c4", 128, 512, 0)
+    cfg = PruneConfig(method=spec["method"], nsamples=128, seqlen=512, seed=spec["seed"], batch_size=8,
+                      **config)
+    calib = calibration_windows(tokenizer, "c4", 128, 512, spec["seed"])
     t0 = time.perf_counter()
     report = prune(model, tokenizer, cfg, calib, progress=False, model_name=MODEL)
     prune_s = time.perf_counter() - t0
@@ -324,6 +328,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--proxy", action="store_true", help="layer-level reconstruction check, no perplexity")
     ap.add_argument("--no-lock", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0: the one-shot rows')")
     args = ap.parse_args()
     if args.profile or args.proxy:
         print("command:", " ".join([sys.executable, *sys.argv]), flush=True)
@@ -335,7 +340,7 @@ def main() -> int:
         print(markdown(done))
         return 0
     if args.list:
-        for spec in rows():
+        for spec in rows(args.seed):
             print(("done " if spec["key"] in done else "todo ") + spec["key"])
         return 0
     wanted = set(args.rows.split(",")) if args.rows else None
@@ -344,7 +349,7 @@ def main() -> int:
     # rows of one initial configuration (with/without DSnoT) run under one hold of the CPU lock:
     # the lock is shared by many jobs, and re-queueing after every row would triple the wait
     groups: dict[str, list[dict]] = {}
-    for spec in rows():
+    for spec in rows(args.seed):
         if not wanted or spec["key"] in wanted:
             groups.setdefault(spec["base_key"], []).append(spec)
 

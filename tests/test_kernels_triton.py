@@ -423,3 +423,32 @@ def test_sliced_weight_serves_batches_1_to_16_and_decodes_above():
     assert all(ws.abs().max() == 0 for ws in sw.workspaces.values())
     x = torch.randn(2, 200, generator=gen)  # float32 inputs: decoded to float32, then a dense product
     _check(dispatch.sparse_linear(x, sw), x.double() @ ref_w.t(), 1e-6)
+
+
+def test_int4_word_ptx_emulated():
+    """The inline PTX of the int4 word kernel (gemv._INT4_WORD_PTX), run instruction by instruction
+    by a small emulator (CI has no GPU): the dot product of one word of symmetric int4 2:4 codes
+    with its 16 fp16 inputs, against float64, for random codes, index patterns and inputs."""
+    import numpy as np
+
+    from ptx_emulator import run
+
+    from sparsecraft.kernels.triton.gemv import _INT4_WORD_PTX
+
+    rng = np.random.default_rng(0)
+    pairs = [(a, b) for a in range(4) for b in range(a + 1, 4)]  # every 2:4 pattern
+    for trial in range(300):
+        codes = rng.integers(-8, 8, 8)  # kept values of groups 0..3, two each, in column order
+        q = sum(int(c & 15) << (4 * j) for j, c in enumerate(codes))
+        pat = [pairs[rng.integers(6)] if trial else pairs[g % 6] for g in range(4)]
+        ib = sum((i0 | i1 << 2) << (4 * g) for g, (i0, i1) in enumerate(pat))
+        x = (rng.standard_normal(16) * (100 if trial % 7 == 0 else 1)).astype(np.float16)
+        xb = x.view(np.uint16).astype(np.uint64)
+        xw = [int(sum(int(xb[4 * g + k]) << (16 * k) for k in range(4))) for g in range(4)]
+        picked = [(float(codes[2 * g]), float(x[4 * g + i0])) for g, (i0, i1) in enumerate(pat)]
+        picked += [(float(codes[2 * g + 1]), float(x[4 * g + i1])) for g, (i0, i1) in enumerate(pat)]
+        ref = sum(c * v for c, v in picked)
+        got = run(_INT4_WORD_PTX, {1: q, 2: ib, 3: xw[0], 4: xw[1], 5: xw[2], 6: xw[3]})
+        got = float(np.array([got], dtype=np.uint32).view(np.float32)[0])
+        # fp16 products and fp16 sums of four terms per lane: a few units of 2**-11 of sum |c x|
+        assert abs(got - ref) <= 4 * 2.0**-11 * sum(abs(c * v) for c, v in picked) + 1e-6, (trial, got, ref)
