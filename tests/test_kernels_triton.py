@@ -430,7 +430,6 @@ def test_int4_word_ptx_emulated():
     by a small emulator (CI has no GPU): the dot product of one word of symmetric int4 2:4 codes
     with its 16 fp16 inputs, against float64, for random codes, index patterns and inputs."""
     import numpy as np
-
     from ptx_emulator import run
 
     from sparsecraft.kernels.triton.gemv import _INT4_WORD_PTX

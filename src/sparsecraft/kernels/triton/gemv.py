@@ -299,73 +299,39 @@ def _apply_rows(acc, w0, w1, w2, w3, w4, w5, w6, w7, x64_ptr, u, U_LIM, b0, B, s
 # ------------------------------------------------------------------------- 2:4 + int4, batch 1
 # One 32-bit word of int4 codes holds the 8 kept values of 16 columns (4 groups of 4, low nibble
 # first); its 16 index bits (one 4-bit code i0 | i1 << 2 per group) are one int16. The inline PTX
-# below turns a word into its dot product with x in about 40 instructions (5 per value; the unit
+# below turns a word into its dot product with x in 55 PTX instructions (about 6 per value; the unit
 # kernel above spends about 27): per group one byte permute copies the group's code byte into
 # both 16-bit lanes, one masked OR makes the two nibbles fp16 1024 + n and 1024 + 16 n (the
 # symmetric codes' sign bit flipped by an XOR in the same logic op), one fp16x2 FMA maps them to
 # n - 8; a second byte permute picks x[i0] | x[i1] << 16 out of the group's four inputs (its
 # selector, 0x1010 + 0x22 i0 + 0x2200 i1, built for two groups at once in the two 16-bit lanes);
 # the four fp16x2 products of the word are summed in fp16x2 and the two lanes in float32.
-_INT4_WORD_PTX = """{
-.reg .b32 xa0, xa1, xa2, xa3, xa4, xa5, xa6, xa7;
-.reg .b32 y, t, s, sel, w, p, acc, cm, ca;
-.reg .b16 hl, hh;
-.reg .f32 fl, fh;
-mov.b64 {xa0, xa1}, $3;
-mov.b64 {xa2, xa3}, $4;
-mov.b64 {xa4, xa5}, $5;
-mov.b64 {xa6, xa7}, $6;
-mov.b32 cm, 0x2C003C00;
-mov.b32 ca, 0xD480E408;
-and.b32 y, $2, 0xFF;
-mul.lo.u32 y, y, 0x1001;
-and.b32 t, y, 0x00030003;
-mad.lo.u32 s, t, 0x22, 0x10101010;
-and.b32 t, y, 0x000C000C;
-mad.lo.u32 s, t, 0x880, s;
-prmt.b32 t, $1, $1, 0x0000;
-xor.b32 t, t, 0x00800008;
-and.b32 t, t, 0x00F0000F;
-or.b32 t, t, 0x64006400;
-fma.rn.f16x2 w, t, cm, ca;
-prmt.b32 p, xa0, xa1, s;
-mul.rn.f16x2 acc, w, p;
-prmt.b32 t, $1, $1, 0x1111;
-xor.b32 t, t, 0x00800008;
-and.b32 t, t, 0x00F0000F;
-or.b32 t, t, 0x64006400;
-fma.rn.f16x2 w, t, cm, ca;
-shr.b32 sel, s, 16;
-prmt.b32 p, xa2, xa3, sel;
-fma.rn.f16x2 acc, w, p, acc;
-shr.b32 y, $2, 8;
-and.b32 y, y, 0xFF;
-mul.lo.u32 y, y, 0x1001;
-and.b32 t, y, 0x00030003;
-mad.lo.u32 s, t, 0x22, 0x10101010;
-and.b32 t, y, 0x000C000C;
-mad.lo.u32 s, t, 0x880, s;
-prmt.b32 t, $1, $1, 0x2222;
-xor.b32 t, t, 0x00800008;
-and.b32 t, t, 0x00F0000F;
-or.b32 t, t, 0x64006400;
-fma.rn.f16x2 w, t, cm, ca;
-prmt.b32 p, xa4, xa5, s;
-fma.rn.f16x2 acc, w, p, acc;
-prmt.b32 t, $1, $1, 0x3333;
-xor.b32 t, t, 0x00800008;
-and.b32 t, t, 0x00F0000F;
-or.b32 t, t, 0x64006400;
-fma.rn.f16x2 w, t, cm, ca;
-shr.b32 sel, s, 16;
-prmt.b32 p, xa6, xa7, sel;
-fma.rn.f16x2 acc, w, p, acc;
-mov.b32 {hl, hh}, acc;
-cvt.f32.f16 fl, hl;
-cvt.f32.f16 fh, hh;
-add.f32 fl, fl, fh;
-mov.b32 $0, fl;
-}"""
+def _int4_word_ptx() -> str:
+    """The PTX text described above: straight-line code, one block of lines per group."""
+    lines = [f"mov.b64 {{xa{2 * g}, xa{2 * g + 1}}}, ${3 + g};" for g in range(4)]  # x: 2 x 32 bits per group
+    lines += ["mov.b32 cm, 0x2C003C00;", "mov.b32 ca, 0xD480E408;"]  # fp16x2 (1, 1/16) and (-1032, -72)
+    for g in range(4):
+        if g % 2 == 0:  # selectors of groups g and g + 1, one per 16-bit lane of s
+            lines += [f"shr.b32 y, $2, {4 * g};", "and.b32 y, y, 0xFF;", "mul.lo.u32 y, y, 0x1001;",
+                      "and.b32 t, y, 0x00030003;", "mad.lo.u32 s, t, 0x22, 0x10101010;",
+                      "and.b32 t, y, 0x000C000C;", "mad.lo.u32 s, t, 0x880, s;"]
+            sel = "s"
+        else:
+            lines.append("shr.b32 sel, s, 16;")
+            sel = "sel"
+        lines += [f"prmt.b32 t, $1, $1, {0x1111 * g:#06x};",  # code byte g in both lanes
+                  "xor.b32 t, t, 0x00800008;", "and.b32 t, t, 0x00F0000F;", "or.b32 t, t, 0x64006400;",
+                  "fma.rn.f16x2 w, t, cm, ca;",  # the group's two signed codes
+                  f"prmt.b32 p, xa{2 * g}, xa{2 * g + 1}, {sel};",  # x[i0] | x[i1] << 16
+                  "mul.rn.f16x2 acc, w, p;" if g == 0 else "fma.rn.f16x2 acc, w, p, acc;"]
+    lines += ["mov.b32 {hl, hh}, acc;", "cvt.f32.f16 fl, hl;", "cvt.f32.f16 fh, hh;", "add.f32 fl, fl, fh;",
+              "mov.b32 $0, fl;"]
+    regs = [".reg .b32 xa0, xa1, xa2, xa3, xa4, xa5, xa6, xa7;", ".reg .b32 y, t, s, sel, w, p, acc, cm, ca;",
+            ".reg .b16 hl, hh;", ".reg .f32 fl, fh;"]
+    return "{\n" + "\n".join(regs + lines) + "\n}"
+
+
+_INT4_WORD_PTX = _int4_word_ptx()
 
 
 @triton.jit
@@ -427,16 +393,9 @@ def nm24_int4_word_kernel(
     """y = x @ W^T for fp16 inputs x (K % 16 == 0), W 2:4 with symmetric int4 codes and fp16 group
     scales, read as (BN rows, W words) tiles; K split over the grid's second axis, one input row per
     index of the third (each re-reads the weights: meant for batch 1)."""
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    b = tl.program_id(2)
-    rmask = rows < N
-    W_ALL = K // 16
-    n_kt = tl.cdiv(W_ALL, W)
-    per = tl.cdiv(n_kt, split_k)
-    kt0 = tl.program_id(1) * per
-    kt1 = tl.minimum(kt0 + per, n_kt)
-    W_LIM = tl.minimum(W_ALL, kt1 * W)
-    x64_ptr = (x_ptr + b * stride_xb).to(tl.pointer_type(tl.int64))
+    # a tile of W words is one of 2W units: the unit kernels' program prologue, in units
+    rows, rmask, b, kt0, kt1, U_LIM, x64_ptr, _ = _program(x_ptr, N, K, stride_xb, split_k, BN, 2 * W, 1)
+    W_LIM = U_LIM // 2
     acc = tl.zeros((BN, W), dtype=tl.float32)
     q, ib, s, x0, x1, x2, x3 = _int4_word_load(kt0, rows, rmask, W_LIM, q_ptr, ib_ptr, s_ptr, x64_ptr,
                                                qs, ibs, ng, G, W, XCONT)
