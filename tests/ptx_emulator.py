@@ -65,7 +65,7 @@ def run(ptx: str, inputs: dict[int, int]) -> int:
             continue
         d, *a = [t.strip() for t in rest.split(",")]
         v = [get(t) for t in a]
-        if op in ("mov.b32",):
+        if op == "mov.b32":
             r = v[0]
         elif op == "and.b32":
             r = v[0] & v[1]

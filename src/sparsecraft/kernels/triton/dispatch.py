@@ -204,6 +204,14 @@ def _constexprs(tw: TritonWeight, bk: int) -> dict:
                 SYM=bool(tw.symmetric), G=g, TILE=TILE)
 
 
+def _out_buffer(x: torch.Tensor, out_f: int, split_k: int) -> torch.Tensor:
+    """(batch, out_f) output of a kernel launch: float32 zeros when K splits add into it atomically,
+    else uninitialised in x's dtype."""
+    if split_k > 1:
+        return torch.zeros(x.shape[0], out_f, device=x.device, dtype=torch.float32)
+    return torch.empty(x.shape[0], out_f, device=x.device, dtype=x.dtype)
+
+
 def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T through the Triton kernels (no large-batch fallback)."""
     from .sparse_mm import sparse_mm_kernel
@@ -222,10 +230,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     dummy = tw.meta
     use_dot = cfg.bb > 1
     bb = cfg.bb if use_dot else 1
-    if cfg.split_k > 1:
-        out = torch.zeros(batch, out_f, device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty(batch, out_f, device=x.device, dtype=x.dtype)
+    out = _out_buffer(x, out_f, cfg.split_k)
     grid = (triton_cdiv(out_f, cfg.bn), cfg.split_k, triton_cdiv(batch, bb))
     sparse_mm_kernel[grid](
         x, out, *_launch_args(tw, dummy),
@@ -237,7 +242,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         DOT_F32=x.dtype == torch.bfloat16 and interpreted(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out.to(x.dtype) if cfg.split_k > 1 else out
+    return out.to(x.dtype)  # no copy unless split K summed in float32
 
 
 def unit_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
@@ -271,10 +276,7 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
     bb = max(1, cfg.bb)
     if cfg.dot and (bb < 16 or cfg.bn < 16):
         raise ValueError("the unit kernels' dot variant needs a batch tile and a row tile of 16 or more")
-    if cfg.split_k > 1:
-        out = torch.zeros(batch, out_f, device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty(batch, out_f, device=x.device, dtype=x.dtype)
+    out = _out_buffer(x, out_f, cfg.split_k)
     grid = (triton_cdiv(out_f, cfg.bn), cfg.split_k, triton_cdiv(batch, bb))
     interp = interpreted()
     vq = tw.values.view(torch.int16 if tw.bits == 4 else torch.int64)
@@ -289,7 +291,7 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
         DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
         num_warps=cfg.num_warps, num_stages=1,
     )
-    return out.to(x.dtype) if cfg.split_k > 1 else out
+    return out.to(x.dtype)  # no copy unless split K summed in float32
 
 
 def int4_word_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
@@ -311,16 +313,13 @@ def _int4_word_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch
     out_f = tw.shape[0]
     q = tw.values.view(torch.int32)  # 8 codes (16 columns) per word
     ib = tw.meta.view(torch.int16)  # their 8 two-bit indices
-    if cfg.split_k > 1:
-        out = torch.zeros(batch, out_f, device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty(batch, out_f, device=x.device, dtype=x.dtype)
+    out = _out_buffer(x, out_f, cfg.split_k)
     nm24_int4_word_kernel[(triton_cdiv(out_f, cfg.bn), cfg.split_k, batch)](
         x, out, q, ib, tw.scales, out_f, in_f, x.stride(0), out.stride(0), q.shape[1], ib.shape[1],
         tw.n_groups, cfg.split_k, G=tw.group_size, INTERP=interpreted(), BN=cfg.bn, W=words,
         ATOMIC=cfg.split_k > 1, XCONT=cfg.xrow, num_warps=cfg.num_warps, num_stages=1,
     )
-    return out.to(x.dtype) if cfg.split_k > 1 else out
+    return out.to(x.dtype)  # no copy unless split K summed in float32
 
 
 def decompress(tw, dtype: torch.dtype | None = None, bn: int | None = None, bk: int = 256) -> torch.Tensor:
