@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecraft import formats
-from sparsecraft.kernels.triton import dispatch, layout
+from sparsecraft.kernels.triton import dispatch, layout, mma24
 from sparsecraft.kernels.triton.dispatch import KernelConfig, decompress, sparse_linear, sparse_mm
 
 HIDDEN, INTER, BLOCKS = 4096, 11008, 32  # random:llama-7b
@@ -217,6 +217,9 @@ def check(args) -> int:
         if dispatch.int4_word_supported(tw, dtype):
             cfgs += [KernelConfig(8, 512, 1, 2, unit=True, word=True),
                      KernelConfig(4, 256, 1, 1, split_k=2, unit=True, word=True)]
+        if mma24.supported(tw, dtype):  # the sparse tensor-core kernel, batch <= 16
+            cfgs += [KernelConfig(64, 0, 16, 4, mma=True), KernelConfig(32, 0, 16, 2, split_k=3, mma=True),
+                     KernelConfig(16, 0, 16, 1, split_k=8, mma=True)]
         if dispatch.sliced_supported(tw):  # the sliced tensor-core kernel (walk: the default at batch 1)
             cfgs += [KernelConfig(64, 0, 16, w, sliced=128, per_step=4, dot=True) for w in (2, 4, 8)]
         worst = 0.0
@@ -224,7 +227,8 @@ def check(args) -> int:
             x = torch.randn(batch, in_f, device="cuda").to(dtype)
             ref = x.double() @ ref_w.t()
             for cfg in cfgs:
-                if cfg is not None and ((cfg.bb == 1) != (batch == 1) or (cfg.unit and batch > 16)):
+                if cfg is not None and (batch > 16 if cfg.mma else
+                                        (cfg.bb == 1) != (batch == 1) or (cfg.unit and batch > 16)):
                     continue
                 y = sparse_mm(x, tw, cfg) if cfg is not None else sparse_linear(x, tw)
                 worst = max(worst, rel_err(y, ref) if torch.isfinite(y).all() else float("inf"))
@@ -371,6 +375,9 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             s.append(DECODE_SLICED)
         s = list(dict.fromkeys(s))
         return s[:1] if QUICK else s
+    # the sparse tensor-core kernel (kernels/triton/mma24.py, session 10): (warps, K split)
+    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True) for w, split in (
+        (4, 4), (4, 8), (2, 8), (8, 8), (4, 16), (1, 8), (4, 2), (2, 16), (8, 4))] if batch <= 16 else []
     if batch == 1:
         if fmt == "nm24_int4":
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True),
@@ -387,12 +394,12 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
                 (4, 512, 1, 1), (8, 512, 2, 1), (16, 256, 2, 1), (32, 64, 1, 8), (32, 128, 1, 8))]
         else:
             c = [unit(4, 512, 1, 2), unit(2, 512, 1, 1), unit(4, 1024, 1, 4)]
-        return c[:2] if QUICK else c
+        return (c[:2] + mma[:1]) if QUICK else c + mma
     if batch <= 16:
         c = [unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if batch <= 4 else []
         c += [unit(32, 256, 16, 4, split_k=4, dot=True), unit(16, 256, 16, 1, split_k=4, dot=True),
               unit(16, 256, 16, 2, split_k=4, dot=True), unit(16, 128, 16, 1, split_k=8, dot=True)]
-        return (c[:1] if QUICK else c) + [DECODE_CUBLAS]
+        return (c[:1] + mma[:1] if QUICK else c + mma) + [DECODE_CUBLAS]
     return [DECODE_CUBLAS]  # not tuned above DOT_MAX_BATCH (the dispatcher decodes + cuBLAS there)
 
 
@@ -422,7 +429,7 @@ def tune(fmt, layers, batch, xs, reps):
         log(
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
             f" s={cfg.split_k}"
-            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "word") if getattr(cfg, k))
+            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "word", "mma") if getattr(cfg, k))
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")

@@ -42,6 +42,7 @@ class TritonWeight:
     # sliced layouts of this weight (sliced.py), by (seg, rows, per_step); a plain field, so that
     # torch.compile reads the cache without a graph break; not copied by to() or clone()
     sliced: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    mma: object = field(default=None, init=False, repr=False, compare=False)  # mma24.MmaWeight
 
     @property
     def vals_stride(self) -> int:
@@ -75,6 +76,14 @@ class TritonWeight:
         if key not in self.sliced:
             self.sliced[key] = build(self.meta, self.values, self.shape, seg, rows, per_step)
         return self.sliced[key]
+
+    def mma_view(self):
+        """This 2:4 weight in the mma.sp fragment layout of ``mma24.py`` (built once, kept here)."""
+        if self.mma is None:
+            from .mma24 import pack
+
+            self.mma = pack(self)
+        return self.mma
 
     def init_fields(self) -> dict:
         """The constructor's arguments that rebuild this weight (the layout caches are left out)."""

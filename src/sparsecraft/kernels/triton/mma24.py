@@ -1,0 +1,445 @@
+"""2:4 weights on the sparse tensor cores: ``mma.sp`` (m16n8k32) issued from Triton as inline PTX.
+
+Triton exposes no sparse MMA, and its 2:4 decode kernels (gemv.py) spend tens of instructions per
+kept value. ``mma.sp`` multiplies a 16 x 32 2:4 tile (stored as 16 x 16 values + 2-bit indices)
+by a 32 x 8 dense tile in one warp instruction, so the weights only have to reach each lane's
+registers in the instruction's fragment layout. :func:`pack` stores them that way once, so every
+load is a plain coalesced one and no value moves between lanes or through shared memory.
+
+The fragment layout (PTX ISA, "Matrix fragments for mma.sp.m16n8k32" with 16-bit types; lane
+``l``, ``g = l // 4``, ``t = l % 4``, sparsity selector 0):
+
+* A (16 rows x 16 kept values): register a0 holds kept values 2t, 2t+1 of row g, a1 the same of
+  row g+8, a2 / a3 kept values 8+2t, 9+2t of rows g / g+8;
+* the indices: lanes with t < 2 hold one 32-bit word, the 8 two-bit in-group positions of kept
+  values 8t..8t+7 of row g (low half) and row g+8 (high half), little-endian as stored by
+  ``sparsecraft.formats`` (group code i0 | i1 << 2); lanes t = 2, 3 are not read;
+* B (32 columns x 8 input rows): register b_r holds x[g, 8r+2t], x[g, 8r+2t+1];
+* C/D (16 x 8, float32): c0, c1 = rows g, input rows 2t, 2t+1; c2, c3 the same for row g+8.
+
+One warp owns 16 output rows (an "m-tile") and walks K in chunks of 128 columns (4 MMAs). Per
+chunk and lane, fp16/bf16 values are 8 int64 loads (each a coalesced 256 bytes per warp), int4
+codes 4 int32 loads, the indices one 16-byte word group. Batches 1..8 use one n8 tile, 9..16 two
+(the x tile is what is padded, the weights are read once). int4 (symmetric, group a multiple of
+128): 8 codes per lane per MMA are one word, stored as ``code + 8`` so that a mask and an OR make
+them fp16 ``1024 + u`` (or ``1024 + 16 u``) and one fp16x2 FMA maps them to ``u - 8``; each chunk's
+MMAs start from zero and the chunk sum is scaled per row into the float32 accumulator.
+
+The lane a value lives in is read with ``%laneid`` / ``%tid.x`` and every address is computed from
+it, so the kernel is correct for any register layout Triton gives its 1-D lane tensors as long as
+each thread holds one element (the tensors have exactly 32 x num_warps elements).
+
+Under ``TRITON_INTERPRET=1`` (CI) the inline PTX is replaced by arithmetic on the same fragments:
+``_mma_emulated`` rebuilds each warp's dense tiles from the lanes' registers with tensor reshapes,
+so the fragment addressing and :func:`pack` are checked on the CPU; the dequantizing PTX runs
+through tests/ptx_emulator.py. Only the MMA instruction itself is checked on a GPU alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ...errors import SparsecraftError
+
+CHUNK = 128  # columns per loop iteration: 4 MMA steps of 32 columns
+
+
+@dataclass
+class MmaWeight:
+    """A 2:4 weight in the mma.sp fragment layout (see the module docstring)."""
+
+    shape: tuple[int, int]
+    frags: torch.Tensor  # 16-bit values: int64 (N/16, K/32, 2, 32); int4: int32 (N/16, K/32, 32)
+    meta: torch.Tensor  # int32 (N/16, K/128, 16, 4): lane (g, t<2) of chunk c, 4 steps
+    bits: int = 0
+    group_size: int = 128
+    scales: torch.Tensor | None = None  # int4: fp16 (N, ceil(K/G))
+    dtype: torch.dtype = torch.float16  # x's dtype the weight was packed for
+
+    def nbytes(self) -> int:
+        ts = [self.frags, self.meta] + ([self.scales] if self.scales is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def supported(tw, x_dtype: torch.dtype | None = None) -> bool:
+    """Whether :func:`pack` takes this TritonWeight: 2:4, out % 16 == 0, in % 128 == 0, and either
+    fp16/bf16 values with inputs of the same dtype or symmetric int4 with a group size that is a
+    multiple of 128 and fp16 inputs."""
+    if tw.fmt != "nm" or (tw.n, tw.m) != (2, 4) or tw.shape[0] % 16 or tw.shape[1] % CHUNK:
+        return False
+    if tw.bits == 0:
+        return tw.values.dtype in (torch.float16, torch.bfloat16) and x_dtype in (None, tw.values.dtype)
+    return (tw.bits == 4 and bool(tw.symmetric) and tw.group_size % CHUNK == 0
+            and x_dtype in (None, torch.float16))
+
+
+def pack(tw) -> MmaWeight:
+    """The fragment layout of a 2:4 TritonWeight (on its device; one pass of reshapes)."""
+    if not supported(tw):
+        raise SparsecraftError("mma.sp layout: needs 2:4, out % 16 == 0, in % 128 == 0, fp16/bf16 values "
+                               "or symmetric int4 with group size a multiple of 128")
+    n_out, n_in = tw.shape
+    mt, steps, chunks = n_out // 16, n_in // 32, n_in // CHUNK
+    # kept value (row, k) with row = 16 mt + 8 rh + g and k = 16 s + 8 ch + 2 t + h
+    if tw.bits == 0:
+        v = tw.values.view(torch.int16).reshape(mt, 2, 8, steps, 2, 4, 2)  # mt rh g s ch t h
+        v = v.permute(0, 3, 4, 2, 5, 1, 6).contiguous()  # mt s ch g t | rh h: a0|a1 (ch 0), a2|a3 (ch 1)
+        frags = v.reshape(mt, steps, 2, 32, 4).view(torch.int64).reshape(mt, steps, 2, 32)
+    else:
+        b = tw.values.to(torch.int32)
+        codes = torch.stack([b & 15, b >> 4], dim=-1).reshape(n_out, n_in // 2)  # low nibble first
+        u = (codes ^ 8).reshape(mt, 2, 8, steps, 2, 4, 2)  # two's complement n -> n + 8
+        u = u.permute(0, 3, 2, 5, 6, 4, 1).reshape(mt, steps, 32, 8)  # nibble 4 h + 2 ch + rh
+        word = (u.to(torch.int64) << (4 * torch.arange(8, device=u.device))).sum(-1)
+        frags = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
+    idx = tw.meta.view(torch.int16).to(torch.int32) & 0xFFFF  # (N, K/16): 16 columns of one row
+    pos = idx.unsqueeze(-1) >> torch.arange(0, 16, 2, device=idx.device) & 3  # (N, K/16, 8): i0, i1, ...
+    if not bool((pos[..., 0::2] < pos[..., 1::2]).all()):
+        raise SparsecraftError("mma.sp layout: every 2:4 group must list its positions in increasing order")
+    idx = idx.reshape(mt, 2, 8, chunks, 4, 2)  # mt rh g c j p: rows g, g+8; step 4c+j; half p of it
+    word = idx[:, 0] | (idx[:, 1] << 16)
+    meta = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    meta = meta.permute(0, 2, 1, 4, 3).contiguous().reshape(mt, chunks, 16, 4)  # mt c | g p | j
+    return MmaWeight((n_out, n_in), frags, meta, tw.bits, tw.group_size if tw.bits else CHUNK,
+                     tw.scales if tw.bits else None,
+                     torch.float16 if tw.bits else tw.values.dtype)
+
+
+# ------------------------------------------------------------------------------------------ PTX
+def _dequant_ptx(src: str) -> list[str]:
+    """Lines that turn the int32 code word ``src`` (8 nibbles u = code + 8, nibble 4h + 2ch + rh)
+    into the fp16x2 A registers a0..a3 (values u - 8; exact)."""
+    lines = ["mov.b32 k1, 0x3C003C00;", "mov.b32 k2, 0xE408E408;",  # fp16x2 1, -1032
+             "mov.b32 k3, 0x2C002C00;", "mov.b32 k4, 0xD480D480;"]  # fp16x2 1/16, -72
+    for j, w in ((0, src), (2, "q8")):
+        if j == 2:
+            lines.append(f"shr.b32 q8, {src}, 8;")
+        lines += [f"and.b32 a{j}, {w}, 0x000F000F;", f"or.b32 a{j}, a{j}, 0x64006400;",
+                  f"fma.rn.f16x2 a{j}, a{j}, k1, k2;",  # (1024 + u) - 1032
+                  f"and.b32 a{j + 1}, {w}, 0x00F000F0;", f"or.b32 a{j + 1}, a{j + 1}, 0x64006400;",
+                  f"fma.rn.f16x2 a{j + 1}, a{j + 1}, k3, k4;"]  # (1024 + 16 u) / 16 - 72
+    return lines
+
+
+def _mma_ptx(bits: int, bf16: bool, nt: int, ordered: bool) -> str:
+    """One MMA step for nt n8 tiles: operands $0..(4nt-1) the float32 results, then the A operand
+    (two int64, or one int32 code word), the index word, nt x 4 B registers, nt x 4 float32 C."""
+    na = 1 if bits == 4 else 2
+    o_a, o_e, o_b = 4 * nt, 4 * nt + na, 4 * nt + na + 1
+    o_c = o_b + 4 * nt
+    regs = [".reg .b32 a0, a1, a2, a3;"]
+    if bits == 4:
+        regs.append(".reg .b32 q8, k1, k2, k3, k4;")
+        lines = _dequant_ptx(f"${o_a}")
+    else:
+        lines = [f"mov.b64 {{a0, a1}}, ${o_a};", f"mov.b64 {{a2, a3}}, ${o_a + 1};"]
+    ty = "bf16" if bf16 else "f16"
+    op = "mma.sp::ordered_metadata" if ordered else "mma.sp"
+    for n in range(nt):
+        d = ", ".join(f"${4 * n + i}" for i in range(4))
+        b = ", ".join(f"${o_b + 4 * n + i}" for i in range(4))
+        c = ", ".join(f"${o_c + 4 * n + i}" for i in range(4))
+        lines.append(f"{op}.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32 "
+                     f"{{{d}}}, {{a0, a1, a2, a3}}, {{{b}}}, {{{c}}}, ${o_e}, 0x0;")
+    return "{\n" + "\n".join(regs + lines) + "\n}"
+
+
+def _constraints(bits: int, nt: int) -> str:
+    return ",".join(["=f"] * (4 * nt) + (["r"] if bits == 4 else ["l", "l"]) + ["r"] * (1 + 4 * nt)
+                    + ["f"] * (4 * nt))
+
+
+# ---------------------------------------------------------------------------------- the kernel
+@triton.jit
+def _lane_ids(ids, INTERP: tl.constexpr):
+    """(lane, warp) of the thread that holds each element of ``ids`` (arange(0, 32 * num_warps))."""
+    if INTERP:
+        return ids % 32, ids // 32
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [ids], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+    tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [ids], dtype=tl.int32, is_pure=True,
+                                    pack=1)
+    return lane, tid // 32
+
+
+@triton.jit
+def _h2f(h, BF16: tl.constexpr):
+    """int32 holding a 16-bit float pattern in its low bits -> float32."""
+    if BF16:
+        return ((h & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    return (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _split_pairs(r, BF16: tl.constexpr):
+    """int32 register of two 16-bit floats -> (low, high) float32."""
+    return _h2f(r, BF16), _h2f(r >> 16, BF16)
+
+
+@triton.jit
+def _rows(v, W: tl.constexpr):
+    """Lane values (32 W,) -> (W, 8 g, 4 t)."""
+    return tl.reshape(v, (W, 8, 4))
+
+
+@triton.jit
+def _pairs_to_cols(lo, hi, W: tl.constexpr):
+    """Lane registers holding columns 2t, 2t+1 (lo, hi) -> (W, 8, 8) by column 2t + h."""
+    return tl.reshape(tl.join(_rows(lo, W), _rows(hi, W)), (W, 8, 8))
+
+
+@triton.jit
+def _halves(a, b, W: tl.constexpr):
+    """Two (W, 8, 8) column blocks -> (W, 8, 16): a then b."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 1, 3, 2)), (W, 8, 16))
+
+
+@triton.jit
+def _sparse_rows(c, e, W: tl.constexpr):
+    """Dense (W, 8, 32) rows from kept values c (W, 8, 16) and the index words of lanes t = 0, 1
+    (their low 16 bits, (W, 8, 2))."""
+    sh = tl.arange(0, 8) * 2
+    pos = tl.reshape((e[:, :, :, None] >> sh[None, None, None, :]) & 3, (W, 8, 16))
+    k = (tl.arange(0, 16) // 2 * 4)[None, None, :] + pos
+    hit = k[:, :, :, None] == tl.arange(0, 32)[None, None, None, :]
+    return tl.sum(tl.where(hit, c[:, :, :, None], 0.0), axis=2)
+
+
+@triton.jit
+def _mma_emulated(a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, e, b, c0, c1, c2, c3, W: tl.constexpr,
+                  BF16: tl.constexpr):
+    """What one mma.sp m16n8k32 computes, from each lane's registers as float32 (interpreter only):
+    the warp's A rows and B columns are rebuilt from the fragments, multiplied, and handed back in
+    the C layout. ``b`` is the 4 B registers (int32)."""
+    top = _halves(_pairs_to_cols(a0l, a0h, W), _pairs_to_cols(a2l, a2h, W), W)  # rows g, 16 kept
+    bot = _halves(_pairs_to_cols(a1l, a1h, W), _pairs_to_cols(a3l, a3h, W), W)  # rows g + 8
+    et = tl.permute(tl.reshape(_rows(e, W), (W, 8, 2, 2)), (0, 1, 3, 2))  # (.., t % 2, t // 2)
+    e01, _ = tl.split(et)  # lanes t = 0, 1
+    dense_top = _sparse_rows(top, e01 & 0xFFFF, W)
+    dense_bot = _sparse_rows(bot, (e01 >> 16) & 0xFFFF, W)
+    b0, b1, b2, b3 = b
+    cols = []
+    for r in tl.static_range(4):
+        br = b0 if r == 0 else b1 if r == 1 else b2 if r == 2 else b3
+        lo, hi = _split_pairs(br, BF16)
+        cols.append(_pairs_to_cols(lo, hi, W))  # (W, 8 input rows, 8 columns 2t + h of block r)
+    xb = tl.reshape(tl.permute(tl.join(tl.join(cols[0], cols[1]), tl.join(cols[2], cols[3])),
+                               (0, 1, 4, 3, 2)), (W, 8, 32))  # (W, input row, 8 r + 2 t + h)
+    d_top = tl.sum(dense_top[:, :, None, :] * xb[:, None, :, :], axis=3)  # (W, 8 rows, 8 input rows)
+    d_bot = tl.sum(dense_bot[:, :, None, :] * xb[:, None, :, :], axis=3)
+    t0, t1 = tl.split(tl.reshape(d_top, (W, 8, 4, 2)))
+    u0, u1 = tl.split(tl.reshape(d_bot, (W, 8, 4, 2)))
+    L: tl.constexpr = 32 * W
+    return (c0 + tl.reshape(t0, (L,)), c1 + tl.reshape(t1, (L,)), c2 + tl.reshape(u0, (L,)),
+            c3 + tl.reshape(u1, (L,)))
+
+
+@triton.jit
+def _dequant_emulated(q):
+    """The interpreter's version of ``_dequant_ptx``: code word -> 8 float32 (a0 lo, a0 hi, ...)."""
+    vs = []
+    for i in tl.static_range(8):
+        vs.append((((q >> (4 * i)) & 15) - 8).to(tl.float32))
+    # nibble 4h + 2ch + rh: a0 = (ch 0, rh 0), a1 = (ch 0, rh 1), a2 = (ch 1, rh 0), a3 = (ch 1, rh 1)
+    return vs[0], vs[4], vs[1], vs[5], vs[2], vs[6], vs[3], vs[7]
+
+
+@triton.jit
+def _x_regs(x32_ptr, lane, kcol, nt, B, xs32, W: tl.constexpr):
+    """B registers b0..b3 of n-tile nt at dense column kcol: x[n, kcol + 8r + 2t .. +1] as int32."""
+    n = nt * 8 + lane // 4
+    base = x32_ptr + n * xs32 + kcol // 2 + lane % 4
+    m = n < B
+    return (tl.load(base, mask=m, other=0), tl.load(base + 4, mask=m, other=0),
+            tl.load(base + 8, mask=m, other=0), tl.load(base + 12, mask=m, other=0))
+
+
+# the step's PTX per (int4 codes, bf16, ordered metadata): module constants, as Triton requires
+_PTX_H = tl.constexpr(_mma_ptx(0, False, 1, False))
+_PTX_H_ORD = tl.constexpr(_mma_ptx(0, False, 1, True))
+_PTX_B = tl.constexpr(_mma_ptx(0, True, 1, False))
+_PTX_B_ORD = tl.constexpr(_mma_ptx(0, True, 1, True))
+_PTX_Q = tl.constexpr(_mma_ptx(4, False, 1, False))
+_PTX_Q_ORD = tl.constexpr(_mma_ptx(4, False, 1, True))
+_CONS_H = tl.constexpr(_constraints(0, 1))
+_CONS_Q = tl.constexpr(_constraints(4, 1))
+
+
+@triton.jit
+def _mma_step(a, e, b, c, QBITS: tl.constexpr, BF16: tl.constexpr, INTERP: tl.constexpr,
+              ORDERED: tl.constexpr, W: tl.constexpr):
+    """c (4 float32) += A (int64 pair, or int32 code word) @ B (4 int32 registers) for one n-tile."""
+    if INTERP:
+        if QBITS == 4:
+            a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h = _dequant_emulated(a)
+        else:
+            a_lo, a_hi = a
+            a0l, a0h = _split_pairs(a_lo.to(tl.int32), BF16)
+            a1l, a1h = _split_pairs((a_lo >> 32).to(tl.int32), BF16)
+            a2l, a2h = _split_pairs(a_hi.to(tl.int32), BF16)
+            a3l, a3h = _split_pairs((a_hi >> 32).to(tl.int32), BF16)
+        c0, c1, c2, c3 = c
+        return _mma_emulated(a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, e, b, c0, c1, c2, c3, W, BF16)
+    else:
+        return _mma_asm(a, e, b, c, QBITS, BF16, ORDERED)
+
+
+@triton.jit
+def _mma_asm(a, e, b, c, QBITS: tl.constexpr, BF16: tl.constexpr, ORDERED: tl.constexpr):
+    b0, b1, b2, b3 = b
+    c0, c1, c2, c3 = c
+    if QBITS == 4:
+        return tl.inline_asm_elementwise(_PTX_Q_ORD if ORDERED else _PTX_Q, _CONS_Q,
+                                         [a, e, b0, b1, b2, b3, c0, c1, c2, c3],
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                         is_pure=True, pack=1)
+    else:
+        a_lo, a_hi = a
+        if BF16:
+            ptx: tl.constexpr = _PTX_B_ORD if ORDERED else _PTX_B
+        else:
+            ptx: tl.constexpr = _PTX_H_ORD if ORDERED else _PTX_H
+        return tl.inline_asm_elementwise(ptx, _CONS_H, [a_lo, a_hi, e, b0, b1, b2, b3, c0, c1, c2, c3],
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                         is_pure=True, pack=1)
+
+
+
+
+@triton.jit
+def _chunk_loads(c, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS: tl.constexpr):
+    """The loads of chunk c of this warp's m-tile: A operands of its 4 steps and their index words."""
+    s0 = mt * S + 4 * c
+    am = mvalid & (mt * 0 + c < C)
+    if QBITS == 4:
+        a = (tl.load(a_ptr + s0 * 32 + lane, mask=am, other=0),
+             tl.load(a_ptr + (s0 + 1) * 32 + lane, mask=am, other=0),
+             tl.load(a_ptr + (s0 + 2) * 32 + lane, mask=am, other=0),
+             tl.load(a_ptr + (s0 + 3) * 32 + lane, mask=am, other=0))
+    else:
+        a = ((tl.load(a_ptr + s0 * 64 + lane, mask=am, other=0),
+              tl.load(a_ptr + s0 * 64 + 32 + lane, mask=am, other=0)),
+             (tl.load(a_ptr + (s0 + 1) * 64 + lane, mask=am, other=0),
+              tl.load(a_ptr + (s0 + 1) * 64 + 32 + lane, mask=am, other=0)),
+             (tl.load(a_ptr + (s0 + 2) * 64 + lane, mask=am, other=0),
+              tl.load(a_ptr + (s0 + 2) * 64 + 32 + lane, mask=am, other=0)),
+             (tl.load(a_ptr + (s0 + 3) * 64 + lane, mask=am, other=0),
+              tl.load(a_ptr + (s0 + 3) * 64 + 32 + lane, mask=am, other=0)))
+    t = lane % 4
+    ep = e_ptr + ((mt * C + c) * 16 + (lane // 4) * 2 + t) * 4
+    em = am & (t < 2)
+    e = (tl.load(ep, mask=em, other=0), tl.load(ep + 1, mask=em, other=0),
+         tl.load(ep + 2, mask=em, other=0), tl.load(ep + 3, mask=em, other=0))
+    return a, e
+
+
+@triton.jit
+def _chunk(acc, a, e, c, lane, x32_ptr, B, xs32, nt, QBITS: tl.constexpr, BF16: tl.constexpr,
+           INTERP: tl.constexpr, ORDERED: tl.constexpr, W: tl.constexpr):
+    """The 4 MMAs of one chunk for n-tile nt, added to acc (4 float32); int4: from zero (the caller
+    scales the chunk sum)."""
+    if QBITS == 4:
+        z = acc[0] * 0.0
+        d = (z, z, z, z)
+    else:
+        d = acc
+    for j in tl.static_range(4):
+        b = _x_regs(x32_ptr, lane, (4 * c + j) * 32, nt, B, xs32, W)
+        d = _mma_step(a[j], e[j], b, d, QBITS, BF16, INTERP, ORDERED, W)
+    return d
+
+
+@triton.jit
+def _scale_add(acc, d, s_lo, s_hi):
+    a0, a1, a2, a3 = acc
+    d0, d1, d2, d3 = d
+    return a0 + d0 * s_lo, a1 + d1 * s_lo, a2 + d2 * s_hi, a3 + d3 * s_hi
+
+
+@triton.jit
+def _store_tile(acc, out_ptr, row, nt, lane, mvalid, B, stride_ob, ATOMIC: tl.constexpr):
+    """c0, c1 -> out[2t, 2t+1 of n-tile nt][row], c2, c3 -> row + 8."""
+    n = nt * 8 + (lane % 4) * 2
+    c0, c1, c2, c3 = acc
+    for i in tl.static_range(4):
+        v = c0 if i == 0 else c1 if i == 1 else c2 if i == 2 else c3
+        p = out_ptr + (n + i % 2) * stride_ob + row + (i // 2) * 8
+        m = mvalid & (n + i % 2 < B)
+        if ATOMIC:
+            tl.atomic_add(p, v, mask=m)
+        else:
+            tl.store(p, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def mma24_kernel(
+    x_ptr, out_ptr, a_ptr, e_ptr, s_ptr, B, N, K, stride_xb, stride_ob, ng, split_k,
+    QBITS: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, NT: tl.constexpr, W: tl.constexpr,
+    INTERP: tl.constexpr, ORDERED: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """y (B <= 8 NT, N) = x @ W^T, W packed by :func:`pack`; each warp one 16-row m-tile, the grid
+    (m-tiles / W, K splits) in 128-column chunks."""
+    lane, wid = _lane_ids(tl.arange(0, 32 * W), INTERP)
+    mt = tl.program_id(0) * W + wid
+    mvalid = mt < N // 16
+    S = K // 32
+    C = K // 128
+    per = tl.cdiv(C, split_k)
+    c0 = tl.program_id(1) * per
+    c1 = tl.minimum(c0 + per, C)
+    x32_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    xs32 = stride_xb // 2
+    row = mt * 16 + lane // 4
+    zero = lane.to(tl.float32) * 0.0
+    acc0 = (zero, zero, zero, zero)
+    acc1 = (zero, zero, zero, zero)
+    a, e = _chunk_loads(c0, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
+    for c in range(c0, c1):  # the next chunk's loads are issued before this one's MMAs
+        ac, ec = a, e
+        a, e = _chunk_loads(c + 1, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
+        if QBITS == 4:
+            gi = (c * 128) // G
+            s_lo = tl.load(s_ptr + row * ng + gi, mask=mvalid, other=0.0).to(tl.float32)
+            s_hi = tl.load(s_ptr + (row + 8) * ng + gi, mask=mvalid, other=0.0).to(tl.float32)
+            acc0 = _scale_add(acc0, _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP,
+                                           ORDERED, W), s_lo, s_hi)
+            if NT == 2:
+                acc1 = _scale_add(acc1, _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16,
+                                               INTERP, ORDERED, W), s_lo, s_hi)
+        else:
+            acc0 = _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP, ORDERED, W)
+            if NT == 2:
+                acc1 = _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16, INTERP, ORDERED, W)
+    _store_tile(acc0, out_ptr, row, 0, lane, mvalid, B, stride_ob, ATOMIC)
+    if NT == 2:
+        _store_tile(acc1, out_ptr, row, 1, lane, mvalid, B, stride_ob, ATOMIC)
+
+
+def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1,
+             ordered: bool = True, interp: bool = False) -> torch.Tensor:
+    """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores."""
+    batch, n_in = x.shape
+    n_out = mw.shape[0]
+    if batch > 16 or n_in != mw.shape[1] or x.dtype != mw.dtype:
+        raise SparsecraftError(f"mma.sp kernel: batch <= 16 of {mw.dtype} rows with {mw.shape[1]} columns")
+    x = x.contiguous()
+    if x.data_ptr() % 4:  # read as int32 pairs
+        x = x.clone()
+    split_k = max(1, min(split_k, n_in // CHUNK))
+    if split_k > 1:
+        out = torch.zeros(batch, n_out, device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty(batch, n_out, device=x.device, dtype=x.dtype)
+    dummy = mw.meta
+    grid = (triton.cdiv(n_out // 16, warps), split_k)
+    mma24_kernel[grid](
+        x, out, mw.frags, mw.meta, mw.scales if mw.scales is not None else dummy,
+        batch, n_out, n_in, x.stride(0), out.stride(0), mw.scales.shape[1] if mw.scales is not None else 1,
+        split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=1 if batch <= 8 else 2,
+        W=warps, INTERP=interp, ORDERED=ordered, ATOMIC=split_k > 1, num_warps=warps, num_stages=1,
+    )
+    return out.to(x.dtype)
