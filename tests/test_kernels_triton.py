@@ -451,3 +451,101 @@ def test_int4_word_ptx_emulated():
         got = float(np.array([got], dtype=np.uint32).view(np.float32)[0])
         # fp16 products and fp16 sums of four terms per lane: a few units of 2**-11 of sum |c x|
         assert abs(got - ref) <= 4 * 2.0**-11 * sum(abs(c * v) for c, v in picked) + 1e-6, (trial, got, ref)
+
+
+@pytest.mark.parametrize("dtype,bits,g,batch,warps,split", [
+    (torch.float16, 0, 32, 1, 2, 1),
+    (torch.float16, 0, 32, 5, 4, 2),  # a warp past the last m-tile, K split
+    (torch.bfloat16, 0, 32, 12, 1, 3),  # two n-tiles, uneven K split
+    (torch.float16, 4, 128, 1, 2, 2),
+    (torch.float16, 4, 256, 16, 4, 1),  # a group spans two chunks
+])
+def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, split):
+    """The sparse tensor-core kernel (mma24.py) with its MMA emulated from the lanes' fragments
+    (rows rebuilt from registers a0..a3 and the index words of lanes t = 0, 1): this checks the
+    fragment packing and the kernel's addressing of weights, indices, x and output."""
+    from sparsecraft.kernels.triton import mma24
+
+    obj, ref_w = _make("nm", 48, 384, dtype, bits, g, True, seed=bits + batch)
+    tw = layout.prepare(obj)
+    assert mma24.supported(tw, dtype)
+    x = torch.randn(batch, 384, generator=torch.Generator().manual_seed(batch)).to(dtype)
+    cfg = KernelConfig(16 * warps, 0, 16, warps, split_k=split, mma=True)
+    y = sparse_mm(x, tw, cfg)
+    assert y.shape == (batch, 48) and y.dtype == dtype
+    _check(y, x.double() @ ref_w.t(), 2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+def test_mma24_declines_other_layouts():
+    from sparsecraft.errors import SparsecraftError
+    from sparsecraft.kernels.triton import mma24
+
+    cases = [("nm", 40, 384, 0, 32, True, 2, 4),  # rows % 16
+             ("nm", 48, 320, 0, 32, True, 2, 4),  # columns % 128
+             ("nm", 48, 384, 0, 32, True, 4, 8),  # 4:8
+             ("nm", 48, 384, 4, 128, False, 2, 4),  # asymmetric codes
+             ("nm", 48, 384, 4, 64, True, 2, 4),  # group smaller than a 128-column chunk
+             ("bitmask", 48, 384, 0, 32, True, 2, 4)]
+    for fmt, o, i, bits, g, sym, n, m in cases:
+        obj, _ = _make(fmt, o, i, torch.float16, bits, g, sym, n=n, m=m)
+        assert not mma24.supported(layout.prepare(obj))
+    obj, _ = _make("nm", 48, 384, torch.float16)
+    tw = layout.prepare(obj)
+    assert mma24.supported(tw, torch.float16) and not mma24.supported(tw, torch.bfloat16)
+    with pytest.raises(SparsecraftError):
+        mma24.mma24_mm(torch.zeros(17, 384, dtype=torch.float16), tw.mma_view())
+
+
+def test_mma24_pack_is_the_documented_fragment_layout():
+    """Spot checks of mma24.pack against the PTX fragment description, element by element."""
+    from sparsecraft.kernels.triton import mma24
+
+    obj, _ = _make("nm", 32, 256, torch.float16, seed=4)
+    tw = layout.prepare(obj)
+    mw = mma24.pack(tw)
+    vals = tw.values.view(torch.int16)  # (32, 128) kept values, 16 per 32-column step
+    idx16 = tw.meta.view(torch.int16)  # (32, 16): 8 positions of 16 columns
+    frag = mw.frags.view(torch.int16).reshape(2, 8, 2, 32, 4)  # mt, s, half, lane, 4 x 16 bits
+    for mt, s, lane in [(0, 0, 0), (1, 5, 13), (0, 7, 31), (1, 2, 6)]:
+        g, t = lane // 4, lane % 4
+        for half in range(2):
+            k = 16 * s + 8 * half + 2 * t  # a0/a1 (half 0) or a2/a3 (half 1): kept values k, k + 1
+            want = [vals[16 * mt + g, k], vals[16 * mt + g, k + 1], vals[16 * mt + g + 8, k],
+                    vals[16 * mt + g + 8, k + 1]]
+            assert frag[mt, s, half, lane].tolist() == [int(v) for v in want]
+        if t < 2:
+            c, j = divmod(s, 4)
+            word = int(mw.meta[mt, c, 2 * g + t, j]) & 0xFFFFFFFF
+            lo, hi = (int(idx16[16 * mt + r, 2 * s + t]) & 0xFFFF for r in (g, g + 8))
+            assert word == lo | hi << 16
+
+
+def test_mma24_int4_dequant_ptx_emulated():
+    """The dequantizing lines of the int4 MMA step (mma24._dequant_ptx) through the PTX emulator:
+    a code word (nibble 4h + 2ch + rh holds u = code + 8) becomes registers a0..a3 holding the
+    signed codes as fp16 pairs, exactly, for random words."""
+    import numpy as np
+    from ptx_emulator import run
+
+    from sparsecraft.kernels.triton.mma24 import _dequant_ptx
+
+    rng = np.random.default_rng(1)
+    body = _dequant_ptx("$1")
+    for trial in range(200):
+        u = rng.integers(0, 16, 8) if trial else np.arange(8) * 2 + 1
+        q = sum(int(v) << (4 * i) for i, v in enumerate(u))
+        for j in range(4):  # a_j: ch = j // 2, rh = j % 2; lanes h = 0, 1
+            got = run("\n".join(body + [f"mov.b32 $0, a{j};"]), {1: q})
+            lo = np.array([got & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
+            hi = np.array([got >> 16], dtype=np.uint16).view(np.float16)[0]
+            assert (float(lo), float(hi)) == (u[j] - 8.0, u[4 + j] - 8.0), (trial, j, u)
+
+
+def test_mma24_unpack_inverts_pack():
+    from sparsecraft.kernels.triton import mma24
+
+    for dtype, bits, g in [(torch.bfloat16, 0, 32), (torch.float16, 4, 256)]:
+        tw = layout.prepare(_make("nm", 48, 512, dtype, bits, g, True, seed=3)[0])
+        back = mma24.unpack(mma24.pack(tw))
+        assert torch.equal(back.values, tw.values) and torch.equal(back.meta, tw.meta)
+        assert back.dtype == tw.dtype and (bits == 0 or torch.equal(back.scales, tw.scales))

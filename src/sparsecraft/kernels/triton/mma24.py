@@ -109,6 +109,29 @@ def pack(tw) -> MmaWeight:
                      torch.float16 if tw.bits else tw.values.dtype)
 
 
+def unpack(mw: MmaWeight):
+    """The row-major 2:4 TritonWeight of a packed one (the inverse of :func:`pack`: larger batches
+    decode it for cuBLAS)."""
+    from .layout import from_nm
+
+    n_out, n_in = mw.shape
+    mt, steps, chunks = n_out // 16, n_in // 32, n_in // CHUNK
+    if mw.bits == 0:
+        v = mw.frags.reshape(mt, steps, 2, 32, 1).view(torch.int16).reshape(mt, steps, 2, 8, 4, 2, 2)
+        values = v.permute(0, 5, 3, 1, 2, 4, 6).reshape(n_out, n_in // 2).view(mw.dtype)
+    else:
+        u = (mw.frags.unsqueeze(-1) >> (4 * torch.arange(8, device=mw.frags.device))) & 15
+        u = u.reshape(mt, steps, 8, 4, 2, 2, 2).permute(0, 6, 2, 1, 5, 3, 4).reshape(n_out, n_in // 4, 2)
+        codes = u ^ 8  # back to two's complement nibbles
+        values = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
+    word = mw.meta.reshape(mt, chunks, 8, 2, 4).permute(0, 2, 1, 4, 3)  # mt g c j p
+    idx = torch.stack([word & 0xFFFF, (word >> 16) & 0xFFFF], dim=1)  # mt rh g c j p
+    idx = torch.where(idx >= 2**15, idx - 2**16, idx).to(torch.int16).reshape(n_out, n_in // 16)
+    return from_nm(values, idx.view(torch.uint8), 2, 4, mw.shape, torch.float16 if mw.bits else mw.dtype,
+                   bits=mw.bits, group_size=mw.group_size if mw.bits else 128, symmetric=True,
+                   scales=mw.scales)
+
+
 # ------------------------------------------------------------------------------------------ PTX
 def _dequant_ptx(src: str) -> list[str]:
     """Lines that turn the int32 code word ``src`` (8 nibbles u = code + 8, nibble 4h + 2ch + rh)
