@@ -376,8 +376,9 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
         s = list(dict.fromkeys(s))
         return s[:1] if QUICK else s
     # the sparse tensor-core kernel (kernels/triton/mma24.py, session 10): (warps, K split)
-    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True) for w, split in (
-        (4, 4), (4, 8), (2, 8), (8, 8), (4, 16), (1, 8), (4, 2), (2, 16), (8, 4))] if batch <= 16 else []
+    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth) for w, split, depth in (
+        (4, 4, 1), (4, 8, 1), (2, 8, 1), (8, 8, 1), (4, 16, 1), (1, 8, 1), (4, 2, 1), (2, 16, 1), (8, 4, 1),
+        (4, 4, 2), (4, 8, 2), (2, 8, 2), (8, 4, 2), (4, 2, 2))] if batch <= 16 else []
     if batch == 1:
         if fmt == "nm24_int4":
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True),
@@ -430,6 +431,7 @@ def tune(fmt, layers, batch, xs, reps):
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
             f" s={cfg.split_k}"
             + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "word", "mma") if getattr(cfg, k))
+            + (f" depth={cfg.unroll}" if cfg.mma else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")

@@ -52,7 +52,8 @@ class KernelConfig:
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
     word: bool = False  # 2:4 sym int4, fp16 inputs: the 16-column word kernel (inline PTX); bk = 16 * words;
     # with xrow: x read as one contiguous tile and split
-    mma: bool = False  # 2:4, batch <= 16: the sparse tensor-core kernel (mma24.py); bn = 16 * num_warps
+    mma: bool = False  # 2:4, batch <= 16: the sparse tensor-core kernel (mma24.py); bn = 16 * num_warps,
+    # unroll = chunks loaded ahead (1 or 2)
     # bitmask: the sliced kernel (sliced.py) on segments of this many columns (0: off); bn = rows per
     # slice, bb = batch rows per program
     sliced: int = 0
@@ -231,7 +232,8 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     if cfg.mma:
         from .mma24 import mma24_mm
 
-        return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, interp=interpreted())
+        return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, depth=cfg.unroll,
+                        interp=interpreted())
     dummy = tw.meta
     use_dot = cfg.bb > 1
     bb = cfg.bb if use_dot else 1

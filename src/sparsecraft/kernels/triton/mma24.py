@@ -402,7 +402,7 @@ def _store_tile(acc, out_ptr, row, nt, lane, mvalid, B, stride_ob, ATOMIC: tl.co
 def mma24_kernel(
     x_ptr, out_ptr, a_ptr, e_ptr, s_ptr, B, N, K, stride_xb, stride_ob, ng, split_k,
     QBITS: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, NT: tl.constexpr, W: tl.constexpr,
-    INTERP: tl.constexpr, ORDERED: tl.constexpr, ATOMIC: tl.constexpr,
+    INTERP: tl.constexpr, ORDERED: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,
 ):
     """y (B <= 8 NT, N) = x @ W^T, W packed by :func:`pack`; each warp one 16-row m-tile, the grid
     (m-tiles / W, K splits) in 128-column chunks."""
@@ -421,9 +421,15 @@ def mma24_kernel(
     acc0 = (zero, zero, zero, zero)
     acc1 = (zero, zero, zero, zero)
     a, e = _chunk_loads(c0, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
-    for c in range(c0, c1):  # the next chunk's loads are issued before this one's MMAs
+    if DEPTH == 2:
+        a2, e2 = _chunk_loads(c0 + 1, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
+    for c in range(c0, c1):  # the loads of the next DEPTH chunks are issued before this one's MMAs
         ac, ec = a, e
-        a, e = _chunk_loads(c + 1, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
+        if DEPTH == 2:
+            a, e = a2, e2
+            a2, e2 = _chunk_loads(c + 2, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
+        else:
+            a, e = _chunk_loads(c + 1, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
         if QBITS == 4:
             gi = (c * 128) // G
             s_lo = tl.load(s_ptr + row * ng + gi, mask=mvalid, other=0.0).to(tl.float32)
@@ -442,7 +448,7 @@ def mma24_kernel(
         _store_tile(acc1, out_ptr, row, 1, lane, mvalid, B, stride_ob, ATOMIC)
 
 
-def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1,
+def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, depth: int = 1,
              ordered: bool = True, interp: bool = False) -> torch.Tensor:
     """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores."""
     batch, n_in = x.shape
@@ -463,6 +469,7 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1,
         x, out, mw.frags, mw.meta, mw.scales if mw.scales is not None else dummy,
         batch, n_out, n_in, x.stride(0), out.stride(0), mw.scales.shape[1] if mw.scales is not None else 1,
         split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=1 if batch <= 8 else 2,
-        W=warps, INTERP=interp, ORDERED=ordered, ATOMIC=split_k > 1, num_warps=warps, num_stages=1,
+        W=warps, INTERP=interp, ORDERED=ordered, ATOMIC=split_k > 1, DEPTH=depth, num_warps=warps,
+        num_stages=1,
     )
     return out.to(x.dtype)
