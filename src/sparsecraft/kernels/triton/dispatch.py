@@ -33,6 +33,8 @@ import torch
 
 from . import interpreted
 from .layout import TILE, TritonWeight, prepare
+from .mma24 import MmaWeight, mma24_mm, unpack
+from .mma24 import supported as mma24_supported
 
 DOT_MAX_BATCH = 16  # N:M rows up to which the dot kernel beats decode + cuBLAS (measured)
 
@@ -130,6 +132,11 @@ SLICED_WALK_MAX_BATCH = 8
 SLICED_MAX_BATCH = 16
 
 
+# 2:4 on the sparse tensor cores (mma24.py): (bits, 1 row / 2-16 rows) -> (warps per program,
+# warps per multiprocessor that the K split aims at, chunks loaded ahead); empty: not used
+MMA_TILES: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+
 def sliced_config(batch: int) -> KernelConfig:
     """The sliced kernels' launch for ``batch`` (<= SLICED_MAX_BATCH) rows, on SLICED_LAYOUT."""
     lay = SLICED_LAYOUT
@@ -153,6 +160,8 @@ def default_config(tw: TritonWeight, batch: int, device: torch.device,
     out_f, in_f = tw.shape
     if batch <= SLICED_MAX_BATCH and sliced_supported(tw, x_dtype):
         return sliced_config(batch)
+    if batch <= 16 and MMA_TILES and mma24_supported(tw, x_dtype):
+        return mma_config(tw.mma_view(), batch)
     if batch <= UNIT_MAX_BATCH and unit_supported(tw, x_dtype):
         return unit_config(tw, batch, device)
     if batch == 1:
@@ -230,8 +239,6 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     if cfg.mma:
-        from .mma24 import mma24_mm
-
         return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, depth=cfg.unroll,
                         interp=interpreted())
     dummy = tw.meta
@@ -330,9 +337,11 @@ def _int4_word_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch
 
 
 def decompress(tw, dtype: torch.dtype | None = None, bn: int | None = None, bk: int = 256) -> torch.Tensor:
-    """Dense (out, in) weight decoded on the device of ``tw`` (a TritonWeight or a SlicedWeight)."""
+    """Dense (out, in) weight decoded on the device of ``tw`` (a TritonWeight, SlicedWeight or MmaWeight)."""
     from .sparse_mm import decompress_kernel
 
+    if isinstance(tw, MmaWeight):
+        tw = unpack(tw)
     if not isinstance(tw, TritonWeight):
         from .sliced import sliced_dense
 
@@ -394,6 +403,38 @@ def _triton_sparse_linear(
 @_triton_sparse_linear.register_fake
 def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, dense, is_bitmask, out_features,
       in_features, n, m, bits, group_size, symmetric):
+    return x.new_empty(x.shape[0], out_features)
+
+
+def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
+    """Launch of the sparse tensor-core kernel (mma24.py) for ``batch`` <= 16 rows: ``MMA_TILES``."""
+    warps, per_sm, depth = MMA_TILES[(mw.bits, 1 if batch == 1 else 16)]
+    out_f, in_f = mw.shape
+    chunks = in_f // 128
+    split = 1  # K split until there are per_sm warps per multiprocessor (skinny layers)
+    while out_f // 16 * split < per_sm * _sm_count(mw.frags.device) and split * 2 <= chunks:
+        split *= 2
+    return KernelConfig(bn=16 * warps, bk=0, bb=16, num_warps=warps, split_k=split, mma=True, unroll=depth)
+
+
+@torch.library.custom_op("sparsecraft::triton_mma24_linear", mutates_args=())
+def _triton_mma24_linear(x: torch.Tensor, frags: torch.Tensor, meta: torch.Tensor,
+                         scales: torch.Tensor | None,
+                         out_features: int, in_features: int, bits: int, group_size: int,
+                         bf16: bool) -> torch.Tensor:
+    """x (rows, in) @ W^T for a 2:4 weight in the mma.sp layout: its kernel up to 16 rows of the
+    dtype it was packed for, else the decoded weight with cuBLAS."""
+    mw = MmaWeight((out_features, in_features), frags, meta, bits, group_size, scales,
+                   torch.bfloat16 if bf16 else torch.float16)
+    rows = x.shape[0]
+    if rows <= 16 and x.dtype == mw.dtype:
+        cfg = mma_config(mw, rows)
+        return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.unroll, interp=interpreted())
+    return x @ decompress(mw, x.dtype).t()
+
+
+@_triton_mma24_linear.register_fake
+def _(x, frags, meta, scales, out_features, in_features, bits, group_size, bf16):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -464,7 +505,12 @@ def sparse_linear(x: torch.Tensor, tw, bias: torch.Tensor | None = None,
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not isinstance(tw, TritonWeight) or sliced_supported(tw):
+    if isinstance(tw, MmaWeight) and (dense is None or x2.shape[0] == 1):
+        y = torch.ops.sparsecraft.triton_mma24_linear(x2, tw.frags, tw.meta, tw.scales, *tw.shape, tw.bits,
+                                                      tw.group_size, tw.dtype == torch.bfloat16)
+    elif isinstance(tw, MmaWeight):
+        y = x2 @ dense.to(x2.dtype).t()
+    elif not isinstance(tw, TritonWeight) or sliced_supported(tw):
         sw = tw if not isinstance(tw, TritonWeight) else tw.sliced_view(**SLICED_LAYOUT)
         y = _sliced_linear(x2, sw, dense)
     else:
@@ -492,9 +538,12 @@ def supports(weight) -> bool:
 
 
 def prepare_weight(obj, device):
-    """The device layout of a format object: a SlicedWeight for bitmask weights with 16-bit values
-    (the only copy: every batch size reads it), else a TritonWeight."""
+    """The device layout of a format object, the only copy on the device (every batch size reads
+    it): a SlicedWeight for bitmask weights with 16-bit values, an MmaWeight for the 2:4 weights
+    that the sparse tensor-core kernel takes with inputs of their dtype, else a TritonWeight."""
     tw = prepare(obj, device)
+    if MMA_TILES and mma24_supported(tw, tw.dtype):
+        return tw.mma_view()
     if not sliced_supported(tw):
         return tw
     from .sliced import _workspace
@@ -536,7 +585,7 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     if (x.requires_grad and torch.is_grad_enabled()) or not supports(module.weight_compressed):
         return None
     tw = getattr(module, "_cuda_weight", None)
-    if tw is None or tw.values.device != x.device:
+    if tw is None or (tw.frags if isinstance(tw, MmaWeight) else tw.values).device != x.device:
         try:
             import triton  # noqa: F401
         except ImportError:
