@@ -549,3 +549,29 @@ def test_mma24_unpack_inverts_pack():
         back = mma24.unpack(mma24.pack(tw))
         assert torch.equal(back.values, tw.values) and torch.equal(back.meta, tw.meta)
         assert back.dtype == tw.dtype and (bits == 0 or torch.equal(back.scales, tw.scales))
+
+
+def test_cuda_forward_mma24_layout_on_cpu_tensors(monkeypatch):
+    """With MMA_TILES set, 2:4 weights are kept in the mma.sp layout alone: up to 16 rows of the
+    packed dtype run the tensor-core kernel, other batches and dtypes decode it (also for a cached
+    dense copy); int4 weights too."""
+    from types import SimpleNamespace
+
+    from sparsecraft.kernels.triton.mma24 import MmaWeight
+
+    monkeypatch.setitem(dispatch.MMA_TILES, (0, 1), (2, 4, 1))
+    monkeypatch.setitem(dispatch.MMA_TILES, (0, 16), (1, 2, 2))
+    monkeypatch.setitem(dispatch.MMA_TILES, (4, 1), (4, 8, 2))
+    monkeypatch.setitem(dispatch.MMA_TILES, (4, 16), (2, 4, 1))
+    for bits in (0, 4):
+        obj, ref_w = _make("nm", 32, 256, torch.float16, bits, 128, True, seed=8)
+        mod = SimpleNamespace(weight_compressed=obj, bias=None, _cuda_weight=None)
+        for batch, dtype in ((1, torch.float16), (9, torch.float16), (20, torch.float16),
+                             (2, torch.bfloat16)):
+            x = torch.randn(batch, 256).to(dtype)
+            y = dispatch.cuda_forward(mod, x)
+            assert isinstance(mod._cuda_weight, MmaWeight) and y.shape == (batch, 32) and y.dtype == dtype
+            _check(y, x.double() @ ref_w.t(), 2e-2 if dtype == torch.bfloat16 else 4e-3)
+        assert dispatch.mma_config(mod._cuda_weight, 1).split_k == 2  # as far as the 2 chunks allow
+        assert dispatch.prepare_module(mod, "cpu", keep_dense=True)
+        _check(mod._cuda_dense, ref_w, 1e-3)
