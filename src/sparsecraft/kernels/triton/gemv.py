@@ -34,6 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .sparse_mm import _write
+
 
 @triton.jit
 def _h2f(h, BF16: tl.constexpr):
@@ -237,20 +239,11 @@ def nm24_gemv_kernel(
 def _store(acc, out_ptr, rows, rmask, b0, B, stride_ob, BB: tl.constexpr, BN: tl.constexpr,
            ATOMIC: tl.constexpr):
     if BB == 1:
-        res = tl.sum(acc, axis=1)
-        optr = out_ptr + b0 * stride_ob + rows
-        if ATOMIC:
-            tl.atomic_add(optr, res, mask=rmask)
-        else:
-            tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=rmask)
+        _write(out_ptr + b0 * stride_ob + rows, tl.sum(acc, axis=1), rmask, ATOMIC)
     else:
         bi = b0 + tl.arange(0, BB)
-        optr = out_ptr + bi[None, :] * stride_ob + rows[:, None]
-        om = (bi[None, :] < B) & rmask[:, None]
-        if ATOMIC:
-            tl.atomic_add(optr, acc, mask=om)
-        else:
-            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=om)
+        _write(out_ptr + bi[None, :] * stride_ob + rows[:, None], acc, (bi[None, :] < B) & rmask[:, None],
+               ATOMIC)
 
 
 @triton.jit

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ...errors import SparsecraftError
+from .sparse_mm import _write
 
 CHUNK = 128  # columns per loop iteration: 4 MMA steps of 32 columns
 
@@ -390,12 +391,7 @@ def _store_tile(acc, out_ptr, row, nt, lane, mvalid, B, stride_ob, ATOMIC: tl.co
     c0, c1, c2, c3 = acc
     for i in tl.static_range(4):
         v = c0 if i == 0 else c1 if i == 1 else c2 if i == 2 else c3
-        p = out_ptr + (n + i % 2) * stride_ob + row + (i // 2) * 8
-        m = mvalid & (n + i % 2 < B)
-        if ATOMIC:
-            tl.atomic_add(p, v, mask=m)
-        else:
-            tl.store(p, v.to(out_ptr.dtype.element_ty), mask=m)
+        _write(out_ptr + (n + i % 2) * stride_ob + row + (i // 2) * 8, v, mvalid & (n + i % 2 < B), ATOMIC)
 
 
 @triton.jit

@@ -205,6 +205,15 @@ def _mul_add(acc, w, xt, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _write(ptr, v, mask, ATOMIC: tl.constexpr):
+    """Store ``v`` in the output's dtype, or add it atomically (float32 partial sums of K splits)."""
+    if ATOMIC:
+        tl.atomic_add(ptr, v, mask=mask)
+    else:
+        tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def sparse_mm_kernel(
     x_ptr, out_ptr,
     vals_ptr, meta_ptr, rowoff_ptr, toff_ptr, scale_ptr, zero_ptr,
@@ -297,19 +306,10 @@ def sparse_mm_kernel(
             acc = _mul_add(acc, w, xC, USE_DOT, DOT_F32)
 
     if USE_DOT:
-        optr = out_ptr + bidx[None, :] * stride_ob + rows[:, None]
-        omask = rmask[:, None] & bmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(optr, acc, mask=omask)
-        else:
-            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        _write(out_ptr + bidx[None, :] * stride_ob + rows[:, None], acc, rmask[:, None] & bmask[None, :],
+               ATOMIC)
     else:
-        res = tl.sum(acc, axis=1)
-        optr = out_ptr + pid_b * stride_ob + rows
-        if ATOMIC:
-            tl.atomic_add(optr, res, mask=rmask)
-        else:
-            tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=rmask)
+        _write(out_ptr + pid_b * stride_ob + rows, tl.sum(acc, axis=1), rmask, ATOMIC)
 
 
 @triton.jit
