@@ -132,7 +132,9 @@ def rel_err(y, ref):
 
 
 def check(args) -> int:
-    cases = [  # the unit and sliced kernels' cases first (a deadline may cut the rest)
+    cases = [  # the mma, unit and sliced kernels' cases first (a deadline may cut the rest)
+        ("nm", 64, 1024, torch.float16, 4, 128, True, 2, 4),
+        ("nm", 48, 512, torch.float16, 0, 32, True, 2, 4),
         ("bitmask", 40, 600, torch.float16, 0, 32, True, 2, 4),
         ("bitmask", 33, 520, torch.bfloat16, 0, 32, True, 2, 4),
         ("nm", 40, 576, torch.float16, 0, 32, True, 2, 4),
@@ -148,14 +150,17 @@ def check(args) -> int:
     ]
     bad = 0
     # CUDA graph capture and torch.compile of a decode step: a bitmask layer as prepare_module keeps
-    # it (the sliced layout only) at batch 1 (walk kernel), 12 (tensor-core kernel), 40 (decoded)
-    obj = make_compressed("bitmask_70", 512, 1024, 1)
-    sw = dispatch.prepare_weight(obj, "cuda")
-    ref_w = obj.to_dense().cuda().float()
+    # it (the sliced layout only) at batch 1 (walk kernel), 12 (tensor-core kernel), 40 (decoded),
+    # then a 2:4 int4 layer the same way (the mma.sp layout where MMA_TILES has it)
+    objs = [make_compressed(f, 512, 1024, 1) for f in ("bitmask_70", "nm24_int4")]
+    ws = [dispatch.prepare_weight(o, "cuda") for o in objs]
+    print("check: device layouts", [type(w).__name__ for w in ws])
+    refs = [o.to_dense().cuda().float() for o in objs]
     xs = [torch.randn(b, 1024, device="cuda", dtype=torch.float16) for b in (1, 12, 40)]
+    pairs = [(x, w, r) for w, r in zip(ws, refs, strict=True) for x in xs]
 
     def step():
-        return [sparse_linear(x, sw) for x in xs]
+        return [sparse_linear(x, w) for x, w, _ in pairs]
 
     ms, graphed = time_graph(step, reps=3)
     g = torch.cuda.CUDAGraph()
@@ -165,9 +170,12 @@ def check(args) -> int:
         x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
-    e1 = max(rel_err(y, x.float() @ ref_w.t()) for y, x in zip(yg, xs, strict=True))
-    comp = torch.compile(lambda *a: [sparse_linear(x, sw) * 2 for x in a], fullgraph=True)
-    e2 = max(rel_err(y / 2, x.float() @ ref_w.t()) for y, x in zip(comp(*xs), xs, strict=True))
+    e1 = max(rel_err(y, x.float() @ r.t()) for y, (x, _, r) in zip(yg, pairs, strict=True))
+    wl = [w for _, w, _ in pairs]
+    comp = torch.compile(lambda *a: [sparse_linear(x, w) * 2 for x, w in zip(a, wl, strict=True)],
+                         fullgraph=True)
+    ys = comp(*[x for x, _, _ in pairs])
+    e2 = max(rel_err(y / 2, x.float() @ r.t()) for y, (x, _, r) in zip(ys, pairs, strict=True))
     ok = e1 < 3e-3 and e2 < 3e-3 and graphed
     bad += not ok
     print(
@@ -214,12 +222,10 @@ def check(args) -> int:
                      KernelConfig(4, 512, 16, 2, split_k=3, unit=True),
                      KernelConfig(4, 256, 1, 4, unit=True, xrow=True, prmt=True),
                      KernelConfig(16, 256, 16, 4, split_k=2, unit=True, dot=True)]
-        if dispatch.int4_word_supported(tw, dtype):
-            cfgs += [KernelConfig(8, 512, 1, 2, unit=True, word=True),
-                     KernelConfig(4, 256, 1, 1, split_k=2, unit=True, word=True)]
         if mma24.supported(tw, dtype):  # the sparse tensor-core kernel, batch <= 16
             cfgs += [KernelConfig(64, 0, 16, 4, mma=True), KernelConfig(32, 0, 16, 2, split_k=3, mma=True),
-                     KernelConfig(16, 0, 16, 1, split_k=8, mma=True)]
+                     KernelConfig(16, 0, 16, 1, split_k=8, mma=True),
+                     KernelConfig(64, 0, 16, 4, split_k=4, mma=True, unroll=2, fixup=True)]
         if dispatch.sliced_supported(tw):  # the sliced tensor-core kernel (walk: the default at batch 1)
             cfgs += [KernelConfig(64, 0, 16, w, sliced=128, per_step=4, dot=True) for w in (2, 4, 8)]
         worst = 0.0
@@ -375,24 +381,15 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             s.append(DECODE_SLICED)
         s = list(dict.fromkeys(s))
         return s[:1] if QUICK else s
-    # the sparse tensor-core kernel (kernels/triton/mma24.py, session 10): (warps, K split)
-    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth) for w, split, depth in (
-        (4, 4, 1), (4, 8, 1), (2, 8, 1), (8, 8, 1), (4, 16, 1), (1, 8, 1), (4, 2, 1), (2, 16, 1), (8, 4, 1),
-        (4, 4, 2), (4, 8, 2), (2, 8, 2), (8, 4, 2), (4, 2, 2))] if batch <= 16 else []
+    # the sparse tensor-core kernel (kernels/triton/mma24.py, session 10): (warps, K split, chunks
+    # loaded ahead), K splits summed through a float32 output (then converted) or in the kernel
+    # ("fixup"); run 15 (H100) measured the first list at batch 1 and 16
+    tiles = ((4, 4, 2), (4, 8, 1), (1, 8, 1), (8, 4, 2), (4, 16, 1), (4, 16, 2), (2, 8, 1))
+    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth, fixup=fix)
+           for fix in (False, True) for w, split, depth in tiles] if batch <= 16 else []
     if batch == 1:
         if fmt == "nm24_int4":
-            c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True),
-                 unit(4, 1024, 1, 4, xrow=True, prmt=True)]
-            # the 16-column word kernel (inline PTX, session 9): (rows, columns, warps)
-            c += [unit(bn, bk, 1, warps, word=True) for bn, bk, warps in (
-                (4, 512, 1), (8, 512, 2), (16, 256, 2), (4, 1024, 2), (8, 1024, 4), (16, 512, 4),
-                (2, 1024, 1), (32, 256, 4), (8, 256, 1), (8, 1024, 2), (16, 512, 2), (4, 2048, 2))]
-            # narrow tiles, a warp's threads on different rows (x loads broadcast), K split 4-8
-            c += [unit(bn, bk, 1, warps, split_k=split, word=True) for bn, bk, warps, split in (
-                (32, 64, 1, 8), (64, 64, 2, 8), (32, 128, 1, 8), (16, 128, 1, 4), (16, 64, 1, 4))]
-            # x as one contiguous tile, split in registers
-            c += [unit(bn, bk, 1, warps, split_k=split, word=True, xrow=True) for bn, bk, warps, split in (
-                (4, 512, 1, 1), (8, 512, 2, 1), (16, 256, 2, 1), (32, 64, 1, 8), (32, 128, 1, 8))]
+            c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True)]
         else:
             c = [unit(4, 512, 1, 2), unit(2, 512, 1, 1), unit(4, 1024, 1, 4)]
         return (c[:2] + mma[:1]) if QUICK else c + mma
@@ -430,7 +427,7 @@ def tune(fmt, layers, batch, xs, reps):
         log(
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
             f" s={cfg.split_k}"
-            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "word", "mma") if getattr(cfg, k))
+            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "mma", "fixup") if getattr(cfg, k))
             + (f" depth={cfg.unroll}" if cfg.mma else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"

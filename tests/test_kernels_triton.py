@@ -470,10 +470,16 @@ def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, spli
     tw = layout.prepare(obj)
     assert mma24.supported(tw, dtype)
     x = torch.randn(batch, 384, generator=torch.Generator().manual_seed(batch)).to(dtype)
-    cfg = KernelConfig(16 * warps, 0, 16, warps, split_k=split, mma=True, unroll=1 + (batch > 4))
+    cfg = KernelConfig(16 * warps, 0, 16, warps, split_k=split, mma=True, unroll=1 + (batch > 4),
+                       fixup=bits == 4)
     y = sparse_mm(x, tw, cfg)
     assert y.shape == (batch, 48) and y.dtype == dtype
     _check(y, x.double() @ ref_w.t(), 2e-2 if dtype == torch.bfloat16 else 3e-3)
+    if cfg.fixup and split > 1:  # the last split left the workspace and the counters zeroed
+        ws = tw.mma_view().workspaces
+        assert not ws["sums"].any() and not any(ws[k][1].any() for k in ws if k != "sums")
+        y2 = sparse_mm(x, tw, cfg)
+        assert torch.equal(y, y2)
 
 
 def test_mma24_declines_other_layouts():
@@ -559,10 +565,10 @@ def test_cuda_forward_mma24_layout_on_cpu_tensors(monkeypatch):
 
     from sparsecraft.kernels.triton.mma24 import MmaWeight
 
-    monkeypatch.setitem(dispatch.MMA_TILES, (0, 1), (2, 4, 1))
-    monkeypatch.setitem(dispatch.MMA_TILES, (0, 16), (1, 2, 2))
-    monkeypatch.setitem(dispatch.MMA_TILES, (4, 1), (4, 8, 2))
-    monkeypatch.setitem(dispatch.MMA_TILES, (4, 16), (2, 4, 1))
+    monkeypatch.setitem(dispatch.MMA_TILES, (0, 1), (2, 4, 1, True))
+    monkeypatch.setitem(dispatch.MMA_TILES, (0, 16), (1, 2, 2, False))
+    monkeypatch.setitem(dispatch.MMA_TILES, (4, 1), (4, 8, 2, False))
+    monkeypatch.setitem(dispatch.MMA_TILES, (4, 16), (2, 4, 1, True))
     for bits in (0, 4):
         obj, ref_w = _make("nm", 32, 256, torch.float16, bits, 128, True, seed=8)
         mod = SimpleNamespace(weight_compressed=obj, bias=None, _cuda_weight=None)

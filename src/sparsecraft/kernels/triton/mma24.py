@@ -37,7 +37,7 @@ through tests/ptx_emulator.py. Only the MMA instruction itself is checked on a G
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -60,6 +60,18 @@ class MmaWeight:
     group_size: int = 128
     scales: torch.Tensor | None = None  # int4: fp16 (N, ceil(K/G))
     dtype: torch.dtype = torch.float16  # x's dtype the weight was packed for
+    workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def workspace(self, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed float32 (16, out) partial sums and int32 (programs,) arrival counters of the
+        kernel's K-split fixup (each call leaves them zeroed again)."""
+        if programs not in self.workspaces:
+            dev = self.frags.device
+            ws = self.workspaces.get("sums")
+            if ws is None:
+                ws = self.workspaces["sums"] = torch.zeros(16, self.shape[0], device=dev, dtype=torch.float32)
+            self.workspaces[programs] = (ws, torch.zeros(programs, device=dev, dtype=torch.int32))
+        return self.workspaces[programs]
 
     def nbytes(self) -> int:
         ts = [self.frags, self.meta] + ([self.scales] if self.scales is not None else [])
@@ -395,10 +407,25 @@ def _store_tile(acc, out_ptr, row, nt, lane, mvalid, B, stride_ob, ATOMIC: tl.co
 
 
 @triton.jit
+def _finish_tile(ws_ptr, out_ptr, row, nt, lane, mvalid, B, N, stride_ob):
+    """Move n-tile nt of this lane's rows from the workspace to out, leaving zeros behind."""
+    n = nt * 8 + (lane % 4) * 2
+    for i in tl.static_range(4):
+        nn = n + i % 2
+        r = row + (i // 2) * 8
+        m = mvalid & (nn < B)
+        p = ws_ptr + nn * N + r
+        v = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")  # from L2, where the atomics added
+        tl.store(p, tl.zeros_like(v), mask=m)
+        tl.store(out_ptr + nn * stride_ob + r, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def mma24_kernel(
-    x_ptr, out_ptr, a_ptr, e_ptr, s_ptr, B, N, K, stride_xb, stride_ob, ng, split_k,
+    x_ptr, out_ptr, a_ptr, e_ptr, s_ptr, ws_ptr, cnt_ptr, B, N, K, stride_xb, stride_ob, ng, split_k,
     QBITS: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, NT: tl.constexpr, W: tl.constexpr,
     INTERP: tl.constexpr, ORDERED: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,
+    FIXUP: tl.constexpr = False,
 ):
     """y (B <= 8 NT, N) = x @ W^T, W packed by :func:`pack`; each warp one 16-row m-tile, the grid
     (m-tiles / W, K splits) in 128-column chunks."""
@@ -439,14 +466,32 @@ def mma24_kernel(
             acc0 = _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP, ORDERED, W)
             if NT == 2:
                 acc1 = _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16, INTERP, ORDERED, W)
-    _store_tile(acc0, out_ptr, row, 0, lane, mvalid, B, stride_ob, ATOMIC)
-    if NT == 2:
-        _store_tile(acc1, out_ptr, row, 1, lane, mvalid, B, stride_ob, ATOMIC)
+    if FIXUP:
+        # K splits: float32 partial sums into the zeroed workspace; the program that arrives last
+        # at this row block's counter moves the sums to ``out`` and zeroes workspace and counter
+        # (one kernel per product: no fill, no conversion kernel)
+        _store_tile(acc0, ws_ptr, row, 0, lane, mvalid, B, N, True)
+        if NT == 2:
+            _store_tile(acc1, ws_ptr, row, 1, lane, mvalid, B, N, True)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            _finish_tile(ws_ptr, out_ptr, row, 0, lane, mvalid, B, N, stride_ob)
+            if NT == 2:
+                _finish_tile(ws_ptr, out_ptr, row, 1, lane, mvalid, B, N, stride_ob)
+            tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)
+    else:
+        _store_tile(acc0, out_ptr, row, 0, lane, mvalid, B, stride_ob, ATOMIC)
+        if NT == 2:
+            _store_tile(acc1, out_ptr, row, 1, lane, mvalid, B, stride_ob, ATOMIC)
 
 
 def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, depth: int = 1,
-             ordered: bool = True, interp: bool = False) -> torch.Tensor:
-    """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores."""
+             fixup: bool = False, ordered: bool = True, interp: bool = False) -> torch.Tensor:
+    """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores. With K splits the partial
+    sums are added atomically: into a float32 output that is then converted (two more kernels), or
+    with ``fixup`` into the weight's persistent workspace, emptied by the last split (one kernel;
+    the workspace is allocated by the first such call, which must run outside CUDA graph capture)."""
     batch, n_in = x.shape
     n_out = mw.shape[0]
     if batch > 16 or n_in != mw.shape[1] or x.dtype != mw.dtype:
@@ -455,17 +500,18 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
     if x.data_ptr() % 4:  # read as int32 pairs
         x = x.clone()
     split_k = max(1, min(split_k, n_in // CHUNK))
-    if split_k > 1:
+    grid = (triton.cdiv(n_out // 16, warps), split_k)
+    fixup = fixup and split_k > 1
+    if split_k > 1 and not fixup:
         out = torch.zeros(batch, n_out, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(batch, n_out, device=x.device, dtype=x.dtype)
-    dummy = mw.meta
-    grid = (triton.cdiv(n_out // 16, warps), split_k)
+    ws, cnt = mw.workspace(grid[0]) if fixup else (mw.meta, mw.meta)
     mma24_kernel[grid](
-        x, out, mw.frags, mw.meta, mw.scales if mw.scales is not None else dummy,
+        x, out, mw.frags, mw.meta, mw.scales if mw.scales is not None else mw.meta, ws, cnt,
         batch, n_out, n_in, x.stride(0), out.stride(0), mw.scales.shape[1] if mw.scales is not None else 1,
         split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=1 if batch <= 8 else 2,
-        W=warps, INTERP=interp, ORDERED=ordered, ATOMIC=split_k > 1, DEPTH=depth, num_warps=warps,
-        num_stages=1,
+        W=warps, INTERP=interp, ORDERED=ordered, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup,
+        num_warps=warps, num_stages=1,
     )
     return out.to(x.dtype)
