@@ -450,6 +450,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="fewer tuning candidates")
+    ap.add_argument("--dispatch-only", action="store_true", help="no tuning: dense and the dispatcher")
     ap.add_argument("--deadline", type=float, default=0, help="seconds; skip work that starts later")
     args = ap.parse_args()
     global QUICK
@@ -524,6 +525,11 @@ def main() -> int:
                 log(f"{fmt} batch {b}: skipped (deadline)")
                 continue
             cfgs = {}
+            if args.dispatch_only and fmt in FORMATS:
+                rows = [(fmt + "_dispatch",) + bench_chain(fmt, layers, b, xs_by_batch[b], reps=args.reps,
+                                                            cfg_for=dispatcher(b))]
+                log_rows(results, rows, b, wb, bw)
+                continue
             try:
                 if fmt in FORMATS and b <= dispatch.DOT_MAX_BATCH:
                     best = tune(fmt, layers, b, xs_by_batch[b], reps=5)
@@ -547,25 +553,32 @@ def main() -> int:
                 continue
             rows = [(fmt, res, graphed)]
             if fmt in FORMATS and b <= dispatch.DOT_MAX_BATCH:  # the dispatcher's own choice, not tuned
-                rows.append((fmt + "_dispatch",) + bench_chain(
-                    fmt, layers, b, xs_by_batch[b], reps=args.reps,
-                    cfg_for=lambda w, b=b: dispatch.default_config(w, b, torch.device("cuda"))))
-            for name, res, graphed in rows:
-                gbps = wb / (res["chain"] * 1e-3) / 1e9
-                results["rows"].append(
-                    dict(fmt=name, batch=b, weight_bytes=wb, graphed=graphed, GBps=gbps, **res))
-                log(
-                    f"{name:11s} b={b:4d} chain {res['chain']:7.3f} ms  {gbps:6.0f} GB/s "
-                    f"({gbps / bw:4.0%} of copy)  "
-                    + " ".join(f"{s} {res[s] * 1000:7.1f}us" for s in SHAPES)
-                    + ("" if graphed else "  (eager)")
-                )
+                rows.append((fmt + "_dispatch",) + bench_chain(fmt, layers, b, xs_by_batch[b], reps=args.reps,
+                                                               cfg_for=dispatcher(b)))
+            log_rows(results, rows, b, wb, bw)
         del layers
         torch.cuda.empty_cache()
         with open(os.path.join(args.out, "gpu_kernels.json"), "w") as f:
             json.dump(results, f, indent=1)
     print_summary(results)
     return 0
+
+
+def dispatcher(batch: int):
+    """cfg_for of bench_chain: the dispatcher's own tile for each weight at this batch."""
+    return lambda w: dispatch.default_config(w, batch, torch.device("cuda"))
+
+
+def log_rows(results, rows, b, wb, bw):
+    for name, res, graphed in rows:
+        gbps = wb / (res["chain"] * 1e-3) / 1e9
+        results["rows"].append(dict(fmt=name, batch=b, weight_bytes=wb, graphed=graphed, GBps=gbps, **res))
+        log(
+            f"{name:11s} b={b:4d} chain {res['chain']:7.3f} ms  {gbps:6.0f} GB/s "
+            f"({gbps / bw:4.0%} of copy)  "
+            + " ".join(f"{s} {res[s] * 1000:7.1f}us" for s in SHAPES)
+            + ("" if graphed else "  (eager)")
+        )
 
 
 def print_summary(results):

@@ -133,15 +133,17 @@ SLICED_WALK_MAX_BATCH = 8
 SLICED_MAX_BATCH = 16
 
 
-# 2:4 on the sparse tensor cores (mma24.py): (bits, 1 row / 2-16 rows) -> (warps per program,
-# warps per multiprocessor that the K split aims at, chunks loaded ahead, K splits summed in the
-# kernel). int4 only: in H100 run 15 (session 10) the kernel beat the unit kernels for int4 codes
-# (batch 1: 1.83x dense against 1.48x; batch 16: 0.81x against 0.53x) and lost to them for fp16
-# values; the split targets reproduce run 15's best split per layer shape; the in-kernel K-split
-# sums ("fixup") were set before they were timed (run 16)
+# 2:4 on the sparse tensor cores (mma24.py): (bits, 1 row / 2-8 rows / 9-16 rows) -> (warps per
+# program, warps per multiprocessor that the K split aims at, chunks loaded ahead, K splits summed
+# in the kernel). H100 runs 15-16 (session 10, docs/results/gpu_kernels.md): for int4 codes the
+# kernel beat the unit kernels at every batch (run 16, best tiles: 1.89x / 1.46x / 0.80x dense at
+# batch 1 / 4 / 16; the unit kernels in run 15: 1.48x / - / 0.53x); the splits reproduce the best
+# split per layer shape. For fp16 values it won at batch 4 only (1.12x against 0.82x): not used,
+# since the unit kernels at batch 1 read the row-major layout and a second copy would double it.
 MMA_TILES: dict[tuple[int, int], tuple[int, int, int, bool]] = {
     (4, 1): (4, 20, 2, True),
-    (4, 16): (4, 15, 1, True),
+    (4, 8): (1, 15, 1, False),
+    (4, 16): (4, 15, 1, False),
 }
 
 
@@ -416,7 +418,7 @@ def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, dense, is_bitma
 
 def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
     """Launch of the sparse tensor-core kernel (mma24.py) for ``batch`` <= 16 rows: ``MMA_TILES``."""
-    warps, per_sm, depth, fixup = MMA_TILES[(mw.bits, 1 if batch == 1 else 16)]
+    warps, per_sm, depth, fixup = MMA_TILES[(mw.bits, _mma_class(batch))]
     out_f, in_f = mw.shape
     chunks = in_f // 128
     split = 1  # K split until there are per_sm warps per multiprocessor (skinny layers)
@@ -426,22 +428,26 @@ def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
                         fixup=fixup)
 
 
+def _mma_class(batch: int) -> int:
+    return 1 if batch == 1 else 8 if batch <= 8 else 16  # one or two n8 tiles
+
+
 def mma_runs(tw, batch: int, x_dtype: torch.dtype | None) -> bool:
     """Whether ``batch`` rows of ``x_dtype`` go to the sparse tensor-core kernel (``MMA_TILES``);
     ``tw``: a TritonWeight or an MmaWeight."""
-    if batch > 16 or (tw.bits, 1) not in MMA_TILES:
+    if batch > 16 or (tw.bits, _mma_class(batch)) not in MMA_TILES:
         return False
     return x_dtype == tw.dtype if isinstance(tw, MmaWeight) else mma24_supported(tw, x_dtype)
 
 
 @torch.library.custom_op("sparsecraft::triton_mma24_linear", mutates_args=("ws", "cnt"))
 def _triton_mma24_linear(x: torch.Tensor, frags: torch.Tensor, meta: torch.Tensor,
-                         scales: torch.Tensor | None, ws: torch.Tensor | None, cnt: torch.Tensor | None,
+                         scales: torch.Tensor | None, ws: torch.Tensor, cnt: torch.Tensor,
                          out_features: int, in_features: int, bits: int, group_size: int,
                          bf16: bool) -> torch.Tensor:
     """x (rows, in) @ W^T for a 2:4 weight in the mma.sp layout: its kernel where ``mma_runs``
-    (``ws``, ``cnt``: the K-split workspace of ``mma_config``'s launch, zero again on return), else
-    the decoded weight with cuBLAS."""
+    (``ws``, ``cnt``: the K-split workspace of ``mma_config``'s launch, zero again on return, or
+    placeholders), else the decoded weight with cuBLAS."""
     mw = MmaWeight((out_features, in_features), frags, meta, bits, group_size, scales,
                    torch.bfloat16 if bf16 else torch.float16)
     rows = x.shape[0]
@@ -462,7 +468,7 @@ def _mma_linear(x2: torch.Tensor, mw: MmaWeight, dense: torch.Tensor | None) -> 
     rows = x2.shape[0]
     if dense is not None and rows > 1:
         return x2 @ dense.to(x2.dtype).t()
-    ws = cnt = None
+    ws = cnt = mw.placeholder()  # a mutated argument may not be None under torch.compile
     if mma_runs(mw, rows, x2.dtype):
         cfg = mma_config(mw, rows)
         if cfg.fixup and cfg.split_k > 1:  # made by a first, eager call (outside graph capture)
@@ -538,6 +544,8 @@ def sparse_linear(x: torch.Tensor, tw, bias: torch.Tensor | None = None,
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(tw, TritonWeight) and mma_runs(tw, 1, tw.dtype):
+        tw = tw.mma_view()  # packed once and kept on tw
     if isinstance(tw, MmaWeight):
         y = _mma_linear(x2, tw, dense)
     elif not isinstance(tw, TritonWeight) or sliced_supported(tw):

@@ -67,11 +67,17 @@ class MmaWeight:
         kernel's K-split fixup (each call leaves them zeroed again)."""
         if programs not in self.workspaces:
             dev = self.frags.device
-            ws = self.workspaces.get("sums")
+            ws = self.workspaces.get("sums")  # one for all launches: each leaves it zeroed
             if ws is None:
                 ws = self.workspaces["sums"] = torch.zeros(16, self.shape[0], device=dev, dtype=torch.float32)
             self.workspaces[programs] = (ws, torch.zeros(programs, device=dev, dtype=torch.int32))
         return self.workspaces[programs]
+
+    def placeholder(self) -> torch.Tensor:
+        """An empty float32 tensor on the weight's device, passed where no workspace is used."""
+        if "none" not in self.workspaces:
+            self.workspaces["none"] = torch.zeros(0, device=self.frags.device, dtype=torch.float32)
+        return self.workspaces["none"]
 
     def nbytes(self) -> int:
         ts = [self.frags, self.meta] + ([self.scales] if self.scales is not None else [])
