@@ -18,25 +18,12 @@ def _f16_bits(v: float) -> int:
     return int(np.array([v], dtype=np.float16).view(np.uint16)[0])
 
 
-def _f32(bits: int) -> float:
-    return float(np.array([bits & M32], dtype=np.uint32).view(np.float32)[0])
-
-
-def _f32_bits(v: float) -> int:
-    return int(np.array([v], dtype=np.float32).view(np.uint32)[0])
-
-
 def _lanes(op, *xs: int) -> int:
     """Apply ``op`` to the two fp16 lanes (float64 math, one rounding to fp16: exact for mul/fma of
     fp16 operands, whose products fit a float64 mantissa)."""
     lo = op(*(_f16(x) for x in xs))
     hi = op(*(_f16(x >> 16) for x in xs))
     return _f16_bits(lo) | _f16_bits(hi) << 16
-
-
-def _prmt(a: int, b: int, c: int) -> int:
-    data = [(a >> (8 * k)) & 0xFF for k in range(4)] + [(b >> (8 * k)) & 0xFF for k in range(4)]
-    return sum(data[(c >> (4 * k)) & 7] << (8 * k) for k in range(4))
 
 
 def run(ptx: str, inputs: dict[int, int]) -> int:
@@ -56,13 +43,6 @@ def run(ptx: str, inputs: dict[int, int]) -> int:
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
-        vec = re.match(r"\{([^}]*)\},\s*(.*)", rest)
-        if vec:  # mov.bNN {a, b}, src: split a 64-bit (two 32-bit) or 32-bit (two 16-bit) value
-            dst = [d.strip() for d in vec.group(1).split(",")]
-            v = get(vec.group(2).strip())
-            width = 32 if op == "mov.b64" else 16
-            regs[dst[0]], regs[dst[1]] = v & ((1 << width) - 1), v >> width
-            continue
         d, *a = [t.strip() for t in rest.split(",")]
         v = [get(t) for t in a]
         if op == "mov.b32":
@@ -71,24 +51,10 @@ def run(ptx: str, inputs: dict[int, int]) -> int:
             r = v[0] & v[1]
         elif op == "or.b32":
             r = v[0] | v[1]
-        elif op == "xor.b32":
-            r = v[0] ^ v[1]
         elif op == "shr.b32":
             r = v[0] >> v[1]
-        elif op == "mul.lo.u32":
-            r = v[0] * v[1]
-        elif op == "mad.lo.u32":
-            r = v[0] * v[1] + v[2]
-        elif op == "prmt.b32":
-            r = _prmt(v[0], v[1], v[2])
         elif op == "fma.rn.f16x2":
             r = _lanes(lambda x, y, z: x * y + z, *v)
-        elif op == "mul.rn.f16x2":
-            r = _lanes(lambda x, y: x * y, *v)
-        elif op == "cvt.f32.f16":
-            r = _f32_bits(_f16(v[0]))
-        elif op == "add.f32":
-            r = _f32_bits(_f32(v[0]) + _f32(v[1]))
         else:
             raise NotImplementedError(f"PTX emulator: {op}")
         r &= M32

@@ -1,5 +1,6 @@
-"""Pick the kernel and its tile shape for one product y = x @ W^T, W a :class:`TritonWeight`
-or, for bitmask weights with 16-bit values, a :class:`~.sliced.SlicedWeight`.
+"""Pick the kernel and its tile shape for one product y = x @ W^T, W a :class:`TritonWeight`,
+for bitmask weights with 16-bit values a :class:`~.sliced.SlicedWeight`, for 2:4 int4 weights an
+:class:`~.mma24.MmaWeight`.
 
 As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, runs 5 and 6), bitmask on the
 H200 (runs 10-13):
@@ -8,20 +9,23 @@ H200 (runs 10-13):
   device (:func:`prepare_module`); batch 1..8 run its step-per-kept-value kernel, batch 9..16 its
   tensor-core kernel (``sliced_config``), larger batches decode it to a dense temporary
   (:func:`decompress`) for cuBLAS;
-* batch 1..``UNIT_MAX_BATCH`` (16): the 8-column unit kernels (gemv.py) for 2:4 with float
-  or int4 values (16-bit inputs, in_features % 8 == 0), with the tile and variant of ``UNIT_TILES``
-  (FMA rows or, for larger batches, the tensor-core ``dot`` variant); other layouts at batch 1 run
-  the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
+* 2:4 with symmetric int4 codes (group a multiple of 128, fp16 inputs), batch 1..16: the sparse
+  tensor-core kernel (mma24.py, ``MMA_TILES``; H100 runs 15-16), on the mma.sp fragment layout that
+  :func:`prepare_weight` keeps as the weight's only device copy;
+* batch 1..``UNIT_MAX_BATCH`` (16): the 8-column unit kernels (gemv.py) for the other 2:4 weights
+  with float or int4 values (16-bit inputs, in_features % 8 == 0), with the tile and variant of
+  ``UNIT_TILES`` (FMA rows or, for larger batches, the tensor-core ``dot`` variant); other layouts
+  at batch 1 run the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
 * other N:M layouts up to ``DOT_MAX_BATCH`` rows: the decode-then-``tl.dot`` kernel of sparse_mm.py;
 * otherwise (anything above 16 rows, prefill): a dense weight and cuBLAS; the dense weight is a
   cached copy when the model was prepared with ``keep_dense=True`` (then no batch is slower than
-  dense), else it is decoded on the fly by :func:`decompress`. Above batch 1 none of our kernels
-  beat dense cuBLAS on that chain (best: 2:4 0.66x at batch 4-16), so those paths save memory only.
+  dense), else it is decoded on the fly by :func:`decompress`. At batch 16 none of our kernels
+  beat dense cuBLAS on that chain (best: 2:4 0.80x in run 16), so those paths save memory only.
 
 Everything here depends on shapes only (no host syncs, no data-dependent choices), so a decode
 step can be captured in a CUDA graph; :func:`sparse_linear` calls custom ops
 (``sparsecraft::triton_sparse_linear``, ``triton_sliced_linear``, ``triton_sliced_dense``), so
-torch.compile treats each product as one opaque call.
+torch.compile treats each product as one opaque call (``triton_mma24_linear`` for the mma.sp layout).
 """
 
 from __future__ import annotations
@@ -52,8 +56,6 @@ class KernelConfig:
     dot: bool = False  # batch rows on the tensor cores (bb >= 16, bn >= 16) instead of FMAs per row
     xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
-    word: bool = False  # 2:4 sym int4, fp16 inputs: the 16-column word kernel (inline PTX); bk = 16 * words;
-    # with xrow: x read as one contiguous tile and split
     mma: bool = False  # 2:4, batch <= 16: the sparse tensor-core kernel (mma24.py); bn = 16 * num_warps,
     # unroll = chunks loaded ahead (1 or 2)
     fixup: bool = False  # mma with K splits: the last split moves the sums out (no fill / conversion kernels)
@@ -133,17 +135,16 @@ SLICED_WALK_MAX_BATCH = 8
 SLICED_MAX_BATCH = 16
 
 
-# 2:4 on the sparse tensor cores (mma24.py): (bits, 1 row / 2-8 rows / 9-16 rows) -> (warps per
-# program, warps per multiprocessor that the K split aims at, chunks loaded ahead, K splits summed
-# in the kernel). H100 runs 15-16 (session 10, docs/results/gpu_kernels.md): for int4 codes the
-# kernel beat the unit kernels at every batch (run 16, best tiles: 1.89x / 1.46x / 0.80x dense at
-# batch 1 / 4 / 16; the unit kernels in run 15: 1.48x / - / 0.53x); the splits reproduce the best
-# split per layer shape. For fp16 values it won at batch 4 only (1.12x against 0.82x): not used,
-# since the unit kernels at batch 1 read the row-major layout and a second copy would double it.
+# 2:4 on the sparse tensor cores (mma24.py): (bits, 1 row / 2-16 rows) -> (warps per program, warps
+# per multiprocessor that the K split aims at, chunks loaded ahead, K splits summed in the kernel).
+# H100 runs 15-16 (session 10, docs/results/gpu_kernels.md): for int4 codes the kernel beat the unit
+# kernels at every batch (run 16 with these tiles: 1.85x / 1.25x / 0.74x dense at batch 1 / 4 / 16;
+# the unit kernels in run 15: 1.48x / - / 0.53x); the splits reproduce the best split per layer
+# shape of run 15. For fp16 values it won at batch 4 only (1.12x against 0.82x): not used, since the
+# unit kernels at batch 1 read the row-major layout and a second copy would double the weight.
 MMA_TILES: dict[tuple[int, int], tuple[int, int, int, bool]] = {
     (4, 1): (4, 20, 2, True),
-    (4, 8): (1, 15, 1, False),
-    (4, 16): (4, 15, 1, False),
+    (4, 16): (4, 15, 1, True),
 }
 
 
@@ -290,8 +291,6 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
     x = x.contiguous()
     if x.data_ptr() % 16:  # x is read as int64 pairs
         x = x.clone()
-    if cfg.word:
-        return _int4_word_mm(x, tw, cfg)
     batch, in_f = x.shape
     out_f = tw.shape[0]
     bk = cfg.bk
@@ -314,34 +313,6 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
         ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16, DOT=cfg.dot,
         DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
         num_warps=cfg.num_warps, num_stages=1,
-    )
-    return out.to(x.dtype)  # no copy unless split K summed in float32
-
-
-def int4_word_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
-    """Whether the word kernel (gemv.nm24_int4_word_kernel) takes this weight: 2:4, symmetric int4,
-    in_features % 16 == 0, group size a multiple of 16, fp16 inputs."""
-    return (tw.fmt == "nm" and (tw.n, tw.m) == (2, 4) and tw.bits == 4 and bool(tw.symmetric)
-            and tw.shape[1] % 16 == 0 and tw.group_size % 16 == 0 and x_dtype in (None, torch.float16))
-
-
-def _int4_word_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tensor:
-    from .gemv import nm24_int4_word_kernel
-
-    if not int4_word_supported(tw, x.dtype):
-        raise ValueError(f"the int4 word kernel does not take this weight with {x.dtype} inputs")
-    words = cfg.bk // 16
-    if cfg.bk % 16 or words & (words - 1):
-        raise ValueError(f"int4 word kernel tile width {cfg.bk}: 16 * a power of two")
-    batch, in_f = x.shape
-    out_f = tw.shape[0]
-    q = tw.values.view(torch.int32)  # 8 codes (16 columns) per word
-    ib = tw.meta.view(torch.int16)  # their 8 two-bit indices
-    out = _out_buffer(x, out_f, cfg.split_k)
-    nm24_int4_word_kernel[(triton_cdiv(out_f, cfg.bn), cfg.split_k, batch)](
-        x, out, q, ib, tw.scales, out_f, in_f, x.stride(0), out.stride(0), q.shape[1], ib.shape[1],
-        tw.n_groups, cfg.split_k, G=tw.group_size, INTERP=interpreted(), BN=cfg.bn, W=words,
-        ATOMIC=cfg.split_k > 1, XCONT=cfg.xrow, num_warps=cfg.num_warps, num_stages=1,
     )
     return out.to(x.dtype)  # no copy unless split K summed in float32
 
@@ -429,7 +400,7 @@ def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
 
 
 def _mma_class(batch: int) -> int:
-    return 1 if batch == 1 else 8 if batch <= 8 else 16  # one or two n8 tiles
+    return 1 if batch == 1 else 16
 
 
 def mma_runs(tw, batch: int, x_dtype: torch.dtype | None) -> bool:
