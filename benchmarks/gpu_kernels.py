@@ -387,6 +387,9 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     tiles = ((4, 4, 2), (4, 8, 1), (1, 8, 1), (8, 4, 2), (4, 16, 1), (4, 16, 2), (2, 8, 1))
     mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth, fixup=fix)
            for fix in (False, True) for w, split, depth in tiles] if batch <= 16 else []
+    if 1 < batch <= 16:  # x copied into fragment order first (session 10, not yet timed)
+        mma += [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth, fixup=True, xrow=True)
+                for w, split, depth in ((4, 4, 2), (1, 8, 1), (2, 8, 1), (4, 8, 1), (4, 16, 1))]
     if batch == 1:
         if fmt == "nm24_int4":
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True)]
@@ -427,8 +430,9 @@ def tune(fmt, layers, batch, xs, reps):
         log(
             f"  tune {fmt:10s} b={batch:3d} bn={cfg.bn:2d} bk={cfg.bk:4d} bb={cfg.bb:2d} w={cfg.num_warps}"
             f" s={cfg.split_k}"
-            + "".join(f" {k}" for k in ("unit", "dot", "xrow", "prmt", "mma", "fixup") if getattr(cfg, k))
-            + (f" depth={cfg.unroll}" if cfg.mma else "")
+            + "".join(f" {k}" for k in ("unit", "dot", "prmt", "mma", "fixup") if getattr(cfg, k))
+            + (" xrow" if cfg.xrow and not cfg.mma else "")
+            + (f" depth={cfg.unroll}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")

@@ -54,7 +54,8 @@ class KernelConfig:
     unit: bool = False  # the 8-column-unit 2:4 kernels of gemv.py (bk = 8 * units per tile; bb = batch tile)
     # unit-kernel variants (gemv.py), off by default: see docs/results/gpu_kernels.md for which were timed
     dot: bool = False  # batch rows on the tensor cores (bb >= 16, bn >= 16) instead of FMAs per row
-    xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout
+    xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout; mma: x
+    # copied into fragment order first (batch > 1)
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
     mma: bool = False  # 2:4, batch <= 16: the sparse tensor-core kernel (mma24.py); bn = 16 * num_warps,
     # unroll = chunks loaded ahead (1 or 2)
@@ -251,7 +252,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         return unit_mm(x, tw, cfg)
     if cfg.mma:
         return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, depth=cfg.unroll,
-                        fixup=cfg.fixup, interp=interpreted())
+                        fixup=cfg.fixup, xfrag=cfg.xrow, interp=interpreted())
     dummy = tw.meta
     use_dot = cfg.bb > 1
     bb = cfg.bb if use_dot else 1

@@ -291,13 +291,35 @@ def _dequant_emulated(q):
 
 
 @triton.jit
-def _x_regs(x32_ptr, lane, kcol, nt, B, xs32, W: tl.constexpr):
-    """B registers b0..b3 of n-tile nt at dense column kcol: x[n, kcol + 8r + 2t .. +1] as int32."""
-    n = nt * 8 + lane // 4
-    base = x32_ptr + n * xs32 + kcol // 2 + lane % 4
-    m = n < B
-    return (tl.load(base, mask=m, other=0), tl.load(base + 4, mask=m, other=0),
-            tl.load(base + 8, mask=m, other=0), tl.load(base + 12, mask=m, other=0))
+def _x_regs(x32_ptr, lane, kcol, nt, B, xs32, NT: tl.constexpr, XFRAG: tl.constexpr, INTERP: tl.constexpr):
+    """B registers b0..b3 of n-tile nt at dense column kcol: x[n, kcol + 8r + 2t .. +1] as int32,
+    from x itself (4-byte pieces of 8 rows), or with XFRAG from x in fragment order
+    (:func:`fragment_x`: one 16-byte load per lane)."""
+    if XFRAG:
+        p = x32_ptr + (((kcol // 32) * NT + nt) * 32 + lane) * 4
+        if INTERP:
+            return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+        else:
+            return tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                                             [p],
+                                             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                             pack=1)
+    else:
+        n = nt * 8 + lane // 4
+        base = x32_ptr + n * xs32 + kcol // 2 + lane % 4
+        m = n < B
+        return (tl.load(base, mask=m, other=0), tl.load(base + 4, mask=m, other=0),
+                tl.load(base + 8, mask=m, other=0), tl.load(base + 12, mask=m, other=0))
+
+
+def fragment_x(x: torch.Tensor, nt: int) -> torch.Tensor:
+    """x (B <= 8 nt, K) in the B-fragment order of the MMA steps: int32 (K/32, nt, 32 lanes, 4),
+    lane (g, t) holding x[8 n-tile + g, 32 s + 8 r + 2 t .. +1] for r = 0..3; rows past B zero."""
+    b, k = x.shape
+    xp = torch.zeros(8 * nt, k, dtype=x.dtype, device=x.device)
+    xp[:b] = x
+    v = xp.view(torch.int32).view(nt, 8, k // 32, 4, 4)  # n-tile, g, step, r, t
+    return v.permute(2, 0, 1, 4, 3).contiguous()
 
 
 # the step's PTX per (int4 codes, bf16, ordered metadata): module constants, as Triton requires
@@ -381,7 +403,8 @@ def _chunk_loads(c, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS: tl.constexpr):
 
 @triton.jit
 def _chunk(acc, a, e, c, lane, x32_ptr, B, xs32, nt, QBITS: tl.constexpr, BF16: tl.constexpr,
-           INTERP: tl.constexpr, ORDERED: tl.constexpr, W: tl.constexpr):
+           INTERP: tl.constexpr, ORDERED: tl.constexpr, W: tl.constexpr, NT: tl.constexpr,
+           XFRAG: tl.constexpr):
     """The 4 MMAs of one chunk for n-tile nt, added to acc (4 float32); int4: from zero (the caller
     scales the chunk sum)."""
     if QBITS == 4:
@@ -390,7 +413,7 @@ def _chunk(acc, a, e, c, lane, x32_ptr, B, xs32, nt, QBITS: tl.constexpr, BF16: 
     else:
         d = acc
     for j in tl.static_range(4):
-        b = _x_regs(x32_ptr, lane, (4 * c + j) * 32, nt, B, xs32, W)
+        b = _x_regs(x32_ptr, lane, (4 * c + j) * 32, nt, B, xs32, NT, XFRAG, INTERP)
         d = _mma_step(a[j], e[j], b, d, QBITS, BF16, INTERP, ORDERED, W)
     return d
 
@@ -431,7 +454,7 @@ def mma24_kernel(
     x_ptr, out_ptr, a_ptr, e_ptr, s_ptr, ws_ptr, cnt_ptr, B, N, K, stride_xb, stride_ob, ng, split_k,
     QBITS: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, NT: tl.constexpr, W: tl.constexpr,
     INTERP: tl.constexpr, ORDERED: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,
-    FIXUP: tl.constexpr = False,
+    FIXUP: tl.constexpr = False, XFRAG: tl.constexpr = False,
 ):
     """y (B <= 8 NT, N) = x @ W^T, W packed by :func:`pack`; each warp one 16-row m-tile, the grid
     (m-tiles / W, K splits) in 128-column chunks."""
@@ -464,14 +487,16 @@ def mma24_kernel(
             s_lo = tl.load(s_ptr + row * ng + gi, mask=mvalid, other=0.0).to(tl.float32)
             s_hi = tl.load(s_ptr + (row + 8) * ng + gi, mask=mvalid, other=0.0).to(tl.float32)
             acc0 = _scale_add(acc0, _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP,
-                                           ORDERED, W), s_lo, s_hi)
+                                           ORDERED, W, NT, XFRAG), s_lo, s_hi)
             if NT == 2:
                 acc1 = _scale_add(acc1, _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16,
-                                               INTERP, ORDERED, W), s_lo, s_hi)
+                                               INTERP, ORDERED, W, NT, XFRAG), s_lo, s_hi)
         else:
-            acc0 = _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP, ORDERED, W)
+            acc0 = _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP, ORDERED, W, NT,
+                          XFRAG)
             if NT == 2:
-                acc1 = _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16, INTERP, ORDERED, W)
+                acc1 = _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16, INTERP, ORDERED, W, NT,
+                              XFRAG)
     if FIXUP:
         # K splits: float32 partial sums into the zeroed workspace; the program that arrives last
         # at this row block's counter moves the sums to ``out`` and zeroes workspace and counter
@@ -493,11 +518,13 @@ def mma24_kernel(
 
 
 def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, depth: int = 1,
-             fixup: bool = False, ordered: bool = True, interp: bool = False) -> torch.Tensor:
+             fixup: bool = False, xfrag: bool = False, ordered: bool = True,
+             interp: bool = False) -> torch.Tensor:
     """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores. With K splits the partial
     sums are added atomically: into a float32 output that is then converted (two more kernels), or
     with ``fixup`` into the weight's persistent workspace, emptied by the last split (one kernel;
-    the workspace is allocated by the first such call, which must run outside CUDA graph capture)."""
+    the workspace is allocated by the first such call, which must run outside CUDA graph capture).
+    ``xfrag`` (batch > 1): x is first copied into fragment order (:func:`fragment_x`)."""
     batch, n_in = x.shape
     n_out = mw.shape[0]
     if batch > 16 or n_in != mw.shape[1] or x.dtype != mw.dtype:
@@ -513,11 +540,14 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
     else:
         out = torch.empty(batch, n_out, device=x.device, dtype=x.dtype)
     ws, cnt = mw.workspace(grid[0]) if fixup else (mw.meta, mw.meta)
+    nt = 1 if batch <= 8 else 2
+    xfrag = xfrag and batch > 1
     mma24_kernel[grid](
-        x, out, mw.frags, mw.meta, mw.scales if mw.scales is not None else mw.meta, ws, cnt,
+        fragment_x(x, nt) if xfrag else x, out, mw.frags, mw.meta,
+        mw.scales if mw.scales is not None else mw.meta, ws, cnt,
         batch, n_out, n_in, x.stride(0), out.stride(0), mw.scales.shape[1] if mw.scales is not None else 1,
-        split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=1 if batch <= 8 else 2,
-        W=warps, INTERP=interp, ORDERED=ordered, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup,
+        split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=nt,
+        W=warps, INTERP=interp, ORDERED=ordered, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup, XFRAG=xfrag,
         num_warps=warps, num_stages=1,
     )
     return out.to(x.dtype)
