@@ -167,32 +167,27 @@ def _dequant_ptx(src: str) -> list[str]:
     return lines
 
 
-def _mma_ptx(bits: int, bf16: bool, nt: int, ordered: bool) -> str:
-    """One MMA step for nt n8 tiles: operands $0..(4nt-1) the float32 results, then the A operand
-    (two int64, or one int32 code word), the index word, nt x 4 B registers, nt x 4 float32 C."""
-    na = 1 if bits == 4 else 2
-    o_a, o_e, o_b = 4 * nt, 4 * nt + na, 4 * nt + na + 1
-    o_c = o_b + 4 * nt
+def _mma_ptx(bits: int, bf16: bool) -> str:
+    """One MMA step: operands $0..$3 the float32 results, then the A operand (two int64, or one
+    int32 code word), the index word, the 4 B registers and the 4 float32 C values."""
+    o_e = 5 if bits == 4 else 6
     regs = [".reg .b32 a0, a1, a2, a3;"]
     if bits == 4:
         regs.append(".reg .b32 q8, k1, k2, k3, k4;")
-        lines = _dequant_ptx(f"${o_a}")
+        lines = _dequant_ptx("$4")
     else:
-        lines = [f"mov.b64 {{a0, a1}}, ${o_a};", f"mov.b64 {{a2, a3}}, ${o_a + 1};"]
+        lines = ["mov.b64 {a0, a1}, $4;", "mov.b64 {a2, a3}, $5;"]
     ty = "bf16" if bf16 else "f16"
-    op = "mma.sp::ordered_metadata" if ordered else "mma.sp"
-    for n in range(nt):
-        d = ", ".join(f"${4 * n + i}" for i in range(4))
-        b = ", ".join(f"${o_b + 4 * n + i}" for i in range(4))
-        c = ", ".join(f"${o_c + 4 * n + i}" for i in range(4))
-        lines.append(f"{op}.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32 "
-                     f"{{{d}}}, {{a0, a1, a2, a3}}, {{{b}}}, {{{c}}}, ${o_e}, 0x0;")
+    b = ", ".join(f"${o_e + 1 + i}" for i in range(4))
+    c = ", ".join(f"${o_e + 5 + i}" for i in range(4))
+    # ordered metadata (PTX 8.5+): each group's two positions ascending, as the formats store them
+    lines.append(f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32 "
+                 f"{{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{{b}}}, {{{c}}}, ${o_e}, 0x0;")
     return "{\n" + "\n".join(regs + lines) + "\n}"
 
 
-def _constraints(bits: int, nt: int) -> str:
-    return ",".join(["=f"] * (4 * nt) + (["r"] if bits == 4 else ["l", "l"]) + ["r"] * (1 + 4 * nt)
-                    + ["f"] * (4 * nt))
+def _constraints(bits: int) -> str:
+    return ",".join(["=f"] * 4 + (["r"] if bits == 4 else ["l", "l"]) + ["r"] * 5 + ["f"] * 4)
 
 
 # ---------------------------------------------------------------------------------- the kernel
@@ -322,20 +317,17 @@ def fragment_x(x: torch.Tensor, nt: int) -> torch.Tensor:
     return v.permute(2, 0, 1, 4, 3).contiguous()
 
 
-# the step's PTX per (int4 codes, bf16, ordered metadata): module constants, as Triton requires
-_PTX_H = tl.constexpr(_mma_ptx(0, False, 1, False))
-_PTX_H_ORD = tl.constexpr(_mma_ptx(0, False, 1, True))
-_PTX_B = tl.constexpr(_mma_ptx(0, True, 1, False))
-_PTX_B_ORD = tl.constexpr(_mma_ptx(0, True, 1, True))
-_PTX_Q = tl.constexpr(_mma_ptx(4, False, 1, False))
-_PTX_Q_ORD = tl.constexpr(_mma_ptx(4, False, 1, True))
-_CONS_H = tl.constexpr(_constraints(0, 1))
-_CONS_Q = tl.constexpr(_constraints(4, 1))
+# the step's PTX per operand type: module constants, as Triton requires
+_PTX_H = tl.constexpr(_mma_ptx(0, False))
+_PTX_B = tl.constexpr(_mma_ptx(0, True))
+_PTX_Q = tl.constexpr(_mma_ptx(4, False))
+_CONS_H = tl.constexpr(_constraints(0))
+_CONS_Q = tl.constexpr(_constraints(4))
 
 
 @triton.jit
 def _mma_step(a, e, b, c, QBITS: tl.constexpr, BF16: tl.constexpr, INTERP: tl.constexpr,
-              ORDERED: tl.constexpr, W: tl.constexpr):
+              W: tl.constexpr):
     """c (4 float32) += A (int64 pair, or int32 code word) @ B (4 int32 registers) for one n-tile."""
     if INTERP:
         if QBITS == 4:
@@ -349,24 +341,24 @@ def _mma_step(a, e, b, c, QBITS: tl.constexpr, BF16: tl.constexpr, INTERP: tl.co
         c0, c1, c2, c3 = c
         return _mma_emulated(a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, e, b, c0, c1, c2, c3, W, BF16)
     else:
-        return _mma_asm(a, e, b, c, QBITS, BF16, ORDERED)
+        return _mma_asm(a, e, b, c, QBITS, BF16)
 
 
 @triton.jit
-def _mma_asm(a, e, b, c, QBITS: tl.constexpr, BF16: tl.constexpr, ORDERED: tl.constexpr):
+def _mma_asm(a, e, b, c, QBITS: tl.constexpr, BF16: tl.constexpr):
     b0, b1, b2, b3 = b
     c0, c1, c2, c3 = c
     if QBITS == 4:
-        return tl.inline_asm_elementwise(_PTX_Q_ORD if ORDERED else _PTX_Q, _CONS_Q,
+        return tl.inline_asm_elementwise(_PTX_Q, _CONS_Q,
                                          [a, e, b0, b1, b2, b3, c0, c1, c2, c3],
                                          dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
                                          is_pure=True, pack=1)
     else:
         a_lo, a_hi = a
         if BF16:
-            ptx: tl.constexpr = _PTX_B_ORD if ORDERED else _PTX_B
+            ptx: tl.constexpr = _PTX_B
         else:
-            ptx: tl.constexpr = _PTX_H_ORD if ORDERED else _PTX_H
+            ptx: tl.constexpr = _PTX_H
         return tl.inline_asm_elementwise(ptx, _CONS_H, [a_lo, a_hi, e, b0, b1, b2, b3, c0, c1, c2, c3],
                                          dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
                                          is_pure=True, pack=1)
@@ -403,8 +395,7 @@ def _chunk_loads(c, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS: tl.constexpr):
 
 @triton.jit
 def _chunk(acc, a, e, c, lane, x32_ptr, B, xs32, nt, QBITS: tl.constexpr, BF16: tl.constexpr,
-           INTERP: tl.constexpr, ORDERED: tl.constexpr, W: tl.constexpr, NT: tl.constexpr,
-           XFRAG: tl.constexpr):
+           INTERP: tl.constexpr, W: tl.constexpr, NT: tl.constexpr, XFRAG: tl.constexpr):
     """The 4 MMAs of one chunk for n-tile nt, added to acc (4 float32); int4: from zero (the caller
     scales the chunk sum)."""
     if QBITS == 4:
@@ -414,7 +405,7 @@ def _chunk(acc, a, e, c, lane, x32_ptr, B, xs32, nt, QBITS: tl.constexpr, BF16: 
         d = acc
     for j in tl.static_range(4):
         b = _x_regs(x32_ptr, lane, (4 * c + j) * 32, nt, B, xs32, NT, XFRAG, INTERP)
-        d = _mma_step(a[j], e[j], b, d, QBITS, BF16, INTERP, ORDERED, W)
+        d = _mma_step(a[j], e[j], b, d, QBITS, BF16, INTERP, W)
     return d
 
 
@@ -453,7 +444,7 @@ def _finish_tile(ws_ptr, out_ptr, row, nt, lane, mvalid, B, N, stride_ob):
 def mma24_kernel(
     x_ptr, out_ptr, a_ptr, e_ptr, s_ptr, ws_ptr, cnt_ptr, B, N, K, stride_xb, stride_ob, ng, split_k,
     QBITS: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, NT: tl.constexpr, W: tl.constexpr,
-    INTERP: tl.constexpr, ORDERED: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,
+    INTERP: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,
     FIXUP: tl.constexpr = False, XFRAG: tl.constexpr = False,
 ):
     """y (B <= 8 NT, N) = x @ W^T, W packed by :func:`pack`; each warp one 16-row m-tile, the grid
@@ -487,15 +478,15 @@ def mma24_kernel(
             s_lo = tl.load(s_ptr + row * ng + gi, mask=mvalid, other=0.0).to(tl.float32)
             s_hi = tl.load(s_ptr + (row + 8) * ng + gi, mask=mvalid, other=0.0).to(tl.float32)
             acc0 = _scale_add(acc0, _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP,
-                                           ORDERED, W, NT, XFRAG), s_lo, s_hi)
+                                           W, NT, XFRAG), s_lo, s_hi)
             if NT == 2:
                 acc1 = _scale_add(acc1, _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16,
-                                               INTERP, ORDERED, W, NT, XFRAG), s_lo, s_hi)
+                                               INTERP, W, NT, XFRAG), s_lo, s_hi)
         else:
-            acc0 = _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP, ORDERED, W, NT,
+            acc0 = _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP, W, NT,
                           XFRAG)
             if NT == 2:
-                acc1 = _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16, INTERP, ORDERED, W, NT,
+                acc1 = _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16, INTERP, W, NT,
                               XFRAG)
     if FIXUP:
         # K splits: float32 partial sums into the zeroed workspace; the program that arrives last
@@ -518,8 +509,7 @@ def mma24_kernel(
 
 
 def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, depth: int = 1,
-             fixup: bool = False, xfrag: bool = False, ordered: bool = True,
-             interp: bool = False) -> torch.Tensor:
+             fixup: bool = False, xfrag: bool = False, interp: bool = False) -> torch.Tensor:
     """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores. With K splits the partial
     sums are added atomically: into a float32 output that is then converted (two more kernels), or
     with ``fixup`` into the weight's persistent workspace, emptied by the last split (one kernel;
@@ -547,7 +537,7 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
         mw.scales if mw.scales is not None else mw.meta, ws, cnt,
         batch, n_out, n_in, x.stride(0), out.stride(0), mw.scales.shape[1] if mw.scales is not None else 1,
         split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=nt,
-        W=warps, INTERP=interp, ORDERED=ordered, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup, XFRAG=xfrag,
+        W=warps, INTERP=interp, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup, XFRAG=xfrag,
         num_warps=warps, num_stages=1,
     )
     return out.to(x.dtype)
