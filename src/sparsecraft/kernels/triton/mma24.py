@@ -23,7 +23,9 @@ codes 4 int32 loads, the indices one 16-byte word group. Batches 1..8 use one n8
 (the x tile is what is padded, the weights are read once). int4 (symmetric, group a multiple of
 128): 8 codes per lane per MMA are one word, stored as ``code + 8`` so that a mask and an OR make
 them fp16 ``1024 + u`` (or ``1024 + 16 u``) and one fp16x2 FMA maps them to ``u - 8``; each chunk's
-MMAs start from zero and the chunk sum is scaled per row into the float32 accumulator.
+MMAs start from zero and the chunk sum is scaled per row into the float32 accumulator. K splits
+over the grid add float32 partial sums atomically (see :func:`mma24_mm`: into a float32 output, or
+into a persistent workspace that the last split empties into the output).
 
 The lane a value lives in is read with ``%laneid`` / ``%tid.x`` and every address is computed from
 it, so the kernel is correct for any register layout Triton gives its 1-D lane tensors as long as
