@@ -39,6 +39,7 @@ from . import interpreted
 from .layout import TILE, TritonWeight, prepare
 from .mma24 import MmaWeight, mma24_mm, unpack
 from .mma24 import supported as mma24_supported
+from .sparse_mm import _out_buffer
 
 DOT_MAX_BATCH = 16  # N:M rows up to which the dot kernel beats decode + cuBLAS (measured)
 
@@ -225,14 +226,6 @@ def _constexprs(tw: TritonWeight, bk: int) -> dict:
         raise ValueError(f"tile width {bk} and group size {g} must divide one another")
     return dict(FMT=0 if tw.fmt == "bitmask" else 1, NN=max(tw.n, 1), MM=max(tw.m, 1), QBITS=tw.bits,
                 SYM=bool(tw.symmetric), G=g, TILE=TILE)
-
-
-def _out_buffer(x: torch.Tensor, out_f: int, split_k: int) -> torch.Tensor:
-    """(batch, out_f) output of a kernel launch: float32 zeros when K splits add into it atomically,
-    else uninitialised in x's dtype."""
-    if split_k > 1:
-        return torch.zeros(x.shape[0], out_f, device=x.device, dtype=torch.float32)
-    return torch.empty(x.shape[0], out_f, device=x.device, dtype=x.dtype)
 
 
 def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None) -> torch.Tensor:
@@ -425,9 +418,8 @@ def _triton_mma24_linear(x: torch.Tensor, frags: torch.Tensor, meta: torch.Tenso
     rows = x.shape[0]
     if mma_runs(mw, rows, x.dtype):
         cfg = mma_config(mw, rows)
-        if cfg.fixup and cfg.split_k > 1:
-            mw.workspaces[triton_cdiv(out_features // 16, cfg.num_warps)] = (ws, cnt)
-        return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.unroll, cfg.fixup, interp=interpreted())
+        return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.unroll, cfg.fixup, workspace=(ws, cnt),
+                        interp=interpreted())
     return x @ decompress(mw, x.dtype).t()
 
 
@@ -444,7 +436,7 @@ def _mma_linear(x2: torch.Tensor, mw: MmaWeight, dense: torch.Tensor | None) -> 
     if mma_runs(mw, rows, x2.dtype):
         cfg = mma_config(mw, rows)
         if cfg.fixup and cfg.split_k > 1:  # made by a first, eager call (outside graph capture)
-            ws, cnt = mw.workspace(triton_cdiv(mw.shape[0] // 16, cfg.num_warps))
+            ws, cnt = mw.workspace(cfg.num_warps)
     return torch.ops.sparsecraft.triton_mma24_linear(x2, mw.frags, mw.meta, mw.scales, ws, cnt, *mw.shape,
                                                       mw.bits, mw.group_size, mw.dtype == torch.bfloat16)
 

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ...errors import SparsecraftError
-from .sparse_mm import _write
+from .sparse_mm import _out_buffer, _write
 
 CHUNK = 128  # columns per loop iteration: 4 MMA steps of 32 columns
 
@@ -64,16 +64,17 @@ class MmaWeight:
     dtype: torch.dtype = torch.float16  # x's dtype the weight was packed for
     workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def workspace(self, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed float32 (16, out) partial sums and int32 (programs,) arrival counters of the
-        kernel's K-split fixup (each call leaves them zeroed again)."""
-        if programs not in self.workspaces:
+    def workspace(self, warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed float32 (16, out) partial sums and int32 arrival counters (one per program of a
+        launch with ``warps`` warps) of the kernel's K-split fixup; each call leaves them zeroed."""
+        if warps not in self.workspaces:
             dev = self.frags.device
             ws = self.workspaces.get("sums")  # one for all launches: each leaves it zeroed
             if ws is None:
                 ws = self.workspaces["sums"] = torch.zeros(16, self.shape[0], device=dev, dtype=torch.float32)
-            self.workspaces[programs] = (ws, torch.zeros(programs, device=dev, dtype=torch.int32))
-        return self.workspaces[programs]
+            programs = triton.cdiv(self.shape[0] // 16, warps)
+            self.workspaces[warps] = (ws, torch.zeros(programs, device=dev, dtype=torch.int32))
+        return self.workspaces[warps]
 
     def placeholder(self) -> torch.Tensor:
         """An empty float32 tensor on the weight's device, passed where no workspace is used."""
@@ -511,11 +512,13 @@ def mma24_kernel(
 
 
 def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, depth: int = 1,
-             fixup: bool = False, xfrag: bool = False, interp: bool = False) -> torch.Tensor:
+             fixup: bool = False, xfrag: bool = False, workspace: tuple | None = None,
+             interp: bool = False) -> torch.Tensor:
     """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores. With K splits the partial
     sums are added atomically: into a float32 output that is then converted (two more kernels), or
     with ``fixup`` into the weight's persistent workspace, emptied by the last split (one kernel;
-    the workspace is allocated by the first such call, which must run outside CUDA graph capture).
+    the workspace, ``workspace`` or else the weight's own, is allocated by the first such call, which
+    must run outside CUDA graph capture).
     ``xfrag`` (batch > 1): x is first copied into fragment order (:func:`fragment_x`)."""
     batch, n_in = x.shape
     n_out = mw.shape[0]
@@ -527,11 +530,11 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
     split_k = max(1, min(split_k, n_in // CHUNK))
     grid = (triton.cdiv(n_out // 16, warps), split_k)
     fixup = fixup and split_k > 1
-    if split_k > 1 and not fixup:
-        out = torch.zeros(batch, n_out, device=x.device, dtype=torch.float32)
+    out = _out_buffer(x, n_out, 1 if fixup else split_k)  # the fixup writes x's dtype itself
+    if fixup:
+        ws, cnt = workspace if workspace is not None else mw.workspace(warps)
     else:
-        out = torch.empty(batch, n_out, device=x.device, dtype=x.dtype)
-    ws, cnt = mw.workspace(grid[0]) if fixup else (mw.meta, mw.meta)
+        ws, cnt = mw.meta, mw.meta  # not read
     nt = 1 if batch <= 8 else 2
     xfrag = xfrag and batch > 1
     mma24_kernel[grid](

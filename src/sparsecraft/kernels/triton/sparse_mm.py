@@ -19,6 +19,7 @@ Every kernel also runs under ``TRITON_INTERPRET=1`` on CPU tensors (the tests do
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -202,6 +203,14 @@ def _mul_add(acc, w, xt, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
     else:
         acc += w * xt.to(tl.float32)[None, :]
     return acc
+
+
+def _out_buffer(x: torch.Tensor, out_f: int, split_k: int) -> torch.Tensor:
+    """(batch, out_f) output of a kernel launch: float32 zeros when K splits add into it atomically
+    (:func:`_write`), else uninitialised in x's dtype."""
+    if split_k > 1:
+        return torch.zeros(x.shape[0], out_f, device=x.device, dtype=torch.float32)
+    return torch.empty(x.shape[0], out_f, device=x.device, dtype=x.dtype)
 
 
 @triton.jit
