@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ...errors import SparsecraftError
+from .gemv import _h2f
 from .sparse_mm import _out_buffer, _write
 
 CHUNK = 128  # columns per loop iteration: 4 MMA steps of 32 columns
@@ -204,14 +205,6 @@ def _lane_ids(ids, INTERP: tl.constexpr):
     tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [ids], dtype=tl.int32, is_pure=True,
                                     pack=1)
     return lane, tid // 32
-
-
-@triton.jit
-def _h2f(h, BF16: tl.constexpr):
-    """int32 holding a 16-bit float pattern in its low bits -> float32."""
-    if BF16:
-        return ((h & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-    return (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
