@@ -225,7 +225,9 @@ def check(args) -> int:
         if mma24.supported(tw, dtype):  # the sparse tensor-core kernel, batch <= 16
             cfgs += [KernelConfig(64, 0, 16, 4, mma=True), KernelConfig(32, 0, 16, 2, split_k=3, mma=True),
                      KernelConfig(16, 0, 16, 1, split_k=8, mma=True),
-                     KernelConfig(64, 0, 16, 4, split_k=4, mma=True, unroll=2, fixup=True)]
+                     KernelConfig(64, 0, 16, 4, split_k=4, mma=True, unroll=2, fixup=True),
+                     KernelConfig(16, 0, 16, 1, split_k=3, mma=True, unroll=4, fixup=True),
+                     KernelConfig(64, 0, 16, 4, split_k=2, mma=True, unroll=3, fixup=True, xrow=True)]
         if dispatch.sliced_supported(tw):  # the sliced tensor-core kernel (walk: the default at batch 1)
             cfgs += [KernelConfig(64, 0, 16, w, sliced=128, per_step=4, dot=True) for w in (2, 4, 8)]
         worst = 0.0
@@ -381,15 +383,16 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             s.append(DECODE_SLICED)
         s = list(dict.fromkeys(s))
         return s[:1] if QUICK else s
-    # the sparse tensor-core kernel (kernels/triton/mma24.py, session 10): (warps, K split, chunks
-    # loaded ahead), K splits summed through a float32 output (then converted) or in the kernel
-    # ("fixup"); run 15 (H100) measured the first list at batch 1 and 16
-    tiles = ((4, 4, 2), (4, 8, 1), (1, 8, 1), (8, 4, 2), (4, 16, 1), (4, 16, 2), (2, 8, 1))
-    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth, fixup=fix)
-           for fix in (False, True) for w, split, depth in tiles] if batch <= 16 else []
-    if 1 < batch <= 16:  # x copied into fragment order first (session 10, not yet timed)
+    # the sparse tensor-core kernel (kernels/triton/mma24.py): (warps, K split, chunks loaded ahead),
+    # K splits summed in the kernel ("fixup"; runs 15-16 found it as fast or faster than summing
+    # through a float32 output). Session 11: 16-byte operand loads, scales loaded with the chunk,
+    # up to 4 chunks ahead; batch 2-16 also with x copied into fragment order first (xfrag)
+    tiles = ((4, 16, 2), (4, 16, 4), (1, 8, 2), (1, 8, 4), (8, 4, 2), (8, 4, 4), (4, 8, 3), (2, 8, 2))
+    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth, fixup=True)
+           for w, split, depth in tiles] if batch <= 16 else []
+    if 1 < batch <= 16:
         mma += [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth, fixup=True, xrow=True)
-                for w, split, depth in ((4, 4, 2), (1, 8, 1), (2, 8, 1), (4, 8, 1), (4, 16, 1))]
+                for w, split, depth in ((4, 16, 2), (1, 8, 2), (4, 8, 3), (8, 4, 4))]
     if batch == 1:
         if fmt == "nm24_int4":
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True)]

@@ -402,14 +402,14 @@ def test_sliced_weight_serves_batches_1_to_16_and_decodes_above():
     _check(dispatch.sparse_linear(x, sw), x.double() @ ref_w.t(), 1e-6)
 
 
-@pytest.mark.parametrize("dtype,bits,g,batch,warps,split", [
-    (torch.float16, 0, 32, 1, 2, 1),
-    (torch.float16, 0, 32, 5, 4, 2),  # a warp past the last m-tile, K split
-    (torch.bfloat16, 0, 32, 12, 1, 3),  # two n-tiles, uneven K split
-    (torch.float16, 4, 128, 1, 2, 2),
-    (torch.float16, 4, 256, 16, 4, 1),  # a group spans two chunks
+@pytest.mark.parametrize("dtype,bits,g,batch,warps,split,depth", [
+    (torch.float16, 0, 32, 1, 2, 1, 1),
+    (torch.float16, 0, 32, 5, 4, 2, 3),  # a warp past the last m-tile, K split
+    (torch.bfloat16, 0, 32, 12, 1, 3, 2),  # two n-tiles, uneven K split
+    (torch.float16, 4, 128, 1, 2, 2, 4),  # prefetch past the split's and the weight's last chunk
+    (torch.float16, 4, 256, 16, 4, 1, 2),  # a group spans two chunks
 ])
-def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, split):
+def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, split, depth):
     """The sparse tensor-core kernel (mma24.py) with its MMA emulated from the lanes' fragments
     (rows rebuilt from registers a0..a3 and the index words of lanes t = 0, 1): this checks the
     fragment packing and the kernel's addressing of weights, indices, x and output."""
@@ -419,7 +419,7 @@ def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, spli
     tw = layout.prepare(obj)
     assert mma24.supported(tw, dtype)
     x = torch.randn(batch, 384, generator=torch.Generator().manual_seed(batch)).to(dtype)
-    cfg = KernelConfig(16 * warps, 0, 16, warps, split_k=split, mma=True, unroll=1 + (batch > 4),
+    cfg = KernelConfig(16 * warps, 0, 16, warps, split_k=split, mma=True, unroll=depth,
                        fixup=bits == 4, xrow=batch in (5, 16))  # x in fragment order
     y = sparse_mm(x, tw, cfg)
     assert y.shape == (batch, 48) and y.dtype == dtype
@@ -452,7 +452,8 @@ def test_mma24_declines_other_layouts():
 
 
 def test_mma24_pack_is_the_documented_fragment_layout():
-    """Spot checks of mma24.pack against the PTX fragment description, element by element."""
+    """Spot checks of mma24.pack against the PTX fragment description, element by element: the
+    16-bit A registers, the int4 code words and scale pairs, and the index words."""
     from sparsecraft.kernels.triton import mma24
 
     obj, _ = _make("nm", 32, 256, torch.float16, seed=4)
@@ -460,19 +461,42 @@ def test_mma24_pack_is_the_documented_fragment_layout():
     mw = mma24.pack(tw)
     vals = tw.values.view(torch.int16)  # (32, 128) kept values, 16 per 32-column step
     idx16 = tw.meta.view(torch.int16)  # (32, 16): 8 positions of 16 columns
-    frag = mw.frags.view(torch.int16).reshape(2, 8, 2, 32, 4)  # mt, s, half, lane, 4 x 16 bits
+    frag = mw.frags.view(torch.int16).reshape(2, 8, 32, 4, 2)  # mt, s, lane, register, 2 x 16 bits
+    q = layout.prepare(_make("nm", 32, 256, torch.float16, 4, 128, True, seed=4)[0])
+    qw = mma24.pack(q)
+    codes = torch.stack([q.values.to(torch.int32) & 15, q.values.to(torch.int32) >> 4], -1).reshape(32, 128)
     for mt, s, lane in [(0, 0, 0), (1, 5, 13), (0, 7, 31), (1, 2, 6)]:
         g, t = lane // 4, lane % 4
+        c, j = divmod(s, 4)
+        word = int(qw.frags[mt, c, lane, j]) & 0xFFFFFFFF
         for half in range(2):
             k = 16 * s + 8 * half + 2 * t  # a0/a1 (half 0) or a2/a3 (half 1): kept values k, k + 1
             want = [vals[16 * mt + g, k], vals[16 * mt + g, k + 1], vals[16 * mt + g + 8, k],
                     vals[16 * mt + g + 8, k + 1]]
-            assert frag[mt, s, half, lane].tolist() == [int(v) for v in want]
+            assert frag[mt, s, lane, 2 * half:2 * half + 2].flatten().tolist() == [int(v) for v in want]
+            for rh in range(2):  # nibble 4 h + 2 ch + rh holds code + 8 (mod 16)
+                for h in range(2):
+                    nib = word >> (4 * (4 * h + 2 * half + rh)) & 15
+                    assert nib == (int(codes[16 * mt + 8 * rh + g, k + h]) ^ 8)
         if t < 2:
-            c, j = divmod(s, 4)
             word = int(mw.meta[mt, c, 2 * g + t, j]) & 0xFFFFFFFF
             lo, hi = (int(idx16[16 * mt + r, 2 * s + t]) & 0xFFFF for r in (g, g + 8))
             assert word == lo | hi << 16
+        pair = qw.scales[mt, c].view(torch.float16).reshape(8, 2)[g]  # group c: rows g, g + 8
+        assert pair.tolist() == [q.scales[16 * mt + g, c].item(), q.scales[16 * mt + g + 8, c].item()]
+
+
+def test_mma24_fragment_x_is_the_b_operand_order():
+    from sparsecraft.kernels.triton.mma24 import fragment_x
+
+    x = torch.randn(11, 256).half()
+    for nt, b in ((1, 3), (2, 11)):
+        got = fragment_x(x[:b], nt)  # (K/32 steps, n-tiles, 32 lanes, 4 registers)
+        for s, n, lane, r in [(0, 0, 0, 0), (7, nt - 1, 31, 3), (3, 0, 6, 2), (5, nt - 1, 9, 1)]:
+            g, t = lane // 4, lane % 4
+            row, col = 8 * n + g, 32 * s + 8 * r + 2 * t
+            want = x[row, col:col + 2] if row < b else torch.zeros(2, dtype=torch.half)
+            assert torch.equal(got[s, n, lane, r].reshape(1).view(torch.half), want)
 
 
 def test_mma24_int4_dequant_ptx_emulated():

@@ -17,15 +17,20 @@ The fragment layout (PTX ISA, "Matrix fragments for mma.sp.m16n8k32" with 16-bit
 * B (32 columns x 8 input rows): register b_r holds x[g, 8r+2t], x[g, 8r+2t+1];
 * C/D (16 x 8, float32): c0, c1 = rows g, input rows 2t, 2t+1; c2, c3 the same for row g+8.
 
-One warp owns 16 output rows (an "m-tile") and walks K in chunks of 128 columns (4 MMAs). Per
-chunk and lane, fp16/bf16 values are 8 int64 loads (each a coalesced 256 bytes per warp), int4
-codes 4 int32 loads, the indices one 16-byte word group. Batches 1..8 use one n8 tile, 9..16 two
-(the x tile is what is padded, the weights are read once). int4 (symmetric, group a multiple of
-128): 8 codes per lane per MMA are one word, stored as ``code + 8`` so that a mask and an OR make
-them fp16 ``1024 + u`` (or ``1024 + 16 u``) and one fp16x2 FMA maps them to ``u - 8``; each chunk's
-MMAs start from zero and the chunk sum is scaled per row into the float32 accumulator. K splits
-over the grid add float32 partial sums atomically (see :func:`mma24_mm`: into a float32 output, or
-into a persistent workspace that the last split empties into the output).
+One warp owns 16 output rows (an "m-tile") and walks K in chunks of 128 columns (4 MMAs). The
+stored order puts each lane's operands of a step (16-bit values) or of a chunk (int4) in 16
+consecutive bytes, so every lane fetches them with one 16-byte load (512 bytes per warp):
+16-bit values are int32 (m-tiles, K/32 steps, 32 lanes, a0..a3); int4 codes int32 (m-tiles,
+K/128 chunks, 32 lanes, 4 steps), 8 codes per lane and step in one word stored as ``code + 8``, so
+that a mask and an OR make them fp16 ``1024 + u`` (or ``1024 + 16 u``) and one fp16x2 FMA maps
+them to ``u - 8``, once for both n-tiles; the index words are int32 (m-tiles, chunks, 16 lanes
+(g, t < 2), 4 steps); the int4 group scales (symmetric, group a multiple of 128) are int32
+(m-tiles, groups, 8): the fp16 pair (row g, row g + 8), loaded with the chunk's operands. Batches
+1..8 use one n8 tile, 9..16 two (the x tile is what is padded, the weights are read once). Each
+int4 chunk's MMAs start from zero and the chunk sum is scaled per row into the float32
+accumulator. K splits over the grid add float32 partial sums atomically (see :func:`mma24_mm`:
+into a float32 output, or into a persistent workspace that the last split empties into the
+output).
 
 The lane a value lives in is read with ``%laneid`` / ``%tid.x`` and every address is computed from
 it, so the kernel is correct for any register layout Triton gives its 1-D lane tensors as long as
@@ -57,11 +62,11 @@ class MmaWeight:
     """A 2:4 weight in the mma.sp fragment layout (see the module docstring)."""
 
     shape: tuple[int, int]
-    frags: torch.Tensor  # 16-bit values: int64 (N/16, K/32, 2, 32); int4: int32 (N/16, K/32, 32)
+    frags: torch.Tensor  # int32; 16-bit values (N/16, K/32, 32, 4 registers); int4 (N/16, K/128, 32, 4 steps)
     meta: torch.Tensor  # int32 (N/16, K/128, 16, 4): lane (g, t<2) of chunk c, 4 steps
     bits: int = 0
     group_size: int = 128
-    scales: torch.Tensor | None = None  # int4: fp16 (N, ceil(K/G))
+    scales: torch.Tensor | None = None  # int4: int32 (N/16, ceil(K/G), 8): fp16 scales of rows g | g + 8
     dtype: torch.dtype = torch.float16  # x's dtype the weight was packed for
     workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -110,15 +115,19 @@ def pack(tw) -> MmaWeight:
     # kept value (row, k) with row = 16 mt + 8 rh + g and k = 16 s + 8 ch + 2 t + h
     if tw.bits == 0:
         v = tw.values.view(torch.int16).reshape(mt, 2, 8, steps, 2, 4, 2)  # mt rh g s ch t h
-        v = v.permute(0, 3, 4, 2, 5, 1, 6).contiguous()  # mt s ch g t | rh h: a0|a1 (ch 0), a2|a3 (ch 1)
-        frags = v.reshape(mt, steps, 2, 32, 4).view(torch.int64).reshape(mt, steps, 2, 32)
+        v = v.permute(0, 3, 2, 5, 4, 1, 6).contiguous()  # mt s g t | ch rh h: register 2 ch + rh
+        frags = v.view(torch.int32).reshape(mt, steps, 32, 4)
+        scales = None
     else:
         b = tw.values.to(torch.int32)
         codes = torch.stack([b & 15, b >> 4], dim=-1).reshape(n_out, n_in // 2)  # low nibble first
         u = (codes ^ 8).reshape(mt, 2, 8, steps, 2, 4, 2)  # two's complement n -> n + 8
         u = u.permute(0, 3, 2, 5, 6, 4, 1).reshape(mt, steps, 32, 8)  # nibble 4 h + 2 ch + rh
         word = (u.to(torch.int64) << (4 * torch.arange(8, device=u.device))).sum(-1)
-        frags = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
+        word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+        frags = word.reshape(mt, chunks, 4, 32).transpose(2, 3).contiguous()  # mt c lane | step
+        s16 = tw.scales.contiguous().view(torch.int16).reshape(mt, 2, 8, -1)  # mt rh g group
+        scales = s16.permute(0, 3, 2, 1).contiguous().view(torch.int32).reshape(mt, -1, 8)
     idx = tw.meta.view(torch.int16).to(torch.int32) & 0xFFFF  # (N, K/16): 16 columns of one row
     pos = idx.unsqueeze(-1) >> torch.arange(0, 16, 2, device=idx.device) & 3  # (N, K/16, 8): i0, i1, ...
     if not bool((pos[..., 0::2] < pos[..., 1::2]).all()):
@@ -127,8 +136,7 @@ def pack(tw) -> MmaWeight:
     word = idx[:, 0] | (idx[:, 1] << 16)
     meta = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
     meta = meta.permute(0, 2, 1, 4, 3).contiguous().reshape(mt, chunks, 16, 4)  # mt c | g p | j
-    return MmaWeight((n_out, n_in), frags, meta, tw.bits, tw.group_size if tw.bits else CHUNK,
-                     tw.scales if tw.bits else None,
+    return MmaWeight((n_out, n_in), frags, meta, tw.bits, tw.group_size if tw.bits else CHUNK, scales,
                      torch.float16 if tw.bits else tw.values.dtype)
 
 
@@ -139,20 +147,24 @@ def unpack(mw: MmaWeight):
 
     n_out, n_in = mw.shape
     mt, steps, chunks = n_out // 16, n_in // 32, n_in // CHUNK
+    scales = None
     if mw.bits == 0:
-        v = mw.frags.reshape(mt, steps, 2, 32, 1).view(torch.int16).reshape(mt, steps, 2, 8, 4, 2, 2)
-        values = v.permute(0, 5, 3, 1, 2, 4, 6).reshape(n_out, n_in // 2).view(mw.dtype)
+        v = mw.frags.view(torch.int16).reshape(mt, steps, 8, 4, 2, 2, 2)  # mt s g t ch rh h
+        values = v.permute(0, 5, 2, 1, 4, 3, 6).reshape(n_out, n_in // 2).view(mw.dtype)
     else:
-        u = (mw.frags.unsqueeze(-1) >> (4 * torch.arange(8, device=mw.frags.device))) & 15
+        words = mw.frags.transpose(2, 3).reshape(mt, steps, 32)
+        u = (words.unsqueeze(-1) >> (4 * torch.arange(8, device=words.device))) & 15
         u = u.reshape(mt, steps, 8, 4, 2, 2, 2).permute(0, 6, 2, 1, 5, 3, 4).reshape(n_out, n_in // 4, 2)
         codes = u ^ 8  # back to two's complement nibbles
         values = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
+        s16 = mw.scales.view(torch.int16).reshape(mt, -1, 8, 2)  # mt group g rh
+        scales = s16.permute(0, 3, 2, 1).reshape(n_out, -1).view(torch.float16)
     word = mw.meta.reshape(mt, chunks, 8, 2, 4).permute(0, 2, 1, 4, 3)  # mt g c j p
     idx = torch.stack([word & 0xFFFF, (word >> 16) & 0xFFFF], dim=1)  # mt rh g c j p
     idx = torch.where(idx >= 2**15, idx - 2**16, idx).to(torch.int16).reshape(n_out, n_in // 16)
     return from_nm(values, idx.view(torch.uint8), 2, 4, mw.shape, torch.float16 if mw.bits else mw.dtype,
                    bits=mw.bits, group_size=mw.group_size if mw.bits else 128, symmetric=True,
-                   scales=mw.scales)
+                   scales=scales)
 
 
 # ------------------------------------------------------------------------------------------ PTX
@@ -171,27 +183,19 @@ def _dequant_ptx(src: str) -> list[str]:
     return lines
 
 
-def _mma_ptx(bits: int, bf16: bool) -> str:
-    """One MMA step: operands $0..$3 the float32 results, then the A operand (two int64, or one
-    int32 code word), the index word, the 4 B registers and the 4 float32 C values."""
-    o_e = 5 if bits == 4 else 6
-    regs = [".reg .b32 a0, a1, a2, a3;"]
-    if bits == 4:
-        regs.append(".reg .b32 q8, k1, k2, k3, k4;")
-        lines = _dequant_ptx("$4")
-    else:
-        lines = ["mov.b64 {a0, a1}, $4;", "mov.b64 {a2, a3}, $5;"]
+def _mma_ptx(bf16: bool) -> str:
+    """One MMA step: $0..$3 the float32 results, $4..$7 the A registers, $8 the index word,
+    $9..$12 the B registers, $13..$16 the float32 C values."""
     ty = "bf16" if bf16 else "f16"
-    b = ", ".join(f"${o_e + 1 + i}" for i in range(4))
-    c = ", ".join(f"${o_e + 5 + i}" for i in range(4))
     # ordered metadata (PTX 8.5+): each group's two positions ascending, as the formats store them
-    lines.append(f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32 "
-                 f"{{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{{b}}}, {{{c}}}, ${o_e}, 0x0;")
-    return "{\n" + "\n".join(regs + lines) + "\n}"
+    return (f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32 "
+            "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$9, $10, $11, $12}, {$13, $14, $15, $16}, $8, 0x0;")
 
 
-def _constraints(bits: int) -> str:
-    return ",".join(["=f"] * 4 + (["r"] if bits == 4 else ["l", "l"]) + ["r"] * 5 + ["f"] * 4)
+def _dequant_asm() -> str:
+    """The code word $4 -> the fp16x2 A registers $0..$3."""
+    lines = [".reg .b32 a0, a1, a2, a3, q8, k1, k2, k3, k4;", *_dequant_ptx("$4")]
+    return "{\n" + "\n".join(lines + [f"mov.b32 ${j}, a{j};" for j in range(4)]) + "\n}"
 
 
 # ---------------------------------------------------------------------------------- the kernel
@@ -282,19 +286,24 @@ def _dequant_emulated(q):
 
 
 @triton.jit
+def _load4(p, INTERP: tl.constexpr):
+    """The 4 int32 at p .. p + 3 (16-byte aligned, read-only during the kernel): one 16-byte load
+    per thread."""
+    if INTERP:
+        return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+    else:
+        return tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [p],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
 def _x_regs(x32_ptr, lane, kcol, nt, B, xs32, NT: tl.constexpr, XFRAG: tl.constexpr, INTERP: tl.constexpr):
     """B registers b0..b3 of n-tile nt at dense column kcol: x[n, kcol + 8r + 2t .. +1] as int32,
     from x itself (4-byte pieces of 8 rows), or with XFRAG from x in fragment order
     (:func:`fragment_x`: one 16-byte load per lane)."""
     if XFRAG:
-        p = x32_ptr + (((kcol // 32) * NT + nt) * 32 + lane) * 4
-        if INTERP:
-            return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
-        else:
-            return tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
-                                             [p],
-                                             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
-                                             pack=1)
+        return _load4(x32_ptr + (((kcol // 32) * NT + nt) * 32 + lane) * 4, INTERP)
     else:
         n = nt * 8 + lane // 4
         base = x32_ptr + n * xs32 + kcol // 2 + lane % 4
@@ -303,106 +312,129 @@ def _x_regs(x32_ptr, lane, kcol, nt, B, xs32, NT: tl.constexpr, XFRAG: tl.conste
                 tl.load(base + 8, mask=m, other=0), tl.load(base + 12, mask=m, other=0))
 
 
+@triton.jit
+def _fragment_x_kernel(x_ptr, out_ptr, B, n_out, xs32, NT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # out index (step, n-tile, lane, r)
+    r = i % 4
+    lane = (i // 4) % 32
+    n = (i // 128) % NT * 8 + lane // 4
+    col32 = (i // (128 * NT)) * 16 + r * 4 + lane % 4
+    v = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + n * xs32 + col32, mask=(i < n_out) & (n < B), other=0)
+    tl.store(out_ptr + i, v, mask=i < n_out)
+
+
 def fragment_x(x: torch.Tensor, nt: int) -> torch.Tensor:
-    """x (B <= 8 nt, K) in the B-fragment order of the MMA steps: int32 (K/32, nt, 32 lanes, 4),
-    lane (g, t) holding x[8 n-tile + g, 32 s + 8 r + 2 t .. +1] for r = 0..3; rows past B zero."""
+    """x (B <= 8 nt, K), contiguous, in the B-fragment order of the MMA steps (one kernel): int32
+    (K/32, nt, 32 lanes, 4), lane (g, t) holding x[8 n-tile + g, 32 s + 8 r + 2 t .. +1] for
+    r = 0..3; rows past B zero."""
     b, k = x.shape
-    xp = torch.zeros(8 * nt, k, dtype=x.dtype, device=x.device)
-    xp[:b] = x
-    v = xp.view(torch.int32).view(nt, 8, k // 32, 4, 4)  # n-tile, g, step, r, t
-    return v.permute(2, 0, 1, 4, 3).contiguous()
+    out = torch.empty(k // 32, nt, 32, 4, dtype=torch.int32, device=x.device)
+    block = 1024
+    _fragment_x_kernel[(triton.cdiv(out.numel(), block),)](x, out, b, out.numel(), x.stride(0) // 2, NT=nt,
+                                                          BLOCK=block, num_warps=4)
+    return out
 
 
-# the step's PTX per operand type: module constants, as Triton requires
-_PTX_H = tl.constexpr(_mma_ptx(0, False))
-_PTX_B = tl.constexpr(_mma_ptx(0, True))
-_PTX_Q = tl.constexpr(_mma_ptx(4, False))
-_CONS_H = tl.constexpr(_constraints(0))
-_CONS_Q = tl.constexpr(_constraints(4))
+# the inline PTX: module constants, as Triton requires
+_PTX_H = tl.constexpr(_mma_ptx(False))
+_PTX_B = tl.constexpr(_mma_ptx(True))
+_PTX_DEQUANT = tl.constexpr(_dequant_asm())
+_CONS_MMA = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 9 + ["f"] * 4))
 
 
 @triton.jit
-def _mma_step(a, e, b, c, QBITS: tl.constexpr, BF16: tl.constexpr, INTERP: tl.constexpr,
-              W: tl.constexpr):
-    """c (4 float32) += A (int64 pair, or int32 code word) @ B (4 int32 registers) for one n-tile."""
+def _a_operand(a, QBITS: tl.constexpr, BF16: tl.constexpr, INTERP: tl.constexpr):
+    """A operand of one step from its stored form (4 int32 registers, or an int4 code word): the
+    registers a0..a3 (GPU), or their 8 values as float32 (interpreter: a0 low, a0 high, a1 low, ..)."""
     if INTERP:
         if QBITS == 4:
-            a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h = _dequant_emulated(a)
+            return _dequant_emulated(a)
         else:
-            a_lo, a_hi = a
-            a0l, a0h = _split_pairs(a_lo.to(tl.int32), BF16)
-            a1l, a1h = _split_pairs((a_lo >> 32).to(tl.int32), BF16)
-            a2l, a2h = _split_pairs(a_hi.to(tl.int32), BF16)
-            a3l, a3h = _split_pairs((a_hi >> 32).to(tl.int32), BF16)
-        c0, c1, c2, c3 = c
-        return _mma_emulated(a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, e, b, c0, c1, c2, c3, W, BF16)
+            r0, r1, r2, r3 = a
+            a0l, a0h = _split_pairs(r0, BF16)
+            a1l, a1h = _split_pairs(r1, BF16)
+            a2l, a2h = _split_pairs(r2, BF16)
+            a3l, a3h = _split_pairs(r3, BF16)
+            return a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h
     else:
-        return _mma_asm(a, e, b, c, QBITS, BF16)
+        if QBITS == 4:
+            return tl.inline_asm_elementwise(_PTX_DEQUANT, "=r,=r,=r,=r,r", [a],
+                                             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                             pack=1)
+        else:
+            return a
 
 
 @triton.jit
-def _mma_asm(a, e, b, c, QBITS: tl.constexpr, BF16: tl.constexpr):
-    b0, b1, b2, b3 = b
+def _mma_step(av, e, b, c, BF16: tl.constexpr, INTERP: tl.constexpr, W: tl.constexpr):
+    """c (4 float32) += A @ B for one n-tile: ``av`` from :func:`_a_operand`, ``b`` the 4 B registers."""
     c0, c1, c2, c3 = c
-    if QBITS == 4:
-        return tl.inline_asm_elementwise(_PTX_Q, _CONS_Q,
-                                         [a, e, b0, b1, b2, b3, c0, c1, c2, c3],
-                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
-                                         is_pure=True, pack=1)
+    if INTERP:
+        a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h = av
+        return _mma_emulated(a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, e, b, c0, c1, c2, c3, W, BF16)
     else:
-        a_lo, a_hi = a
+        a0, a1, a2, a3 = av
+        b0, b1, b2, b3 = b
         if BF16:
             ptx: tl.constexpr = _PTX_B
         else:
             ptx: tl.constexpr = _PTX_H
-        return tl.inline_asm_elementwise(ptx, _CONS_H, [a_lo, a_hi, e, b0, b1, b2, b3, c0, c1, c2, c3],
+        return tl.inline_asm_elementwise(ptx, _CONS_MMA, [a0, a1, a2, a3, e, b0, b1, b2, b3, c0, c1, c2, c3],
                                          dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
                                          is_pure=True, pack=1)
 
 
-
-
 @triton.jit
-def _chunk_loads(c, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS: tl.constexpr):
-    """The loads of chunk c of this warp's m-tile: A operands of its 4 steps and their index words."""
-    s0 = mt * S + 4 * c
-    am = mvalid & (mt * 0 + c < C)
+def _chunk_loads(c, mt, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G: tl.constexpr, QBITS: tl.constexpr,
+                 INTERP: tl.constexpr):
+    """The loads of chunk c of m-tile mt: the A operands of its 4 steps, their index words and
+    (int4) the group scales of the lane's rows. Addresses are clamped into the weight instead of
+    masked (16-byte loads take no mask): chunks past the end are loaded and never used, and warps
+    past the last m-tile read its tile and store nothing."""
+    cc = tl.minimum(c, C - 1)
     if QBITS == 4:
-        a = (tl.load(a_ptr + s0 * 32 + lane, mask=am, other=0),
-             tl.load(a_ptr + (s0 + 1) * 32 + lane, mask=am, other=0),
-             tl.load(a_ptr + (s0 + 2) * 32 + lane, mask=am, other=0),
-             tl.load(a_ptr + (s0 + 3) * 32 + lane, mask=am, other=0))
+        a = _load4(a_ptr + ((mt * C + cc) * 32 + lane) * 4, INTERP)  # the 4 steps' code words
+        sc = tl.load(s_ptr + (mt * ng + (cc * 128) // G) * 8 + lane // 4)
     else:
-        a = ((tl.load(a_ptr + s0 * 64 + lane, mask=am, other=0),
-              tl.load(a_ptr + s0 * 64 + 32 + lane, mask=am, other=0)),
-             (tl.load(a_ptr + (s0 + 1) * 64 + lane, mask=am, other=0),
-              tl.load(a_ptr + (s0 + 1) * 64 + 32 + lane, mask=am, other=0)),
-             (tl.load(a_ptr + (s0 + 2) * 64 + lane, mask=am, other=0),
-              tl.load(a_ptr + (s0 + 2) * 64 + 32 + lane, mask=am, other=0)),
-             (tl.load(a_ptr + (s0 + 3) * 64 + lane, mask=am, other=0),
-              tl.load(a_ptr + (s0 + 3) * 64 + 32 + lane, mask=am, other=0)))
-    t = lane % 4
-    ep = e_ptr + ((mt * C + c) * 16 + (lane // 4) * 2 + t) * 4
-    em = am & (t < 2)
-    e = (tl.load(ep, mask=em, other=0), tl.load(ep + 1, mask=em, other=0),
-         tl.load(ep + 2, mask=em, other=0), tl.load(ep + 3, mask=em, other=0))
-    return a, e
+        s0 = mt * S + 4 * cc
+        p = a_ptr + (s0 * 32 + lane) * 4
+        a = (_load4(p, INTERP), _load4(p + 128, INTERP), _load4(p + 256, INTERP), _load4(p + 384, INTERP))
+        sc = lane
+    # lanes t = 2, 3 load the words of t = 0, 1: the instruction reads them from t < 2 only
+    e = _load4(e_ptr + ((mt * C + cc) * 16 + (lane // 4) * 2 + lane % 2) * 4, INTERP)
+    return a, e, sc
 
 
 @triton.jit
-def _chunk(acc, a, e, c, lane, x32_ptr, B, xs32, nt, QBITS: tl.constexpr, BF16: tl.constexpr,
+def _chunk(acc0, acc1, a, e, c, lane, x32_ptr, B, xs32, QBITS: tl.constexpr, BF16: tl.constexpr,
            INTERP: tl.constexpr, W: tl.constexpr, NT: tl.constexpr, XFRAG: tl.constexpr):
-    """The 4 MMAs of one chunk for n-tile nt, added to acc (4 float32); int4: from zero (the caller
-    scales the chunk sum)."""
+    """The 4 MMAs of one chunk for each n-tile, added to acc0 / acc1 (4 float32 each); int4: from
+    zero (the caller scales the chunk sums). Each step's A operand is formed once for both n-tiles."""
     if QBITS == 4:
-        z = acc[0] * 0.0
-        d = (z, z, z, z)
+        z = acc0[0] * 0.0
+        d0 = (z, z, z, z)
+        d1 = (z, z, z, z)
     else:
-        d = acc
+        d0 = acc0
+        d1 = acc1
+    # all x loads of the chunk first, so that their latencies overlap instead of adding up per step
+    b0 = _x_regs(x32_ptr, lane, 128 * c, 0, B, xs32, NT, XFRAG, INTERP)
+    b1 = _x_regs(x32_ptr, lane, 128 * c + 32, 0, B, xs32, NT, XFRAG, INTERP)
+    b2 = _x_regs(x32_ptr, lane, 128 * c + 64, 0, B, xs32, NT, XFRAG, INTERP)
+    b3 = _x_regs(x32_ptr, lane, 128 * c + 96, 0, B, xs32, NT, XFRAG, INTERP)
+    if NT == 2:
+        n0 = _x_regs(x32_ptr, lane, 128 * c, 1, B, xs32, NT, XFRAG, INTERP)
+        n1 = _x_regs(x32_ptr, lane, 128 * c + 32, 1, B, xs32, NT, XFRAG, INTERP)
+        n2 = _x_regs(x32_ptr, lane, 128 * c + 64, 1, B, xs32, NT, XFRAG, INTERP)
+        n3 = _x_regs(x32_ptr, lane, 128 * c + 96, 1, B, xs32, NT, XFRAG, INTERP)
     for j in tl.static_range(4):
-        b = _x_regs(x32_ptr, lane, (4 * c + j) * 32, nt, B, xs32, NT, XFRAG, INTERP)
-        d = _mma_step(a[j], e[j], b, d, QBITS, BF16, INTERP, W)
-    return d
+        av = _a_operand(a[j], QBITS, BF16, INTERP)
+        b = b0 if j == 0 else b1 if j == 1 else b2 if j == 2 else b3
+        d0 = _mma_step(av, e[j], b, d0, BF16, INTERP, W)
+        if NT == 2:
+            bn = n0 if j == 0 else n1 if j == 1 else n2 if j == 2 else n3
+            d1 = _mma_step(av, e[j], bn, d1, BF16, INTERP, W)
+    return d0, d1
 
 
 @triton.jit
@@ -440,7 +472,7 @@ def _finish_tile(ws_ptr, out_ptr, row, nt, lane, mvalid, B, N, stride_ob):
 def mma24_kernel(
     x_ptr, out_ptr, a_ptr, e_ptr, s_ptr, ws_ptr, cnt_ptr, B, N, K, stride_xb, stride_ob, ng, split_k,
     QBITS: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, NT: tl.constexpr, W: tl.constexpr,
-    INTERP: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,
+    INTERP: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,  # 1..4
     FIXUP: tl.constexpr = False, XFRAG: tl.constexpr = False,
 ):
     """y (B <= 8 NT, N) = x @ W^T, W packed by :func:`pack`; each warp one 16-row m-tile, the grid
@@ -448,6 +480,7 @@ def mma24_kernel(
     lane, wid = _lane_ids(tl.arange(0, 32 * W), INTERP)
     mt = tl.program_id(0) * W + wid
     mvalid = mt < N // 16
+    mtl = tl.minimum(mt, N // 16 - 1)  # the tile whose weights this warp loads
     S = K // 32
     C = K // 128
     per = tl.cdiv(C, split_k)
@@ -459,31 +492,34 @@ def mma24_kernel(
     zero = lane.to(tl.float32) * 0.0
     acc0 = (zero, zero, zero, zero)
     acc1 = (zero, zero, zero, zero)
-    a, e = _chunk_loads(c0, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
-    if DEPTH == 2:
-        a2, e2 = _chunk_loads(c0 + 1, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
-    for c in range(c0, c1):  # the loads of the next DEPTH chunks are issued before this one's MMAs
-        ac, ec = a, e
-        if DEPTH == 2:
-            a, e = a2, e2
-            a2, e2 = _chunk_loads(c + 2, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
+    # a queue of the next DEPTH chunks' loads: each iteration consumes the oldest and issues one
+    q1 = _chunk_loads(c0, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+    if DEPTH >= 2:
+        q2 = _chunk_loads(c0 + 1, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+    if DEPTH >= 3:
+        q3 = _chunk_loads(c0 + 2, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+    if DEPTH >= 4:
+        q4 = _chunk_loads(c0 + 3, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+    for c in range(c0, c1):
+        ac, ec, scc = q1
+        nxt = _chunk_loads(c + DEPTH, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+        if DEPTH == 1:
+            q1 = nxt
+        elif DEPTH == 2:
+            q1, q2 = q2, nxt
+        elif DEPTH == 3:
+            q1, q2, q3 = q2, q3, nxt
         else:
-            a, e = _chunk_loads(c + 1, mt, mvalid, lane, a_ptr, e_ptr, S, C, QBITS)
+            q1, q2, q3, q4 = q2, q3, q4, nxt
+        d0, d1 = _chunk(acc0, acc1, ac, ec, c, lane, x32_ptr, B, xs32, QBITS, BF16, INTERP, W, NT, XFRAG)
         if QBITS == 4:
-            gi = (c * 128) // G
-            s_lo = tl.load(s_ptr + row * ng + gi, mask=mvalid, other=0.0).to(tl.float32)
-            s_hi = tl.load(s_ptr + (row + 8) * ng + gi, mask=mvalid, other=0.0).to(tl.float32)
-            acc0 = _scale_add(acc0, _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP,
-                                           W, NT, XFRAG), s_lo, s_hi)
+            s_lo, s_hi = _split_pairs(scc, False)
+            acc0 = _scale_add(acc0, d0, s_lo, s_hi)
             if NT == 2:
-                acc1 = _scale_add(acc1, _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16,
-                                               INTERP, W, NT, XFRAG), s_lo, s_hi)
+                acc1 = _scale_add(acc1, d1, s_lo, s_hi)
         else:
-            acc0 = _chunk(acc0, ac, ec, c, lane, x32_ptr, B, xs32, 0, QBITS, BF16, INTERP, W, NT,
-                          XFRAG)
-            if NT == 2:
-                acc1 = _chunk(acc1, ac, ec, c, lane, x32_ptr, B, xs32, 1, QBITS, BF16, INTERP, W, NT,
-                              XFRAG)
+            acc0 = d0
+            acc1 = d1
     if FIXUP:
         # K splits: float32 partial sums into the zeroed workspace; the program that arrives last
         # at this row block's counter moves the sums to ``out`` and zeroes workspace and counter
@@ -512,11 +548,14 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
     with ``fixup`` into the weight's persistent workspace, emptied by the last split (one kernel;
     the workspace, ``workspace`` or else the weight's own, is allocated by the first such call, which
     must run outside CUDA graph capture).
-    ``xfrag`` (batch > 1): x is first copied into fragment order (:func:`fragment_x`)."""
+    ``depth``: chunks whose loads are in flight ahead of the MMAs (1-4). ``xfrag`` (batch > 1): x is
+    first copied into fragment order (:func:`fragment_x`)."""
     batch, n_in = x.shape
     n_out = mw.shape[0]
     if batch > 16 or n_in != mw.shape[1] or x.dtype != mw.dtype:
         raise SparsecraftError(f"mma.sp kernel: batch <= 16 of {mw.dtype} rows with {mw.shape[1]} columns")
+    if depth not in (1, 2, 3, 4):
+        raise SparsecraftError(f"mma.sp kernel: depth {depth} (chunks loaded ahead) must be 1-4")
     x = x.contiguous()
     if x.data_ptr() % 4:  # read as int32 pairs
         x = x.clone()
