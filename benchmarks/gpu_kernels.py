@@ -20,6 +20,7 @@ layer of the chain streams its own memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -225,9 +226,9 @@ def check(args) -> int:
         if mma24.supported(tw, dtype):  # the sparse tensor-core kernel, batch <= 16
             cfgs += [KernelConfig(64, 0, 16, 4, mma=True), KernelConfig(32, 0, 16, 2, split_k=3, mma=True),
                      KernelConfig(16, 0, 16, 1, split_k=8, mma=True),
-                     KernelConfig(64, 0, 16, 4, split_k=4, mma=True, unroll=2, fixup=True),
-                     KernelConfig(16, 0, 16, 1, split_k=3, mma=True, unroll=4, fixup=True),
-                     KernelConfig(64, 0, 16, 4, split_k=2, mma=True, unroll=3, fixup=True, xrow=True)]
+                     KernelConfig(64, 0, 16, 4, split_k=4, mma=True, depth=2, fixup=True),
+                     KernelConfig(16, 0, 16, 1, split_k=3, mma=True, depth=4, fixup=True),
+                     KernelConfig(64, 0, 16, 4, split_k=2, mma=True, depth=3, fixup=True, xrow=True)]
         if dispatch.sliced_supported(tw):  # the sliced tensor-core kernel (walk: the default at batch 1)
             cfgs += [KernelConfig(64, 0, 16, w, sliced=128, per_step=4, dot=True) for w in (2, 4, 8)]
         worst = 0.0
@@ -372,9 +373,14 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             return [DECODE_SLICED]
         lay = dispatch.SLICED_LAYOUT
         s = [dispatch.sliced_config(batch)]
-        if batch == 1:
+        if batch == 1:  # and (session 11) the next steps' values loaded ahead
             s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=2, per_step=4)
                   for rows, warps in ((128, 4), (32, 1))]
+            probes = ((64, 2, 1, 3), (64, 2, 1, 4), (64, 2, 2, 3), (128, 4, 1, 3), (32, 1, 1, 4))
+            s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=unroll, per_step=4, depth=depth)
+                  for rows, warps, unroll, depth in probes]
+        if 1 < batch <= dispatch.SLICED_WALK_MAX_BATCH:
+            s.append(dataclasses.replace(dispatch.sliced_config(batch), depth=3))
         if 4 <= batch <= 8:
             s.append(KernelConfig(lay["rows"], 0, batch, 2, sliced=lay["seg"], per_step=lay["per_step"]))
         if batch >= 4:
@@ -388,10 +394,10 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     # through a float32 output). Session 11: 16-byte operand loads, scales loaded with the chunk,
     # up to 4 chunks ahead; batch 2-16 also with x copied into fragment order first (xfrag)
     tiles = ((4, 16, 2), (4, 16, 4), (1, 8, 2), (1, 8, 4), (8, 4, 2), (8, 4, 4), (4, 8, 3), (2, 8, 2))
-    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth, fixup=True)
+    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, depth=depth, fixup=True)
            for w, split, depth in tiles] if batch <= 16 else []
     if 1 < batch <= 16:
-        mma += [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, unroll=depth, fixup=True, xrow=True)
+        mma += [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, depth=depth, fixup=True, xrow=True)
                 for w, split, depth in ((4, 16, 2), (1, 8, 2), (4, 8, 3), (8, 4, 4))]
     if batch == 1:
         if fmt == "nm24_int4":
@@ -435,8 +441,8 @@ def tune(fmt, layers, batch, xs, reps):
             f" s={cfg.split_k}"
             + "".join(f" {k}" for k in ("unit", "dot", "prmt", "mma", "fixup") if getattr(cfg, k))
             + (" xrow" if cfg.xrow and not cfg.mma else "")
-            + (f" depth={cfg.unroll}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
-            + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
+            + (f" depth={cfg.depth}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
+            + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll} depth={cfg.depth}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")
             + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "

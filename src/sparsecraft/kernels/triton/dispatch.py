@@ -58,14 +58,16 @@ class KernelConfig:
     xrow: bool = False  # x loaded as a (rows, units) tile in the weights' register layout; mma: x
     # copied into fragment order first (batch > 1)
     prmt: bool = False  # 2:4 batch 1: byte-permute pick of x at the kept positions instead of selects
-    mma: bool = False  # 2:4, batch <= 16: the sparse tensor-core kernel (mma24.py); bn = 16 * num_warps,
-    # unroll = chunks loaded ahead (1 or 2)
+    mma: bool = False  # 2:4, batch <= 16: the sparse tensor-core kernel (mma24.py); bn = 16 * num_warps
     fixup: bool = False  # mma with K splits: the last split moves the sums out (no fill / conversion kernels)
     # bitmask: the sliced kernel (sliced.py) on segments of this many columns (0: off); bn = rows per
     # slice, bb = batch rows per program
     sliced: int = 0
     unroll: int = 1  # sliced: unroll factor of the step loop
     per_step: int = 4  # sliced: kept values a lane takes per step
+    # loads in flight per warp: mma, the 128-column chunks loaded ahead of the one being multiplied
+    # (1-4); sliced walk, the steps whose values are loaded at once (1: each when it is summed; 1-4)
+    depth: int = 1
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -240,11 +242,11 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         from .sliced import sliced_mm
 
         sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
-        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot)
+        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, depth=cfg.depth)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     if cfg.mma:
-        return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, depth=cfg.unroll,
+        return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, depth=cfg.depth,
                         fixup=cfg.fixup, xfrag=cfg.xrow, interp=interpreted())
     dummy = tw.meta
     use_dot = cfg.bb > 1
@@ -389,7 +391,7 @@ def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
     split = 1  # K split until there are per_sm warps per multiprocessor (skinny layers)
     while out_f // 16 * split < per_sm * _sm_count(mw.frags.device) and split * 2 <= chunks:
         split *= 2
-    return KernelConfig(bn=16 * warps, bk=0, bb=16, num_warps=warps, split_k=split, mma=True, unroll=depth,
+    return KernelConfig(bn=16 * warps, bk=0, bb=16, num_warps=warps, split_k=split, mma=True, depth=depth,
                         fixup=fixup)
 
 
@@ -418,7 +420,7 @@ def _triton_mma24_linear(x: torch.Tensor, frags: torch.Tensor, meta: torch.Tenso
     rows = x.shape[0]
     if mma_runs(mw, rows, x.dtype):
         cfg = mma_config(mw, rows)
-        return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.unroll, cfg.fixup, workspace=(ws, cnt),
+        return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.depth, cfg.fixup, workspace=(ws, cnt),
                         interp=interpreted())
     return x @ decompress(mw, x.dtype).t()
 
@@ -458,7 +460,7 @@ def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Te
 
     cfg = sliced_config(x.shape[0])
     sw = _sliced(values, words, start, steps, perm, out_features, in_features)
-    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot)
+    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, depth=cfg.depth)
 
 
 @_triton_sliced_linear.register_fake
