@@ -379,6 +379,7 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             probes = ((64, 2, 1, 3), (64, 2, 1, 4), (64, 2, 2, 3), (128, 4, 1, 3), (32, 1, 1, 4))
             s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=unroll, per_step=4, depth=depth)
                   for rows, warps, unroll, depth in probes]
+            s += [dataclasses.replace(c, pdl=True) for c in (s[0], s[-5], s[-4])]  # launches overlapped
         if 1 < batch <= dispatch.SLICED_WALK_MAX_BATCH:
             s.append(dataclasses.replace(dispatch.sliced_config(batch), depth=3))
         if 4 <= batch <= 8:
@@ -399,6 +400,7 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     if 1 < batch <= 16:
         mma += [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, depth=depth, fixup=True, xrow=True)
                 for w, split, depth in ((4, 16, 2), (1, 8, 2), (4, 8, 3), (8, 4, 4))]
+    mma += [dataclasses.replace(c, pdl=True) for c in mma[:6]]  # programmatic dependent launches
     if batch == 1:
         if fmt == "nm24_int4":
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True)]
@@ -442,6 +444,7 @@ def tune(fmt, layers, batch, xs, reps):
             + "".join(f" {k}" for k in ("unit", "dot", "prmt", "mma", "fixup") if getattr(cfg, k))
             + (" xrow" if cfg.xrow and not cfg.mma else "")
             + (f" depth={cfg.depth}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
+            + (" pdl" if cfg.pdl else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll} depth={cfg.depth}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")

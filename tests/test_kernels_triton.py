@@ -539,8 +539,10 @@ def test_cuda_forward_mma24_layout_on_cpu_tensors(monkeypatch):
 
     from sparsecraft.kernels.triton.mma24 import MmaWeight
 
-    for key, tile in {(0, 1): (2, 4, 1, True), (0, 16): (1, 2, 2, False),
-                      (4, 1): (4, 8, 2, False), (4, 16): (2, 4, 1, True)}.items():
+    tile = dispatch.MmaTile
+    tiles = {(0, 1): tile(2, 4, 1, pdl=True), (0, 16): tile(1, 2, 2, False, xfrag=True),
+             (4, 1): tile(4, 8, 2, False), (4, 16): tile(2, 4, 3, xfrag=True, pdl=True)}
+    for key, tile in tiles.items():
         monkeypatch.setitem(dispatch.MMA_TILES, key, tile)
     for bits in (0, 4):
         obj, ref_w = _make("nm", 32, 256, torch.float16, bits, 128, True, seed=8)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -68,6 +69,7 @@ class KernelConfig:
     # loads in flight per warp: mma, the 128-column chunks loaded ahead of the one being multiplied
     # (1-4); sliced walk, the steps whose values are loaded at once (1: each when it is summed; 1-4)
     depth: int = 1
+    pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; see sparse_mm._pdl_start)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -146,9 +148,18 @@ SLICED_MAX_BATCH = 16
 # the unit kernels in run 15: 1.48x / - / 0.53x); the splits reproduce the best split per layer
 # shape of run 15. For fp16 values it won at batch 4 only (1.12x against 0.82x): not used, since the
 # unit kernels at batch 1 read the row-major layout and a second copy would double the weight.
-MMA_TILES: dict[tuple[int, int], tuple[int, int, int, bool]] = {
-    (4, 1): (4, 20, 2, True),
-    (4, 16): (4, 15, 1, True),
+class MmaTile(NamedTuple):
+    warps: int  # per program (16 rows each)
+    per_sm: int  # warps per multiprocessor that the K split aims at (skinny layers)
+    depth: int  # chunks loaded ahead
+    fixup: bool = True  # K splits summed in the kernel
+    xfrag: bool = False  # batch > 1: x copied into fragment order first
+    pdl: bool = False  # programmatic dependent launch
+
+
+MMA_TILES: dict[tuple[int, int], MmaTile] = {
+    (4, 1): MmaTile(4, 20, 2),
+    (4, 16): MmaTile(4, 15, 1),
 }
 
 
@@ -242,12 +253,13 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         from .sliced import sliced_mm
 
         sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
-        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, depth=cfg.depth)
+        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, depth=cfg.depth,
+                         pdl=cfg.pdl)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     if cfg.mma:
         return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, depth=cfg.depth,
-                        fixup=cfg.fixup, xfrag=cfg.xrow, interp=interpreted())
+                        fixup=cfg.fixup, xfrag=cfg.xrow, interp=interpreted(), pdl=cfg.pdl)
     dummy = tw.meta
     use_dot = cfg.bb > 1
     bb = cfg.bb if use_dot else 1
@@ -385,14 +397,14 @@ def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, dense, is_bitma
 
 def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
     """Launch of the sparse tensor-core kernel (mma24.py) for ``batch`` <= 16 rows: ``MMA_TILES``."""
-    warps, per_sm, depth, fixup = MMA_TILES[(mw.bits, _mma_class(batch))]
+    tile = MMA_TILES[(mw.bits, _mma_class(batch))]
     out_f, in_f = mw.shape
     chunks = in_f // 128
     split = 1  # K split until there are per_sm warps per multiprocessor (skinny layers)
-    while out_f // 16 * split < per_sm * _sm_count(mw.frags.device) and split * 2 <= chunks:
+    while out_f // 16 * split < tile.per_sm * _sm_count(mw.frags.device) and split * 2 <= chunks:
         split *= 2
-    return KernelConfig(bn=16 * warps, bk=0, bb=16, num_warps=warps, split_k=split, mma=True, depth=depth,
-                        fixup=fixup)
+    return KernelConfig(bn=16 * tile.warps, bk=0, bb=16, num_warps=tile.warps, split_k=split, mma=True,
+                        depth=tile.depth, fixup=tile.fixup, xrow=tile.xfrag and batch > 1, pdl=tile.pdl)
 
 
 def _mma_class(batch: int) -> int:
@@ -420,8 +432,8 @@ def _triton_mma24_linear(x: torch.Tensor, frags: torch.Tensor, meta: torch.Tenso
     rows = x.shape[0]
     if mma_runs(mw, rows, x.dtype):
         cfg = mma_config(mw, rows)
-        return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.depth, cfg.fixup, workspace=(ws, cnt),
-                        interp=interpreted())
+        return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.depth, cfg.fixup, cfg.xrow,
+                        workspace=(ws, cnt), interp=interpreted(), pdl=cfg.pdl)
     return x @ decompress(mw, x.dtype).t()
 
 
@@ -460,7 +472,8 @@ def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Te
 
     cfg = sliced_config(x.shape[0])
     sw = _sliced(values, words, start, steps, perm, out_features, in_features)
-    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, depth=cfg.depth)
+    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, depth=cfg.depth,
+                     pdl=cfg.pdl)
 
 
 @_triton_sliced_linear.register_fake

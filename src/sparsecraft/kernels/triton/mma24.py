@@ -52,7 +52,7 @@ import triton.language as tl
 
 from ...errors import SparsecraftError
 from .gemv import _h2f
-from .sparse_mm import _out_buffer, _write
+from .sparse_mm import _out_buffer, _pdl_start, _write
 
 CHUNK = 128  # columns per loop iteration: 4 MMA steps of 32 columns
 
@@ -473,7 +473,7 @@ def mma24_kernel(
     x_ptr, out_ptr, a_ptr, e_ptr, s_ptr, ws_ptr, cnt_ptr, B, N, K, stride_xb, stride_ob, ng, split_k,
     QBITS: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, NT: tl.constexpr, W: tl.constexpr,
     INTERP: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,  # 1..4
-    FIXUP: tl.constexpr = False, XFRAG: tl.constexpr = False,
+    FIXUP: tl.constexpr = False, XFRAG: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """y (B <= 8 NT, N) = x @ W^T, W packed by :func:`pack`; each warp one 16-row m-tile, the grid
     (m-tiles / W, K splits) in 128-column chunks."""
@@ -500,6 +500,7 @@ def mma24_kernel(
         q3 = _chunk_loads(c0 + 2, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
     if DEPTH >= 4:
         q4 = _chunk_loads(c0 + 3, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+    _pdl_start(PDL)  # x and the outputs only from here on
     for c in range(c0, c1):
         ac, ec, scc = q1
         nxt = _chunk_loads(c + DEPTH, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
@@ -527,6 +528,9 @@ def mma24_kernel(
         _store_tile(acc0, ws_ptr, row, 0, lane, mvalid, B, N, True)
         if NT == 2:
             _store_tile(acc1, ws_ptr, row, 1, lane, mvalid, B, N, True)
+        if not INTERP:  # the relaxed adds of every thread are ordered before the counter's release
+            tl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                                      pack=1)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
         if arrived == split_k - 1:
@@ -542,14 +546,15 @@ def mma24_kernel(
 
 def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, depth: int = 1,
              fixup: bool = False, xfrag: bool = False, workspace: tuple | None = None,
-             interp: bool = False) -> torch.Tensor:
+             interp: bool = False, pdl: bool = False) -> torch.Tensor:
     """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores. With K splits the partial
     sums are added atomically: into a float32 output that is then converted (two more kernels), or
     with ``fixup`` into the weight's persistent workspace, emptied by the last split (one kernel;
     the workspace, ``workspace`` or else the weight's own, is allocated by the first such call, which
     must run outside CUDA graph capture).
     ``depth``: chunks whose loads are in flight ahead of the MMAs (1-4). ``xfrag`` (batch > 1): x is
-    first copied into fragment order (:func:`fragment_x`)."""
+    first copied into fragment order (:func:`fragment_x`). ``pdl``: launched as a programmatic
+    dependent launch (sm_90): the first chunks' weights load while the previous kernel finishes."""
     batch, n_in = x.shape
     n_out = mw.shape[0]
     if batch > 16 or n_in != mw.shape[1] or x.dtype != mw.dtype:
@@ -575,6 +580,6 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
         batch, n_out, n_in, x.stride(0), out.stride(0), mw.scales.shape[1] if mw.scales is not None else 1,
         split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=nt,
         W=warps, INTERP=interp, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup, XFRAG=xfrag,
-        num_warps=warps, num_stages=1,
+        PDL=pdl and not interp, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype)

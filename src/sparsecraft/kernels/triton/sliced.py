@@ -36,6 +36,7 @@ from ...errors import SparsecraftError
 from ...formats.packing import pack_bits, unpack_bits
 from . import interpreted
 from .gemv import _h2f
+from .sparse_mm import _pdl_start
 
 
 @triton.jit
@@ -171,7 +172,8 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
                        B, N, stride_xb, stride_ob, stride_or,
                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
                        BF16: tl.constexpr, INTERP: tl.constexpr, REG: tl.constexpr = True,
-                       UNROLL: tl.constexpr = 1, RELAXED: tl.constexpr = True, DEPTH: tl.constexpr = 1):
+                       UNROLL: tl.constexpr = 1, RELAXED: tl.constexpr = True, DEPTH: tl.constexpr = 1,
+                       PDL: tl.constexpr = False):
     """out[b, row] += sum over the segment's kept (row, col) of W[row, col] * x[b, col] (float32).
 
     A step takes the P lowest set bits of the lane's current 32-bit mask word (fewer where the word
@@ -205,6 +207,7 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
         q2 = tl.load(vptr + C, mask=zl + 1 < steps, other=0)
     if DEPTH >= 4:
         q3 = tl.load(vptr + 2 * C, mask=zl + 2 < steps, other=0)
+    _pdl_start(PDL)  # x and the sums only from here on
     for k in tl.range(0, steps, loop_unroll_factor=UNROLL):
         if DEPTH == 1:
             q = tl.load(vptr + k * C)
@@ -290,8 +293,10 @@ def sliced_dense_kernel(out_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, N, K,
 
 
 @triton.jit
-def _move_out_kernel(ws_ptr, out_ptr, n, N, stride_wb, stride_wr, BLOCK: tl.constexpr):
+def _move_out_kernel(ws_ptr, out_ptr, n, N, stride_wb, stride_wr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """out (B, N) = ws in out's dtype, and ws = 0 again: one kernel instead of a cast and a fill."""
+    _pdl_start(PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     w = ws_ptr + (i // N) * stride_wb + (i % N) * stride_wr
@@ -313,7 +318,7 @@ _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, r
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
               unroll: int = 1, out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
-              dot: bool = False, relaxed: bool = True, depth: int = 1) -> torch.Tensor:
+              dot: bool = False, relaxed: bool = True, depth: int = 1, pdl: bool = False) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two; ``dot``: the
     tensor-core kernel, at least 16).
 
@@ -322,7 +327,8 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     probes): the float32 (B, out) sums are added to it and returned as they are. ``ws``: the
     (out, B) workspace, when the caller keeps it (the custom op of dispatch.py; any strides).
     ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default). ``depth`` (walk only):
-    steps whose values are in flight at once, 1-4."""
+    steps whose values are in flight at once, 1-4. ``pdl`` (walk only): the walk and the move-out
+    as programmatic dependent launches (sm_90), each starting while its predecessor finishes."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
@@ -336,6 +342,8 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     n_seg, n_slice = sw.steps.shape
     grid = (n_slice, n_seg, -(-batch // bb))
     interp = interpreted()
+    pdl = pdl and not dot
+    launch = {"launch_pdl": True} if pdl else {}
     if dot:
         sliced_dot_kernel[grid](
             x, acc, sw.values, sw.words, sw.start, sw.perm, batch, sw.shape[0], in_f,
@@ -349,13 +357,13 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
             batch, sw.shape[0], x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
             INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, RELAXED=relaxed, DEPTH=depth,
-            num_warps=num_warps,
+            PDL=pdl and not interp, num_warps=num_warps, **launch,
         )
     if raw:
         return out
     y = torch.empty(batch, sw.shape[0], device=x.device, dtype=x.dtype)
     _move_out_kernel[(-(-y.numel() // 1024),)](acc, y, y.numel(), sw.shape[0], *acc.stride(), BLOCK=1024,
-                                                num_warps=4)
+                                                PDL=pdl and not interp, num_warps=4, **launch)
     return y
 
 

@@ -214,10 +214,22 @@ def _out_buffer(x: torch.Tensor, out_f: int, split_k: int) -> torch.Tensor:
 
 
 @triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """Programmatic dependent launch (sm_90; the kernel launched with ``launch_pdl``): let the next
+    kernel of the stream be scheduled (its weight loads overlap this kernel's tail), then wait
+    until the previous kernel has finished and its writes are visible. Whatever a kernel does before
+    this call may read only its weights."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _write(ptr, v, mask, ATOMIC: tl.constexpr):
-    """Store ``v`` in the output's dtype, or add it atomically (float32 partial sums of K splits)."""
+    """Store ``v`` in the output's dtype, or add it atomically (float32 partial sums of K splits;
+    relaxed: read by a later kernel, or after a fence and a release, see mma24's fixup)."""
     if ATOMIC:
-        tl.atomic_add(ptr, v, mask=mask)
+        tl.atomic_add(ptr, v, mask=mask, sem="relaxed")
     else:
         tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
 
