@@ -406,6 +406,7 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True)]
         else:
             c = [unit(4, 512, 1, 2), unit(2, 512, 1, 1), unit(4, 1024, 1, 4)]
+        c += [dataclasses.replace(u, pdl=True) for u in c[:2]]
         return (c[:2] + mma[:1]) if QUICK else c + mma
     if batch <= 16:
         c = [unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if batch <= 4 else []

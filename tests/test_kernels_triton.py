@@ -255,8 +255,8 @@ def test_unit_kernels_match_dense_reference(case):
     K = KernelConfig
     for batch, cfg in [
         (1, K(bn=8, bk=256, bb=1, num_warps=4, unit=True)),
-        (1, K(bn=4, bk=512, bb=1, num_warps=2, split_k=2, unit=True)),
-        (1, K(bn=4, bk=256, bb=1, num_warps=4, unit=True, xrow=True, prmt=True)),
+        (1, K(bn=4, bk=512, bb=1, num_warps=2, split_k=2, unit=True, pdl=True)),  # x loaded after the wait
+        (1, K(bn=4, bk=256, bb=1, num_warps=4, unit=True, xrow=True, prmt=True, pdl=True)),
         (3, K(bn=8, bk=256, bb=4, num_warps=4, unit=True)),  # FMA rows, batch tail
         (5, K(bn=4, bk=512, bb=4, num_warps=2, split_k=3, unit=True, xrow=True)),  # two batch tiles
         (17, K(bn=16, bk=256, bb=16, num_warps=4, split_k=2, unit=True, dot=True)),  # tensor-core rows
@@ -316,7 +316,7 @@ def test_sliced_kernel_matches_dense_reference(case):
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     if reg:
         y = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll, per_step=per_step,
-                                          depth=depth))
+                                          depth=depth, pdl=depth > 2))
     else:
         y = sliced_mm(x, sw, bb, reg=False, depth=depth)
     assert y.shape == (batch, out_f) and y.dtype == dtype
@@ -420,7 +420,7 @@ def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, spli
     tw = layout.prepare(obj)
     assert mma24.supported(tw, dtype)
     x = torch.randn(batch, 384, generator=torch.Generator().manual_seed(batch)).to(dtype)
-    cfg = KernelConfig(16 * warps, 0, 16, warps, split_k=split, mma=True, depth=depth,
+    cfg = KernelConfig(16 * warps, 0, 16, warps, split_k=split, mma=True, depth=depth, pdl=split > 1,
                        fixup=bits == 4, xrow=batch in (5, 16))  # x in fragment order
     y = sparse_mm(x, tw, cfg)
     assert y.shape == (batch, 48) and y.dtype == dtype

@@ -69,7 +69,7 @@ class KernelConfig:
     # loads in flight per warp: mma, the 128-column chunks loaded ahead of the one being multiplied
     # (1-4); sliced walk, the steps whose values are loaded at once (1: each when it is summed; 1-4)
     depth: int = 1
-    pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; see sparse_mm._pdl_start)
+    pdl: bool = False  # mma, unit, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -319,8 +319,8 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
         cfg.split_k, QBITS=tw.bits, SYM=bool(tw.symmetric), G=tw.group_size if tw.bits else 8,
         VBF16=tw.values.dtype == torch.bfloat16, INTERP=interp, PRMT=cfg.prmt, BN=cfg.bn, U=bk // 8, BB=bb,
         ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16, DOT=cfg.dot,
-        DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
-        num_warps=cfg.num_warps, num_stages=1,
+        DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow, PDL=cfg.pdl,
+        num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if cfg.pdl else {}),
     )
     return out.to(x.dtype)  # no copy unless split K summed in float32
 

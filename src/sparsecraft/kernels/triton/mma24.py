@@ -500,7 +500,7 @@ def mma24_kernel(
         q3 = _chunk_loads(c0 + 2, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
     if DEPTH >= 4:
         q4 = _chunk_loads(c0 + 3, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
-    _pdl_start(PDL)  # x and the outputs only from here on
+    _pdl_start(PDL, INTERP)  # x and the outputs only from here on
     for c in range(c0, c1):
         ac, ec, scc = q1
         nxt = _chunk_loads(c + DEPTH, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
@@ -580,6 +580,6 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
         batch, n_out, n_in, x.stride(0), out.stride(0), mw.scales.shape[1] if mw.scales is not None else 1,
         split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=nt,
         W=warps, INTERP=interp, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup, XFRAG=xfrag,
-        PDL=pdl and not interp, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype)

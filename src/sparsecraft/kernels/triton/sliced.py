@@ -207,7 +207,7 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
         q2 = tl.load(vptr + C, mask=zl + 1 < steps, other=0)
     if DEPTH >= 4:
         q3 = tl.load(vptr + 2 * C, mask=zl + 2 < steps, other=0)
-    _pdl_start(PDL)  # x and the sums only from here on
+    _pdl_start(PDL, INTERP)  # x and the sums only from here on
     for k in tl.range(0, steps, loop_unroll_factor=UNROLL):
         if DEPTH == 1:
             q = tl.load(vptr + k * C)
@@ -294,9 +294,9 @@ def sliced_dense_kernel(out_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, N, K,
 
 @triton.jit
 def _move_out_kernel(ws_ptr, out_ptr, n, N, stride_wb, stride_wr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr = False):
+                     PDL: tl.constexpr = False, INTERP: tl.constexpr = False):
     """out (B, N) = ws in out's dtype, and ws = 0 again: one kernel instead of a cast and a fill."""
-    _pdl_start(PDL)
+    _pdl_start(PDL, INTERP)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     w = ws_ptr + (i // N) * stride_wb + (i % N) * stride_wr
@@ -357,13 +357,13 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
             batch, sw.shape[0], x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
             INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, RELAXED=relaxed, DEPTH=depth,
-            PDL=pdl and not interp, num_warps=num_warps, **launch,
+            PDL=pdl, num_warps=num_warps, **launch,
         )
     if raw:
         return out
     y = torch.empty(batch, sw.shape[0], device=x.device, dtype=x.dtype)
     _move_out_kernel[(-(-y.numel() // 1024),)](acc, y, y.numel(), sw.shape[0], *acc.stride(), BLOCK=1024,
-                                                PDL=pdl and not interp, num_warps=4, **launch)
+                                                PDL=pdl, INTERP=interp, num_warps=4, **launch)
     return y
 
 

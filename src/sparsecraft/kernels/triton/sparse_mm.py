@@ -214,12 +214,12 @@ def _out_buffer(x: torch.Tensor, out_f: int, split_k: int) -> torch.Tensor:
 
 
 @triton.jit
-def _pdl_start(PDL: tl.constexpr):
+def _pdl_start(PDL: tl.constexpr, INTERP: tl.constexpr):
     """Programmatic dependent launch (sm_90; the kernel launched with ``launch_pdl``): let the next
     kernel of the stream be scheduled (its weight loads overlap this kernel's tail), then wait
     until the previous kernel has finished and its writes are visible. Whatever a kernel does before
-    this call may read only its weights."""
-    if PDL:
+    this call may read only its weights. The interpreter runs kernels one after another: no-op."""
+    if PDL and not INTERP:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
 
