@@ -541,7 +541,8 @@ def test_cuda_forward_mma24_layout_on_cpu_tensors(monkeypatch):
 
     tile = dispatch.MmaTile
     tiles = {(0, 1): tile(2, 4, 1, pdl=True), (0, 16): tile(1, 2, 2, False, xfrag=True),
-             (4, 1): tile(4, 8, 2, False), (4, 16): tile(2, 4, 3, xfrag=True, pdl=True)}
+             (4, 1): tile(4, 8, 2, False), (4, 8): tile(1, 2, 4),
+             (4, 16): tile(2, 4, 3, xfrag=True, pdl=True)}
     for key, tile in tiles.items():
         monkeypatch.setitem(dispatch.MMA_TILES, key, tile)
     for bits in (0, 4):

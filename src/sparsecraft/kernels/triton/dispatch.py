@@ -119,10 +119,10 @@ def unit_config(tw: TritonWeight, batch: int, device: torch.device) -> KernelCon
 
 # (fmt, bits, batch size class 1 / 2-4 / 5-16) -> (rows, columns, warps, K split or 0 = automatic,
 # variant flags...): the tile that won most layer shapes of the llama-7b chain in the H100 tuning
-# run 6, batch 16 from the H200 runs 8-9 (docs/results/gpu_kernels.md); "dot" runs the batch rows
-# on the tensor cores (batch padded to 16)
+# run 6 (fp16 batch 1: run 17), batch 16 from the H200 runs 8-9 (docs/results/gpu_kernels.md);
+# "dot" runs the batch rows on the tensor cores (batch padded to 16)
 UNIT_TILES: dict[tuple[str, int, int], tuple] = {
-    ("nm", 0, 1): (4, 512, 2, 0),
+    ("nm", 0, 1): (2, 512, 1, 0),
     ("nm", 4, 1): (4, 512, 2, 0, "xrow", "prmt"),
     ("nm", 0, 4): (32, 256, 4, 0, "dot"),
     ("nm", 4, 4): (8, 512, 4, 0),
@@ -135,19 +135,21 @@ UNIT_TILES: dict[tuple[str, int, int], tuple] = {
 # of session 6 (docs/results/gpu_kernels.md, runs 10-12): 128-column segments, 64-row slices,
 # 4 values per step. Batch 1-8: the step walk on two warps (unrolled twice at batch 1); batch 9-16:
 # the tensor-core kernel on four warps (H200 run 13: at batch 8 the walk won at 70% and lost 3% at
-# 50%, at batch 16 the tensor-core kernel won; batches 9-15 not measured)
+# 50%, at batch 16 the tensor-core kernel won; batches 9-15 not measured). Batch 1 as programmatic
+# dependent launches (H100 run 17, session 11: 70% 1.72x -> 1.97x dense, 50% 1.31x -> 1.45x)
 SLICED_LAYOUT = dict(seg=128, rows=64, per_step=4)
 SLICED_WALK_MAX_BATCH = 8
 SLICED_MAX_BATCH = 16
 
 
-# 2:4 on the sparse tensor cores (mma24.py): (bits, 1 row / 2-16 rows) -> (warps per program, warps
-# per multiprocessor that the K split aims at, chunks loaded ahead, K splits summed in the kernel).
-# H100 runs 15-16 (session 10, docs/results/gpu_kernels.md): for int4 codes the kernel beat the unit
-# kernels at every batch (run 16 with these tiles: 1.85x / 1.25x / 0.74x dense at batch 1 / 4 / 16;
-# the unit kernels in run 15: 1.48x / - / 0.53x); the splits reproduce the best split per layer
-# shape of run 15. For fp16 values it won at batch 4 only (1.12x against 0.82x): not used, since the
-# unit kernels at batch 1 read the row-major layout and a second copy would double the weight.
+# 2:4 on the sparse tensor cores (mma24.py): (bits, batch class 1 / 8 (2-8 rows, one n-tile) / 16
+# (9-16 rows, two)) -> tile. H100 run 17 (session 11, docs/results/gpu_kernels.md), int4 codes: the
+# batch-1 tile with programmatic dependent launch won at batch 1 and 4 (2.81x / 2.23x dense, best
+# per shape); at batch 16, x copied into fragment order first (1.41x; without it 0.74x in run 16).
+# The per_sm targets reproduce run 17's best K split per layer shape. For fp16 values the kernel
+# wins from batch 4 (run 17: 1.32x / 1.05x at batch 4 / 16 against 0.84x / 0.85x) but not at batch
+# 1 (about 1.5x against the unit kernels' 1.6x): not used, since the unit kernels read the
+# row-major layout and a second copy would double the weight.
 class MmaTile(NamedTuple):
     warps: int  # per program (16 rows each)
     per_sm: int  # warps per multiprocessor that the K split aims at (skinny layers)
@@ -158,8 +160,9 @@ class MmaTile(NamedTuple):
 
 
 MMA_TILES: dict[tuple[int, int], MmaTile] = {
-    (4, 1): MmaTile(4, 20, 2),
-    (4, 16): MmaTile(4, 15, 1),
+    (4, 1): MmaTile(4, 20, 2, pdl=True),
+    (4, 8): MmaTile(4, 20, 2, pdl=True),
+    (4, 16): MmaTile(4, 30, 2, xfrag=True),
 }
 
 
@@ -170,7 +173,7 @@ def sliced_config(batch: int) -> KernelConfig:
         return KernelConfig(bn=lay["rows"], bk=0, bb=16, num_warps=4, sliced=lay["seg"], dot=True,
                             per_step=lay["per_step"])
     return KernelConfig(bn=lay["rows"], bk=0, bb=_pow2_at_least(batch, 1), num_warps=2, sliced=lay["seg"],
-                        unroll=2 if batch == 1 else 1, per_step=lay["per_step"])
+                        unroll=2 if batch == 1 else 1, per_step=lay["per_step"], pdl=batch == 1)
 
 
 def sliced_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
@@ -408,7 +411,7 @@ def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
 
 
 def _mma_class(batch: int) -> int:
-    return 1 if batch == 1 else 16
+    return 1 if batch == 1 else 8 if batch <= 8 else 16
 
 
 def mma_runs(tw, batch: int, x_dtype: torch.dtype | None) -> bool:
