@@ -373,15 +373,10 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             return [DECODE_SLICED]
         lay = dispatch.SLICED_LAYOUT
         s = [dispatch.sliced_config(batch)]
-        if batch == 1:  # and (session 11) the next steps' values loaded ahead
+        if batch == 1:
             s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=2, per_step=4)
                   for rows, warps in ((128, 4), (32, 1))]
-            probes = ((64, 2, 1, 3), (64, 2, 1, 4), (64, 2, 2, 3), (128, 4, 1, 3), (32, 1, 1, 4))
-            s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=unroll, per_step=4, depth=depth)
-                  for rows, warps, unroll, depth in probes]
-            s += [dataclasses.replace(c, pdl=True) for c in (s[0], s[-5], s[-4])]  # launches overlapped
-        if 1 < batch <= dispatch.SLICED_WALK_MAX_BATCH:
-            s.append(dataclasses.replace(dispatch.sliced_config(batch), depth=3))
+            s.append(dataclasses.replace(s[0], pdl=False))  # session 11: launches not overlapped
         if 4 <= batch <= 8:
             s.append(KernelConfig(lay["rows"], 0, batch, 2, sliced=lay["seg"], per_step=lay["per_step"]))
         if batch >= 4:
@@ -406,7 +401,6 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True)]
         else:
             c = [unit(4, 512, 1, 2), unit(2, 512, 1, 1), unit(4, 1024, 1, 4)]
-        c += [dataclasses.replace(u, pdl=True) for u in c[:2]]
         return (c[:2] + mma[:1]) if QUICK else c + mma
     if batch <= 16:
         c = [unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if batch <= 4 else []
@@ -446,7 +440,7 @@ def tune(fmt, layers, batch, xs, reps):
             + (" xrow" if cfg.xrow and not cfg.mma else "")
             + (f" depth={cfg.depth}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
             + (" pdl" if cfg.pdl else "")
-            + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll} depth={cfg.depth}"
+            + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")
             + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "

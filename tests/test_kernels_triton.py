@@ -255,8 +255,8 @@ def test_unit_kernels_match_dense_reference(case):
     K = KernelConfig
     for batch, cfg in [
         (1, K(bn=8, bk=256, bb=1, num_warps=4, unit=True)),
-        (1, K(bn=4, bk=512, bb=1, num_warps=2, split_k=2, unit=True, pdl=True)),  # x loaded after the wait
-        (1, K(bn=4, bk=256, bb=1, num_warps=4, unit=True, xrow=True, prmt=True, pdl=True)),
+        (1, K(bn=4, bk=512, bb=1, num_warps=2, split_k=2, unit=True)),
+        (1, K(bn=4, bk=256, bb=1, num_warps=4, unit=True, xrow=True, prmt=True)),
         (3, K(bn=8, bk=256, bb=4, num_warps=4, unit=True)),  # FMA rows, batch tail
         (5, K(bn=4, bk=512, bb=4, num_warps=2, split_k=3, unit=True, xrow=True)),  # two batch tiles
         (17, K(bn=16, bk=256, bb=16, num_warps=4, split_k=2, unit=True, dot=True)),  # tensor-core rows
@@ -290,12 +290,12 @@ def test_unit_kernels_decline_other_layouts():
         sparse_mm(x, tw, KernelConfig(bn=8, bk=256, bb=1, num_warps=4, unit=True))
 
 
-SLICED_CASES = [  # out, in, sparsity, dtype, seg, rows, batch, bb, reg, unroll, values per step, depth
-    (37, 200, 0.7, torch.float16, 64, 8, 1, 1, True, 1, 4, 3),  # row and column tails, partial segment
-    (24, 512, 0.5, torch.bfloat16, 128, 16, 3, 4, True, 2, 2, 2),  # batch tail, unrolled walk
-    (20, 640, 0.98, torch.float16, 128, 4, 2, 1, False, 1, 1, 4),  # all-zero words: one empty step each
-    (9, 128, 0.0, torch.float16, 128, 8, 1, 1, True, 1, 4, 1),  # dense
-    (16, 320, 0.9, torch.bfloat16, 320, 16, 1, 1, True, 1, 4, 4),  # 10 words: loaded in the walk
+SLICED_CASES = [  # out, in, sparsity, dtype, seg, rows, batch, bb, reg, unroll, values per step, PDL
+    (37, 200, 0.7, torch.float16, 64, 8, 1, 1, True, 1, 4, True),  # row and column tails, partial segment
+    (24, 512, 0.5, torch.bfloat16, 128, 16, 3, 4, True, 2, 2, False),  # batch tail, unrolled walk
+    (20, 640, 0.98, torch.float16, 128, 4, 2, 1, False, 1, 1, True),  # all-zero words: one empty step each
+    (9, 128, 0.0, torch.float16, 128, 8, 1, 1, True, 1, 4, False),  # dense
+    (16, 320, 0.9, torch.bfloat16, 320, 16, 1, 1, True, 1, 4, False),  # 10 words: loaded in the walk
 ]
 
 
@@ -304,7 +304,7 @@ SLICED_CASES = [  # out, in, sparsity, dtype, seg, rows, batch, bb, reg, unroll,
 def test_sliced_kernel_matches_dense_reference(case):
     """The sliced slot-major bitmask kernel (sliced.py) through the dispatcher's KernelConfig, with
     an empty row, against the float64 product."""
-    out_f, in_f, sparsity, dtype, seg, rows, batch, bb, reg, unroll, per_step, depth = case
+    out_f, in_f, sparsity, dtype, seg, rows, batch, bb, reg, unroll, per_step, pdl = case
     gen = torch.Generator().manual_seed(out_f * in_f)
     keep = torch.rand(out_f, in_f, generator=gen) >= sparsity
     keep[out_f // 2] = False
@@ -316,9 +316,9 @@ def test_sliced_kernel_matches_dense_reference(case):
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     if reg:
         y = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll, per_step=per_step,
-                                          depth=depth, pdl=depth > 2))
+                                          pdl=pdl))
     else:
-        y = sliced_mm(x, sw, bb, reg=False, depth=depth)
+        y = sliced_mm(x, sw, bb, reg=False, pdl=pdl)
     assert y.shape == (batch, out_f) and y.dtype == dtype
     _check(y, ref, tol)
     assert y[:, out_f // 2].abs().max() == 0

@@ -66,10 +66,8 @@ class KernelConfig:
     sliced: int = 0
     unroll: int = 1  # sliced: unroll factor of the step loop
     per_step: int = 4  # sliced: kept values a lane takes per step
-    # loads in flight per warp: mma, the 128-column chunks loaded ahead of the one being multiplied
-    # (1-4); sliced walk, the steps whose values are loaded at once (1: each when it is summed; 1-4)
-    depth: int = 1
-    pdl: bool = False  # mma, unit, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
+    depth: int = 1  # mma: 128-column chunks loaded ahead of the one being multiplied (1-4)
+    pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -256,8 +254,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         from .sliced import sliced_mm
 
         sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
-        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, depth=cfg.depth,
-                         pdl=cfg.pdl)
+        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, pdl=cfg.pdl)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     if cfg.mma:
@@ -322,8 +319,8 @@ def unit_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig) -> torch.Tenso
         cfg.split_k, QBITS=tw.bits, SYM=bool(tw.symmetric), G=tw.group_size if tw.bits else 8,
         VBF16=tw.values.dtype == torch.bfloat16, INTERP=interp, PRMT=cfg.prmt, BN=cfg.bn, U=bk // 8, BB=bb,
         ATOMIC=cfg.split_k > 1, BF16=x.dtype == torch.bfloat16, DOT=cfg.dot,
-        DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow, PDL=cfg.pdl,
-        num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if cfg.pdl else {}),
+        DOT_F32=cfg.dot and x.dtype == torch.bfloat16 and interp, XROW=cfg.xrow,
+        num_warps=cfg.num_warps, num_stages=1,
     )
     return out.to(x.dtype)  # no copy unless split K summed in float32
 
@@ -475,8 +472,7 @@ def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Te
 
     cfg = sliced_config(x.shape[0])
     sw = _sliced(values, words, start, steps, perm, out_features, in_features)
-    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, depth=cfg.depth,
-                     pdl=cfg.pdl)
+    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, pdl=cfg.pdl)
 
 
 @_triton_sliced_linear.register_fake

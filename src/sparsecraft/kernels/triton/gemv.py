@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sparse_mm import _pdl_start, _write
+from .sparse_mm import _write
 
 
 @triton.jit
@@ -109,8 +109,7 @@ def _x_units(x64_ptr, rows, u, U_LIM, BB: tl.constexpr, XROW: tl.constexpr):
 @triton.jit
 def _nm24_load(kt, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr, x64_ptr, vs, ms, ng, stride_xb,
                b0, B, QBITS: tl.constexpr, SYM: tl.constexpr, G: tl.constexpr, U: tl.constexpr,
-               BB: tl.constexpr, XROW: tl.constexpr, XLOAD: tl.constexpr = True):
-    """Tile kt's weights and (XLOAD, batch 1) x."""
+               BB: tl.constexpr, XROW: tl.constexpr):
     u = kt * U + tl.arange(0, U)
     m2 = rmask[:, None] & (u[None, :] < U_LIM)
     q = tl.load(vq_ptr + rows[:, None] * vs + u[None, :], mask=m2, other=0)
@@ -125,11 +124,7 @@ def _nm24_load(kt, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr, x64_ptr, v
     else:
         s = q
         z = q
-    if XLOAD:
-        xa, xb = _x_units(x64_ptr, rows, u, U_LIM, BB, XROW)
-    else:
-        xa = u
-        xb = u
+    xa, xb = _x_units(x64_ptr, rows, u, U_LIM, BB, XROW)
     return q, ib, s, z, xa, xb
 
 
@@ -177,15 +172,12 @@ def nm24_gemv_kernel(
     QBITS: tl.constexpr, SYM: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, VBF16: tl.constexpr,
     INTERP: tl.constexpr, BN: tl.constexpr, U: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
     DOT: tl.constexpr = False, DOT_F32: tl.constexpr = False, XROW: tl.constexpr = False,
-    PRMT: tl.constexpr = False, PDL: tl.constexpr = False,
+    PRMT: tl.constexpr = False,
 ):
     """y = x @ W^T, W 2:4 (float values or int4 codes), x (B, K) with K % 8 == 0."""
     rows, rmask, b0, kt0, kt1, U_LIM, x64_ptr, acc = _program(x_ptr, N, K, stride_xb, split_k, BN, U, BB)
     q, ib, s, z, xa, xb = _nm24_load(kt0, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr, x64_ptr,
-                                     vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW, not PDL)
-    _pdl_start(PDL, INTERP)  # the first tile's weights are on their way; x from here on
-    if PDL:
-        xa, xb = _x_units(x64_ptr, rows, kt0 * U + tl.arange(0, U), U_LIM, BB, XROW)
+                                     vs, ms, ng, stride_xb, b0, B, QBITS, SYM, G, U, BB, XROW)
     for kt in range(kt0, kt1):
         qc, ibc, sc, zc, xac, xbc = q, ib, s, z, xa, xb
         q, ib, s, z, xa, xb = _nm24_load(kt + 1, rows, rmask, U_LIM, vq_ptr, idx_ptr, s_ptr, z_ptr,

@@ -172,18 +172,15 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
                        B, N, stride_xb, stride_ob, stride_or,
                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
                        BF16: tl.constexpr, INTERP: tl.constexpr, REG: tl.constexpr = True,
-                       UNROLL: tl.constexpr = 1, RELAXED: tl.constexpr = True, DEPTH: tl.constexpr = 1,
-                       PDL: tl.constexpr = False):
+                       UNROLL: tl.constexpr = 1, RELAXED: tl.constexpr = True, PDL: tl.constexpr = False):
     """out[b, row] += sum over the segment's kept (row, col) of W[row, col] * x[b, col] (float32).
 
     A step takes the P lowest set bits of the lane's current 32-bit mask word (fewer where the word
     runs out: those slots hold 0) and its P values with one load. ``REG``: the segment's mask words
     (at most 4) are loaded into registers before the walk, so a step waits on no load but its own
-    x and values; otherwise an exhausted word loads the next one inside the walk. ``DEPTH``: the
-    values of this many steps are in flight at once (1: each step loads its own; up to 4: the
-    loads of the next steps are issued before the current step's sums, so a warp's short walk is
-    not one memory round trip per step). Sums are added atomically to a float32 ``out`` that is
-    zero on entry."""
+    x and values; otherwise an exhausted word loads the next one inside the walk. (Loading the next
+    steps' values ahead made the walk 5-20% slower in H100 run 17.) Sums are added atomically to a
+    float32 ``out`` that is zero on entry."""
     WPS: tl.constexpr = SEG // 32
     sl, lane, start, rows, wptr = _slice(words_ptr, start_ptr, perm_ptr, C, WPS)
     steps = tl.load(steps_ptr + sl)
@@ -200,26 +197,8 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
     w = tl.full((C,), -1, tl.int32)
     cur = tl.zeros((C,), tl.int32)
     acc = tl.zeros((C, BB), tl.float32)
-    zl = lane * 0
-    if DEPTH >= 2:  # the queue of loads ahead (past the slice's last step: masked off)
-        q1 = tl.load(vptr, mask=zl < steps, other=0)
-    if DEPTH >= 3:
-        q2 = tl.load(vptr + C, mask=zl + 1 < steps, other=0)
-    if DEPTH >= 4:
-        q3 = tl.load(vptr + 2 * C, mask=zl + 2 < steps, other=0)
-    _pdl_start(PDL, INTERP)  # x and the sums only from here on
+    _pdl_start(PDL, INTERP)  # the slice's layout and mask words are loaded; x and the sums from here on
     for k in tl.range(0, steps, loop_unroll_factor=UNROLL):
-        if DEPTH == 1:
-            q = tl.load(vptr + k * C)
-        else:
-            q = q1
-            nxt = tl.load(vptr + (k + DEPTH - 1) * C, mask=zl + (k + DEPTH - 1) < steps, other=0)
-            if DEPTH == 2:
-                q1 = nxt
-            elif DEPTH == 3:
-                q1, q2 = q2, nxt
-            else:
-                q1, q2, q3 = q2, q3, nxt
         adv = cur == 0
         w += adv.to(tl.int32)
         if REG:
@@ -227,6 +206,7 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
             cur = tl.where(adv, tl.where(w < WPS, nxt, 0), cur)
         else:
             cur = tl.load(wptr + w * C, mask=adv & (w < WPS), other=cur)
+        q = tl.load(vptr + k * C)
         for j in tl.static_range(P):
             bit = cur & (-cur)
             cur = cur ^ bit
@@ -318,7 +298,7 @@ _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, r
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
               unroll: int = 1, out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
-              dot: bool = False, relaxed: bool = True, depth: int = 1, pdl: bool = False) -> torch.Tensor:
+              dot: bool = False, relaxed: bool = True, pdl: bool = False) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two; ``dot``: the
     tensor-core kernel, at least 16).
 
@@ -326,16 +306,14 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     result and clears the workspace (two kernels per product, no fill). ``out`` given (timing
     probes): the float32 (B, out) sums are added to it and returned as they are. ``ws``: the
     (out, B) workspace, when the caller keeps it (the custom op of dispatch.py; any strides).
-    ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default). ``depth`` (walk only):
-    steps whose values are in flight at once, 1-4. ``pdl`` (walk only): the walk and the move-out
-    as programmatic dependent launches (sm_90), each starting while its predecessor finishes."""
+    ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default). ``pdl`` (walk only):
+    the walk and the move-out as programmatic dependent launches (sm_90), each starting while its
+    predecessor finishes."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
     if dot and bb < 16:
         raise ValueError("the sliced dot kernel needs a batch tile of 16 or more")
-    if depth not in (1, 2, 3, 4):
-        raise ValueError(f"sliced walk: depth {depth} (steps in flight) must be 1-4")
     x = x.contiguous()
     raw = out is not None
     acc = out if raw else (ws if ws is not None else _workspace(sw, batch)).t()  # (B, out), any strides
@@ -356,8 +334,8 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
             x, acc, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
             batch, sw.shape[0], x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
-            INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, RELAXED=relaxed, DEPTH=depth,
-            PDL=pdl, num_warps=num_warps, **launch,
+            INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, RELAXED=relaxed, PDL=pdl,
+            num_warps=num_warps, **launch,
         )
     if raw:
         return out
