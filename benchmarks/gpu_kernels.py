@@ -228,7 +228,9 @@ def check(args) -> int:
                      KernelConfig(16, 0, 16, 1, split_k=8, mma=True),
                      KernelConfig(64, 0, 16, 4, split_k=4, mma=True, depth=2, fixup=True),
                      KernelConfig(16, 0, 16, 1, split_k=3, mma=True, depth=4, fixup=True),
-                     KernelConfig(64, 0, 16, 4, split_k=2, mma=True, depth=3, fixup=True, xrow=True)]
+                     KernelConfig(64, 0, 16, 4, split_k=2, mma=True, depth=3, fixup=True, xrow=True),
+                     KernelConfig(32, 0, 16, 8, mma=True, depth=2, pdl=True, k_warps=4),
+                     KernelConfig(16, 0, 16, 16, split_k=2, mma=True, depth=3, fixup=True, k_warps=8)]
         if dispatch.sliced_supported(tw):  # the sliced tensor-core kernel (walk: the default at batch 1)
             cfgs += [KernelConfig(64, 0, 16, w, sliced=128, per_step=4, dot=True) for w in (2, 4, 8)]
         worst = 0.0
@@ -396,6 +398,13 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
         mma += [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, depth=depth, fixup=True, xrow=True)
                 for w, split, depth in ((4, 16, 2), (1, 8, 2), (4, 8, 3), (8, 4, 4))]
     mma += [dataclasses.replace(c, pdl=True) for c in mma[:6]]  # programmatic dependent launches
+    # session 12: k_warps warps share an m-tile and sum in shared memory, so that the K split needs
+    # no atomics or fixup (warps, k_warps, grid K split, depth); all with PDL
+    kw_tiles = ((8, 4, 1, 2), (8, 4, 1, 3), (16, 8, 1, 2), (16, 4, 1, 2), (8, 8, 1, 2), (4, 4, 1, 3),
+                (8, 2, 2, 2), (16, 8, 1, 3))
+    if batch <= 16:
+        mma += [KernelConfig(16 * w // kw, 0, 16, w, split_k=split, mma=True, depth=depth, fixup=split > 1,
+                             pdl=True, k_warps=kw, xrow=batch > 8) for w, kw, split, depth in kw_tiles]
     if batch == 1:
         if fmt == "nm24_int4":
             c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True)]
@@ -439,6 +448,7 @@ def tune(fmt, layers, batch, xs, reps):
             + "".join(f" {k}" for k in ("unit", "dot", "prmt", "mma", "fixup") if getattr(cfg, k))
             + (" xrow" if cfg.xrow and not cfg.mma else "")
             + (f" depth={cfg.depth}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
+            + (f" kw={cfg.k_warps}" if cfg.k_warps > 1 else "")
             + (" pdl" if cfg.pdl else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"

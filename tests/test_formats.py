@@ -312,3 +312,23 @@ def test_corrupt_fields_are_refused():
         tensor_from_stored(bad, nm.meta())
     with pytest.raises(SparsecraftError, match="dtype"):
         tensor_from_stored(dict(nm.to_tensors(), values=nm.values.half()), nm.meta())
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "nm", "dense"])
+def test_to_moves_every_field_and_keeps_the_weight(fmt):
+    """``to(device)`` carries values, index fields and the quantization parameters together (the
+    runtime compresses on the layer's device and keeps the stored form on the host)."""
+    gen = torch.Generator().manual_seed(3)
+    q = _random_quant(gen, 4, 16, 4, 8, False)
+    codes = _random_codes(gen, 4, 16, q)
+    keep = _random_nm_mask(gen, 4, 16, 2, 4)
+    t = {
+        "bitmask": lambda: BitmaskTensor.from_codes(codes, keep, q, torch.float16),
+        "nm": lambda: NMTensor.from_codes(codes, keep, q, torch.float16, 2, 4),
+        "dense": lambda: QuantizedDenseTensor.from_codes(codes, q, torch.float16),
+    }[fmt]()
+    moved = t.to("meta")
+    assert type(moved) is type(t) and moved.shape == t.shape and moved.meta() == t.meta()
+    assert all(v.is_meta for v in moved.to_tensors().values())  # scales and zeros included
+    assert all(v.is_cpu for v in t.to_tensors().values())  # the original is left alone
+    assert torch.equal(t.to("cpu").to_dense(), t.to_dense())

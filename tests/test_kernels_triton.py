@@ -403,14 +403,17 @@ def test_sliced_weight_serves_batches_1_to_16_and_decodes_above():
     _check(dispatch.sparse_linear(x, sw), x.double() @ ref_w.t(), 1e-6)
 
 
-@pytest.mark.parametrize("dtype,bits,g,batch,warps,split,depth", [
-    (torch.float16, 0, 32, 1, 2, 1, 1),
-    (torch.float16, 0, 32, 5, 4, 2, 3),  # a warp past the last m-tile, K split
-    (torch.bfloat16, 0, 32, 12, 1, 3, 2),  # two n-tiles, uneven K split
-    (torch.float16, 4, 128, 1, 2, 2, 4),  # prefetch past the split's and the weight's last chunk
-    (torch.float16, 4, 256, 16, 4, 1, 2),  # a group spans two chunks
+@pytest.mark.parametrize("dtype,bits,g,batch,warps,split,depth,kw", [
+    (torch.float16, 0, 32, 1, 2, 1, 1, 1),
+    (torch.float16, 0, 32, 5, 4, 2, 3, 1),  # a warp past the last m-tile, K split
+    (torch.bfloat16, 0, 32, 12, 1, 3, 2, 1),  # two n-tiles, uneven K split
+    (torch.float16, 4, 128, 1, 2, 2, 4, 1),  # prefetch past the split's and the weight's last chunk
+    (torch.float16, 4, 256, 16, 4, 1, 2, 1),  # a group spans two chunks
+    (torch.float16, 4, 128, 1, 8, 1, 2, 4),  # 4 warps per m-tile, 3 chunks: one warp adds nothing
+    (torch.float16, 0, 32, 16, 4, 2, 1, 2),  # warps per m-tile with a grid split (fixup) and x in
+    (torch.bfloat16, 0, 32, 7, 4, 1, 3, 4),  # fragment order; one m-tile per program
 ])
-def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, split, depth):
+def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, split, depth, kw):
     """The sparse tensor-core kernel (mma24.py) with its MMA emulated from the lanes' fragments
     (rows rebuilt from registers a0..a3 and the index words of lanes t = 0, 1): this checks the
     fragment packing and the kernel's addressing of weights, indices, x and output."""
@@ -420,8 +423,8 @@ def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, spli
     tw = layout.prepare(obj)
     assert mma24.supported(tw, dtype)
     x = torch.randn(batch, 384, generator=torch.Generator().manual_seed(batch)).to(dtype)
-    cfg = KernelConfig(16 * warps, 0, 16, warps, split_k=split, mma=True, depth=depth, pdl=split > 1,
-                       fixup=bits == 4, xrow=batch in (5, 16))  # x in fragment order
+    cfg = KernelConfig(16 * warps // kw, 0, 16, warps, split_k=split, mma=True, depth=depth, pdl=split > 1,
+                       fixup=bits == 4 or kw == 2, xrow=batch in (5, 16), k_warps=kw)  # x in fragment order
     y = sparse_mm(x, tw, cfg)
     assert y.shape == (batch, 48) and y.dtype == dtype
     _check(y, x.double() @ ref_w.t(), 2e-2 if dtype == torch.bfloat16 else 3e-3)
@@ -540,7 +543,7 @@ def test_cuda_forward_mma24_layout_on_cpu_tensors(monkeypatch):
     from sparsecraft.kernels.triton.mma24 import MmaWeight
 
     tile = dispatch.MmaTile
-    tiles = {(0, 1): tile(2, 4, 1, pdl=True), (0, 16): tile(1, 2, 2, False, xfrag=True),
+    tiles = {(0, 1): tile(2, 4, 1, pdl=True, k_warps=2), (0, 16): tile(1, 2, 2, False, xfrag=True),
              (4, 1): tile(4, 8, 2, False), (4, 8): tile(1, 2, 4),
              (4, 16): tile(2, 4, 3, xfrag=True, pdl=True)}
     for key, tile in tiles.items():
@@ -554,6 +557,8 @@ def test_cuda_forward_mma24_layout_on_cpu_tensors(monkeypatch):
             y = dispatch.cuda_forward(mod, x)
             assert isinstance(mod._cuda_weight, MmaWeight) and y.shape == (batch, 32) and y.dtype == dtype
             _check(y, x.double() @ ref_w.t(), 2e-2 if dtype == torch.bfloat16 else 4e-3)
-        assert dispatch.mma_config(mod._cuda_weight, 1).split_k == 2  # as far as the 2 chunks allow
+        # K split as far as the 2 chunks allow: over the grid, or (fp16 tile) over a program's 2 warps
+        cfg = dispatch.mma_config(mod._cuda_weight, 1)
+        assert (cfg.split_k, cfg.k_warps) == ((1, 2) if bits == 0 else (2, 1))
         assert dispatch.prepare_module(mod, "cpu", keep_dense=True)
         _check(mod._cuda_dense, ref_w, 1e-3)

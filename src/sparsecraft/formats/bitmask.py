@@ -69,7 +69,7 @@ class BitmaskTensor(StoredTensor):
     ) -> BitmaskTensor:
         """Compress ``w`` (out, in). With ``quant`` the weight must lie on its grid (see qinfo)."""
         _check_2d(w, where)
-        w = w.detach().cpu()
+        w = w.detach()
         keep = resolve_mask(w, mask, where)
         if quant is None:
             if not w.is_floating_point():
@@ -91,9 +91,9 @@ class BitmaskTensor(StoredTensor):
         """Build from a quantizer's (out, in) codes and the kept mask (codes outside it are ignored)."""
         _check_2d(codes, where)
         quant.validate(tuple(codes.shape), where)
-        mask = mask.bool().cpu()
+        mask = mask.to(device=codes.device, dtype=torch.bool)
         lo, hi = code_range(quant.bits, quant.symmetric)
-        kept = codes.cpu()[mask]
+        kept = codes[mask]
         if kept.numel() and (int(kept.min()) < lo or int(kept.max()) > hi):
             raise SparsecraftError(f"{where}: codes outside [{lo}, {hi}] for {quant.bits}-bit quantization")
         return cls._build(tuple(codes.shape), dtype, mask, kept.to(quant.code_dtype), quant)
@@ -104,12 +104,12 @@ class BitmaskTensor(StoredTensor):
         if quant is not None and quant.bits == 4:
             # pad each row's run of codes to an even count: scatter into a slot array
             slots = counts + counts % 2
-            row_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), slots.cumsum(0)])
-            buf = torch.zeros(int(row_offsets[-1]), dtype=torch.int32)
+            row_offsets = torch.cat([slots.new_zeros(1), slots.cumsum(0)])
+            buf = torch.zeros(int(row_offsets[-1]), dtype=torch.int32, device=keep.device)
             buf[_slot_index(keep, row_offsets)] = kept_values.to(torch.int32)
             values = pack_int4(buf.unsqueeze(0)).squeeze(0)
         else:
-            row_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+            row_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             values = kept_values.contiguous()
         return cls(shape, dtype, pack_bits(keep), values, row_offsets, quant)
 
@@ -129,7 +129,7 @@ class BitmaskTensor(StoredTensor):
 
     def to_dense(self) -> torch.Tensor:
         keep = self.dense_mask()
-        out = torch.zeros(self.shape, dtype=self.dtype)
+        out = torch.zeros(self.shape, dtype=self.dtype, device=keep.device)
         if self.quant is None:
             out[keep] = self.values.to(self.dtype)
             return out

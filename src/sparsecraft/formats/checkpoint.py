@@ -92,7 +92,7 @@ def compress_weight(
     """Encode one (out, in) weight; ``None`` means "keep it a plain dense tensor" (auto only)."""
     if qw is not None:
         # the model must hold exactly what the quantizer produced, or the codes would lie
-        if not torch.equal(qw.dequantize().to(w.dtype), w.cpu()):
+        if not torch.equal(qw.dequantize().to(device=w.device, dtype=w.dtype), w):
             raise SparsecraftError(
                 f"{where}: the layer's weight differs from its quantized codes (was it changed after "
                 "quantization?); quantize again"

@@ -31,7 +31,7 @@ class QuantizedDenseTensor(StoredTensor):
     @classmethod
     def from_dense(cls, w: torch.Tensor, quant: QuantInfo, where: str = "weight") -> QuantizedDenseTensor:
         _check_2d(w, where)
-        w = w.detach().cpu()
+        w = w.detach()
         quant.validate(tuple(w.shape), where)
         return cls.from_codes(codes_from_dense(w, quant, where), quant, w.dtype, where)
 
@@ -42,7 +42,6 @@ class QuantizedDenseTensor(StoredTensor):
         _check_2d(codes, where)
         quant.validate(tuple(codes.shape), where)
         lo, hi = code_range(quant.bits, quant.symmetric)
-        codes = codes.cpu()
         if int(codes.min()) < lo or int(codes.max()) > hi:
             raise SparsecraftError(f"{where}: codes outside [{lo}, {hi}] for {quant.bits}-bit quantization")
         vals = pack_int4(codes) if quant.bits == 4 else codes.to(quant.code_dtype).contiguous()

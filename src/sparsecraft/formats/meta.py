@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import SparsecraftError
@@ -39,6 +41,16 @@ class StoredTensor:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    def to(self, device: torch.device | str):
+        """The same tensor with every field (quantization parameters included) on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        if self.quant is not None:
+            q = self.quant
+            moved["quant"] = dataclasses.replace(
+                q, scales=q.scales.to(device), zeros=q.zeros.to(device) if q.zeros is not None else None)
+        return dataclasses.replace(self, **moved)
 
 
 def require(

@@ -53,7 +53,7 @@ def nm_positions(keep: torch.Tensor, n: int, m: int, where: str = "weight") -> t
             f"prune with an {n}:{m} pattern or use the bitmask format"
         )
     # kept positions first, then the lowest free ones as explicit zeros; then column order
-    pos = torch.arange(m, dtype=torch.int32)
+    pos = torch.arange(m, dtype=torch.int32, device=keep.device)
     key = groups.to(torch.int32) * (2 * m) + (m - 1 - pos)
     return key.topk(n, dim=-1).indices.sort(-1).values
 
@@ -85,7 +85,7 @@ class NMTensor(StoredTensor):
         where: str = "weight",
     ) -> NMTensor:
         _check_2d(w, where)
-        w = w.detach().cpu()
+        w = w.detach()
         keep = resolve_mask(w, mask, where)
         idx = nm_positions(keep, n, m, where)
         if quant is None:
@@ -111,13 +111,13 @@ class NMTensor(StoredTensor):
         """Build from a quantizer's (out, in) codes and kept mask; padding slots dequantize to 0."""
         _check_2d(codes, where)
         quant.validate(tuple(codes.shape), where)
-        mask = mask.bool().cpu()
+        mask = mask.to(device=codes.device, dtype=torch.bool)
         lo, hi = code_range(quant.bits, quant.symmetric)
-        codes = codes.cpu().to(torch.int32)
+        codes = codes.to(torch.int32)
         if mask.any() and (int(codes[mask].min()) < lo or int(codes[mask].max()) > hi):
             raise SparsecraftError(f"{where}: codes outside [{lo}, {hi}] for {quant.bits}-bit quantization")
         idx = nm_positions(mask, n, m, where)
-        g = torch.arange(codes.shape[1]) // quant.group_size
+        g = torch.arange(codes.shape[1], device=codes.device) // quant.group_size
         zero = quant.zeros[:, g].to(torch.int32) if quant.zeros is not None else torch.zeros_like(codes)
         src = torch.where(mask, codes, zero).to(quant.code_dtype)
         return cls._build(tuple(codes.shape), dtype, n, m, src, idx, quant)
@@ -148,7 +148,7 @@ class NMTensor(StoredTensor):
     def dense_mask(self) -> torch.Tensor:
         """Positions that hold a stored slot (explicit zeros included)."""
         out_f, in_f = self.shape
-        keep = torch.zeros(out_f, in_f // self.m, self.m, dtype=torch.bool)
+        keep = torch.zeros(out_f, in_f // self.m, self.m, dtype=torch.bool, device=self.values.device)
         keep.scatter_(-1, self.positions(), True)
         return keep.view(out_f, in_f)
 
@@ -158,10 +158,10 @@ class NMTensor(StoredTensor):
         if self.quant is None:
             vals = self.values.to(self.dtype).view(out_f, -1, self.n)
         else:
-            rows = torch.arange(out_f).view(out_f, 1, 1).expand_as(idx)
-            cols = torch.arange(0, in_f, self.m).view(1, -1, 1) + idx
+            rows = torch.arange(out_f, device=idx.device).view(out_f, 1, 1).expand_as(idx)
+            cols = torch.arange(0, in_f, self.m, device=idx.device).view(1, -1, 1) + idx
             vals = self.quant.dequantize_at(self.codes().view(out_f, -1, self.n), rows, cols).to(self.dtype)
-        out = torch.zeros(out_f, in_f // self.m, self.m, dtype=self.dtype)
+        out = torch.zeros(out_f, in_f // self.m, self.m, dtype=self.dtype, device=idx.device)
         out.scatter_(-1, idx, vals)
         return out.view(out_f, in_f)
 

@@ -100,11 +100,16 @@ class QuantInfo:
         return q.clamp_(lo, hi).to(self.code_dtype)
 
 
+def _positions(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) index of every element of the 2-D ``t`` (expanded views, on its device)."""
+    out_f, in_f = t.shape
+    rows = torch.arange(out_f, device=t.device).unsqueeze(1).expand(out_f, in_f)
+    return rows, torch.arange(in_f, device=t.device).unsqueeze(0).expand(out_f, in_f)
+
+
 def dequantize_dense(codes: torch.Tensor, q: QuantInfo) -> torch.Tensor:
     """(out, in) codes -> (out, in) float32 values."""
-    out_f, in_f = codes.shape
-    rows = torch.arange(out_f).unsqueeze(1).expand(out_f, in_f)
-    cols = torch.arange(in_f).unsqueeze(0).expand(out_f, in_f)
+    rows, cols = _positions(codes)
     return q.dequantize_at(codes, rows, cols)
 
 
@@ -114,9 +119,7 @@ def codes_from_dense(w: torch.Tensor, q: QuantInfo, where: str = "weight") -> to
     The weight must equal (codes - zero) * scale after casting to its dtype, i.e. it must be the
     output of a quantizer with these very scales: anything else would be silently rounded.
     """
-    out_f, in_f = w.shape
-    rows = torch.arange(out_f).unsqueeze(1).expand(out_f, in_f)
-    cols = torch.arange(in_f).unsqueeze(0).expand(out_f, in_f)
+    rows, cols = _positions(w)
     codes = q.codes_at(w, rows, cols)
     bad = q.dequantize_at(codes, rows, cols).to(w.dtype) != w
     if bad.any():
@@ -149,4 +152,4 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """float32 (out, in); exactly zero outside the mask."""
         v = dequantize_dense(self.codes, self.info)
-        return torch.where(self.mask, v, torch.zeros((), dtype=v.dtype))
+        return torch.where(self.mask, v, torch.zeros((), dtype=v.dtype, device=v.device))

@@ -82,7 +82,7 @@ def _layer_type(layer: nn.Module) -> str:
 def _compress(name: str, layer: nn.Module, cfg: ConvertConfig, qw: QuantizedWeight | None):
     from ..quant import rtn_quantize
 
-    w = weight_matrix(layer).detach().cpu()
+    w = weight_matrix(layer).detach()  # compressed where the layer lives (a GPU is much faster)
     if cfg.bits is not None:
         if qw is None:
             qw = rtn_quantize(
@@ -91,7 +91,8 @@ def _compress(name: str, layer: nn.Module, cfg: ConvertConfig, qw: QuantizedWeig
         w = qw.dequantize().to(w.dtype)
     elif cfg.dtype is not None:
         w = w.to(cfg.dtype)
-    return compress_weight(w, cfg.format, cfg.n, cfg.m, qw, where=name)
+    t = compress_weight(w, cfg.format, cfg.n, cfg.m, qw, where=name)
+    return t.to("cpu") if t is not None else None  # the stored form lives on the host
 
 
 @torch.no_grad()

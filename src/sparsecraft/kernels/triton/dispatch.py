@@ -68,6 +68,7 @@ class KernelConfig:
     per_step: int = 4  # sliced: kept values a lane takes per step
     depth: int = 1  # mma: 128-column chunks loaded ahead of the one being multiplied (1-4)
     pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
+    k_warps: int = 1  # mma: warps sharing an m-tile (K split inside the program, summed in shared memory)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -155,6 +156,7 @@ class MmaTile(NamedTuple):
     fixup: bool = True  # K splits summed in the kernel
     xfrag: bool = False  # batch > 1: x copied into fragment order first
     pdl: bool = False  # programmatic dependent launch
+    k_warps: int = 1  # warps per m-tile (K split inside a program)
 
 
 MMA_TILES: dict[tuple[int, int], MmaTile] = {
@@ -259,7 +261,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         return unit_mm(x, tw, cfg)
     if cfg.mma:
         return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, depth=cfg.depth,
-                        fixup=cfg.fixup, xfrag=cfg.xrow, interp=interpreted(), pdl=cfg.pdl)
+                        fixup=cfg.fixup, xfrag=cfg.xrow, interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps)
     dummy = tw.meta
     use_dot = cfg.bb > 1
     bb = cfg.bb if use_dot else 1
@@ -400,11 +402,13 @@ def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
     tile = MMA_TILES[(mw.bits, _mma_class(batch))]
     out_f, in_f = mw.shape
     chunks = in_f // 128
-    split = 1  # K split until there are per_sm warps per multiprocessor (skinny layers)
-    while out_f // 16 * split < tile.per_sm * _sm_count(mw.frags.device) and split * 2 <= chunks:
+    split = 1  # K split over the grid until there are per_sm warps per multiprocessor (skinny layers)
+    while (out_f // 16 * tile.k_warps * split < tile.per_sm * _sm_count(mw.frags.device)
+           and split * 2 * tile.k_warps <= chunks):
         split *= 2
-    return KernelConfig(bn=16 * tile.warps, bk=0, bb=16, num_warps=tile.warps, split_k=split, mma=True,
-                        depth=tile.depth, fixup=tile.fixup, xrow=tile.xfrag and batch > 1, pdl=tile.pdl)
+    return KernelConfig(bn=16 * tile.warps // tile.k_warps, bk=0, bb=16, num_warps=tile.warps, split_k=split,
+                        mma=True, depth=tile.depth, fixup=tile.fixup, xrow=tile.xfrag and batch > 1,
+                        pdl=tile.pdl, k_warps=tile.k_warps)
 
 
 def _mma_class(batch: int) -> int:
@@ -433,7 +437,7 @@ def _triton_mma24_linear(x: torch.Tensor, frags: torch.Tensor, meta: torch.Tenso
     if mma_runs(mw, rows, x.dtype):
         cfg = mma_config(mw, rows)
         return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.depth, cfg.fixup, cfg.xrow,
-                        workspace=(ws, cnt), interp=interpreted(), pdl=cfg.pdl)
+                        workspace=(ws, cnt), interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps)
     return x @ decompress(mw, x.dtype).t()
 
 
@@ -450,7 +454,7 @@ def _mma_linear(x2: torch.Tensor, mw: MmaWeight, dense: torch.Tensor | None) -> 
     if mma_runs(mw, rows, x2.dtype):
         cfg = mma_config(mw, rows)
         if cfg.fixup and cfg.split_k > 1:  # made by a first, eager call (outside graph capture)
-            ws, cnt = mw.workspace(cfg.num_warps)
+            ws, cnt = mw.workspace(cfg.num_warps // cfg.k_warps)
     return torch.ops.sparsecraft.triton_mma24_linear(x2, mw.frags, mw.meta, mw.scales, ws, cnt, *mw.shape,
                                                       mw.bits, mw.group_size, mw.dtype == torch.bfloat16)
 

@@ -169,8 +169,10 @@ def _quant_kwargs(obj) -> dict:
 def prepare(obj, device: torch.device | str | None = None) -> TritonWeight:
     """TritonWeight of a format object (BitmaskTensor / NMTensor of ``sparsecraft.formats``)."""
     if isinstance(obj, TritonWeight):
-        tw = obj
-    elif hasattr(obj, "mask") and hasattr(obj, "row_offsets"):
+        return obj.to(device) if device is not None else obj
+    if device is not None and hasattr(obj, "to_tensors"):
+        obj = obj.to(device)  # the layout's own tensors are derived on the device
+    if hasattr(obj, "mask") and hasattr(obj, "row_offsets"):
         tw = from_bitmask(obj.mask, obj.values, obj.row_offsets, tuple(obj.shape), obj.dtype,
                           **_quant_kwargs(obj))
     elif hasattr(obj, "indices"):
@@ -178,4 +180,4 @@ def prepare(obj, device: torch.device | str | None = None) -> TritonWeight:
     else:
         raise SparsecraftError(
             f"cannot run {type(obj).__name__} on the GPU: expected a bitmask or N:M tensor")
-    return tw.to(device) if device is not None else tw
+    return tw

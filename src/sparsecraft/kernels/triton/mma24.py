@@ -70,17 +70,18 @@ class MmaWeight:
     dtype: torch.dtype = torch.float16  # x's dtype the weight was packed for
     workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def workspace(self, warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def workspace(self, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeroed float32 (16, out) partial sums and int32 arrival counters (one per program of a
-        launch with ``warps`` warps) of the kernel's K-split fixup; each call leaves them zeroed."""
-        if warps not in self.workspaces:
+        launch whose programs own ``tiles`` m-tiles each) of the kernel's K-split fixup; each call
+        leaves them zeroed."""
+        if tiles not in self.workspaces:
             dev = self.frags.device
             ws = self.workspaces.get("sums")  # one for all launches: each leaves it zeroed
             if ws is None:
                 ws = self.workspaces["sums"] = torch.zeros(16, self.shape[0], device=dev, dtype=torch.float32)
-            programs = triton.cdiv(self.shape[0] // 16, warps)
-            self.workspaces[warps] = (ws, torch.zeros(programs, device=dev, dtype=torch.int32))
-        return self.workspaces[warps]
+            programs = triton.cdiv(self.shape[0] // 16, tiles)
+            self.workspaces[tiles] = (ws, torch.zeros(programs, device=dev, dtype=torch.int32))
+        return self.workspaces[tiles]
 
     def placeholder(self) -> torch.Tensor:
         """An empty float32 tensor on the weight's device, passed where no workspace is used."""
@@ -298,16 +299,19 @@ def _load4(p, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _x_regs(x32_ptr, lane, kcol, nt, B, xs32, NT: tl.constexpr, XFRAG: tl.constexpr, INTERP: tl.constexpr):
+def _x_regs(x32_ptr, lane, kcol, nt, B, xs32, ok, NT: tl.constexpr, XFRAG: tl.constexpr,
+            INTERP: tl.constexpr):
     """B registers b0..b3 of n-tile nt at dense column kcol: x[n, kcol + 8r + 2t .. +1] as int32,
     from x itself (4-byte pieces of 8 rows), or with XFRAG from x in fragment order
-    (:func:`fragment_x`: one 16-byte load per lane)."""
+    (:func:`fragment_x`: one 16-byte load per lane); zero where ``ok`` is False (a chunk past the
+    warp's range: its weights were loaded from a clamped address and must add nothing)."""
     if XFRAG:
-        return _load4(x32_ptr + (((kcol // 32) * NT + nt) * 32 + lane) * 4, INTERP)
+        b0, b1, b2, b3 = _load4(x32_ptr + (((kcol // 32) * NT + nt) * 32 + lane) * 4, INTERP)
+        return tl.where(ok, b0, 0), tl.where(ok, b1, 0), tl.where(ok, b2, 0), tl.where(ok, b3, 0)
     else:
         n = nt * 8 + lane // 4
         base = x32_ptr + n * xs32 + kcol // 2 + lane % 4
-        m = n < B
+        m = (n < B) & ok
         return (tl.load(base, mask=m, other=0), tl.load(base + 4, mask=m, other=0),
                 tl.load(base + 8, mask=m, other=0), tl.load(base + 12, mask=m, other=0))
 
@@ -406,10 +410,11 @@ def _chunk_loads(c, mt, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G: tl.constexpr, QB
 
 
 @triton.jit
-def _chunk(acc0, acc1, a, e, c, lane, x32_ptr, B, xs32, QBITS: tl.constexpr, BF16: tl.constexpr,
+def _chunk(acc0, acc1, a, e, c, ok, lane, x32_ptr, B, xs32, QBITS: tl.constexpr, BF16: tl.constexpr,
            INTERP: tl.constexpr, W: tl.constexpr, NT: tl.constexpr, XFRAG: tl.constexpr):
-    """The 4 MMAs of one chunk for each n-tile, added to acc0 / acc1 (4 float32 each); int4: from
-    zero (the caller scales the chunk sums). Each step's A operand is formed once for both n-tiles."""
+    """The 4 MMAs of chunk ``c`` (per lane) for each n-tile, added to acc0 / acc1 (4 float32 each);
+    int4: from zero (the caller scales the chunk sums). Each step's A operand is formed once for both
+    n-tiles. Lanes with ``ok`` False add zeros."""
     if QBITS == 4:
         z = acc0[0] * 0.0
         d0 = (z, z, z, z)
@@ -418,15 +423,15 @@ def _chunk(acc0, acc1, a, e, c, lane, x32_ptr, B, xs32, QBITS: tl.constexpr, BF1
         d0 = acc0
         d1 = acc1
     # all x loads of the chunk first, so that their latencies overlap instead of adding up per step
-    b0 = _x_regs(x32_ptr, lane, 128 * c, 0, B, xs32, NT, XFRAG, INTERP)
-    b1 = _x_regs(x32_ptr, lane, 128 * c + 32, 0, B, xs32, NT, XFRAG, INTERP)
-    b2 = _x_regs(x32_ptr, lane, 128 * c + 64, 0, B, xs32, NT, XFRAG, INTERP)
-    b3 = _x_regs(x32_ptr, lane, 128 * c + 96, 0, B, xs32, NT, XFRAG, INTERP)
+    b0 = _x_regs(x32_ptr, lane, 128 * c, 0, B, xs32, ok, NT, XFRAG, INTERP)
+    b1 = _x_regs(x32_ptr, lane, 128 * c + 32, 0, B, xs32, ok, NT, XFRAG, INTERP)
+    b2 = _x_regs(x32_ptr, lane, 128 * c + 64, 0, B, xs32, ok, NT, XFRAG, INTERP)
+    b3 = _x_regs(x32_ptr, lane, 128 * c + 96, 0, B, xs32, ok, NT, XFRAG, INTERP)
     if NT == 2:
-        n0 = _x_regs(x32_ptr, lane, 128 * c, 1, B, xs32, NT, XFRAG, INTERP)
-        n1 = _x_regs(x32_ptr, lane, 128 * c + 32, 1, B, xs32, NT, XFRAG, INTERP)
-        n2 = _x_regs(x32_ptr, lane, 128 * c + 64, 1, B, xs32, NT, XFRAG, INTERP)
-        n3 = _x_regs(x32_ptr, lane, 128 * c + 96, 1, B, xs32, NT, XFRAG, INTERP)
+        n0 = _x_regs(x32_ptr, lane, 128 * c, 1, B, xs32, ok, NT, XFRAG, INTERP)
+        n1 = _x_regs(x32_ptr, lane, 128 * c + 32, 1, B, xs32, ok, NT, XFRAG, INTERP)
+        n2 = _x_regs(x32_ptr, lane, 128 * c + 64, 1, B, xs32, ok, NT, XFRAG, INTERP)
+        n3 = _x_regs(x32_ptr, lane, 128 * c + 96, 1, B, xs32, ok, NT, XFRAG, INTERP)
     for j in tl.static_range(4):
         av = _a_operand(a[j], QBITS, BF16, INTERP)
         b = b0 if j == 0 else b1 if j == 1 else b2 if j == 2 else b3
@@ -469,18 +474,35 @@ def _finish_tile(ws_ptr, out_ptr, row, nt, lane, mvalid, B, N, stride_ob):
 
 
 @triton.jit
+def _sum_tile(acc, KW: tl.constexpr, MW: tl.constexpr):
+    """The 4 accumulators of all warps (32 W,) -> their sums over the KW warps that share an m-tile
+    (32 MW,): element i sits in warp i // 32, and warp w takes K slot w // MW. One reduction
+    through shared memory for all four."""
+    a0, a1, a2, a3 = acc
+    v = tl.join(tl.join(a0, a1), tl.join(a2, a3))  # (32 W, 2, 2)
+    r = tl.sum(tl.reshape(v, (KW, 32 * MW, 2, 2)), axis=0)
+    lo, hi = tl.split(r)
+    s0, s1 = tl.split(lo)
+    s2, s3 = tl.split(hi)
+    return s0, s1, s2, s3
+
+
+@triton.jit
 def mma24_kernel(
     x_ptr, out_ptr, a_ptr, e_ptr, s_ptr, ws_ptr, cnt_ptr, B, N, K, stride_xb, stride_ob, ng, split_k,
     QBITS: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, NT: tl.constexpr, W: tl.constexpr,
     INTERP: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,  # 1..4
     FIXUP: tl.constexpr = False, XFRAG: tl.constexpr = False, PDL: tl.constexpr = False,
+    KW: tl.constexpr = 1,
 ):
     """y (B <= 8 NT, N) = x @ W^T, W packed by :func:`pack`; each warp one 16-row m-tile, the grid
-    (m-tiles / W, K splits) in 128-column chunks."""
+    (m-tiles / (W / KW), K splits) in 128-column chunks. With KW > 1, KW warps share an m-tile and
+    take every KW-th chunk of the program's K range; their sums meet in shared memory (no atomics)."""
+    MW: tl.constexpr = W // KW  # m-tiles per program
     lane, wid = _lane_ids(tl.arange(0, 32 * W), INTERP)
-    mt = tl.program_id(0) * W + wid
-    mvalid = mt < N // 16
+    mt = tl.program_id(0) * MW + wid % MW
     mtl = tl.minimum(mt, N // 16 - 1)  # the tile whose weights this warp loads
+    kslot = wid // MW
     S = K // 32
     C = K // 128
     per = tl.cdiv(C, split_k)
@@ -488,22 +510,22 @@ def mma24_kernel(
     c1 = tl.minimum(c0 + per, C)
     x32_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     xs32 = stride_xb // 2
-    row = mt * 16 + lane // 4
     zero = lane.to(tl.float32) * 0.0
     acc0 = (zero, zero, zero, zero)
     acc1 = (zero, zero, zero, zero)
-    # a queue of the next DEPTH chunks' loads: each iteration consumes the oldest and issues one
-    q1 = _chunk_loads(c0, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+    # a queue of the warp's next DEPTH chunks' loads: each iteration consumes the oldest and issues one
+    q1 = _chunk_loads(c0 + kslot, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
     if DEPTH >= 2:
-        q2 = _chunk_loads(c0 + 1, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+        q2 = _chunk_loads(c0 + kslot + KW, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
     if DEPTH >= 3:
-        q3 = _chunk_loads(c0 + 2, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+        q3 = _chunk_loads(c0 + kslot + 2 * KW, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
     if DEPTH >= 4:
-        q4 = _chunk_loads(c0 + 3, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+        q4 = _chunk_loads(c0 + kslot + 3 * KW, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
     _pdl_start(PDL, INTERP)  # x and the outputs only from here on
-    for c in range(c0, c1):
+    for c in range(c0, c1, KW):
+        ck = c + kslot  # this warp's chunk
         ac, ec, scc = q1
-        nxt = _chunk_loads(c + DEPTH, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
+        nxt = _chunk_loads(ck + DEPTH * KW, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
         if DEPTH == 1:
             q1 = nxt
         elif DEPTH == 2:
@@ -512,7 +534,9 @@ def mma24_kernel(
             q1, q2, q3 = q2, q3, nxt
         else:
             q1, q2, q3, q4 = q2, q3, q4, nxt
-        d0, d1 = _chunk(acc0, acc1, ac, ec, c, lane, x32_ptr, B, xs32, QBITS, BF16, INTERP, W, NT, XFRAG)
+        ok = ck < c1
+        d0, d1 = _chunk(acc0, acc1, ac, ec, tl.minimum(ck, C - 1), ok, lane, x32_ptr, B, xs32, QBITS, BF16,
+                        INTERP, W, NT, XFRAG)
         if QBITS == 4:
             s_lo, s_hi = _split_pairs(scc, False)
             acc0 = _scale_add(acc0, d0, s_lo, s_hi)
@@ -521,6 +545,14 @@ def mma24_kernel(
         else:
             acc0 = d0
             acc1 = d1
+    if KW > 1:  # the sums of an m-tile's warps; element i of the result: lane i % 32 of tile i // 32
+        acc0 = _sum_tile(acc0, KW, MW)
+        acc1 = _sum_tile(acc1, KW, MW)
+        j = tl.arange(0, 32 * MW)
+        lane = j % 32
+        mt = tl.program_id(0) * MW + j // 32
+    mvalid = mt < N // 16
+    row = mt * 16 + lane // 4
     if FIXUP:
         # K splits: float32 partial sums into the zeroed workspace; the program that arrives last
         # at this row block's counter moves the sums to ``out`` and zeroes workspace and counter
@@ -546,7 +578,7 @@ def mma24_kernel(
 
 def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, depth: int = 1,
              fixup: bool = False, xfrag: bool = False, workspace: tuple | None = None,
-             interp: bool = False, pdl: bool = False) -> torch.Tensor:
+             interp: bool = False, pdl: bool = False, k_warps: int = 1) -> torch.Tensor:
     """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores. With K splits the partial
     sums are added atomically: into a float32 output that is then converted (two more kernels), or
     with ``fixup`` into the weight's persistent workspace, emptied by the last split (one kernel;
@@ -554,22 +586,27 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
     must run outside CUDA graph capture).
     ``depth``: chunks whose loads are in flight ahead of the MMAs (1-4). ``xfrag`` (batch > 1): x is
     first copied into fragment order (:func:`fragment_x`). ``pdl``: launched as a programmatic
-    dependent launch (sm_90): the first chunks' weights load while the previous kernel finishes."""
+    dependent launch (sm_90): the first chunks' weights load while the previous kernel finishes.
+    ``k_warps``: warps per m-tile (dividing ``warps``), each taking every k_warps-th chunk, summed in
+    shared memory: a program covers warps / k_warps m-tiles over its whole K range."""
     batch, n_in = x.shape
     n_out = mw.shape[0]
     if batch > 16 or n_in != mw.shape[1] or x.dtype != mw.dtype:
         raise SparsecraftError(f"mma.sp kernel: batch <= 16 of {mw.dtype} rows with {mw.shape[1]} columns")
     if depth not in (1, 2, 3, 4):
         raise SparsecraftError(f"mma.sp kernel: depth {depth} (chunks loaded ahead) must be 1-4")
+    if k_warps < 1 or warps % k_warps or k_warps & (k_warps - 1):
+        raise SparsecraftError(f"mma.sp kernel: k_warps {k_warps} must be a power of two dividing warps {warps}")
     x = x.contiguous()
     if x.data_ptr() % 4:  # read as int32 pairs
         x = x.clone()
     split_k = max(1, min(split_k, n_in // CHUNK))
-    grid = (triton.cdiv(n_out // 16, warps), split_k)
+    tiles = warps // k_warps  # m-tiles per program
+    grid = (triton.cdiv(n_out // 16, tiles), split_k)
     fixup = fixup and split_k > 1
     out = _out_buffer(x, n_out, 1 if fixup else split_k)  # the fixup writes x's dtype itself
     if fixup:
-        ws, cnt = workspace if workspace is not None else mw.workspace(warps)
+        ws, cnt = workspace if workspace is not None else mw.workspace(tiles)
     else:
         ws, cnt = mw.meta, mw.meta  # not read
     nt = 1 if batch <= 8 else 2
@@ -580,6 +617,6 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
         batch, n_out, n_in, x.stride(0), out.stride(0), mw.scales.shape[1] if mw.scales is not None else 1,
         split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=nt,
         W=warps, INTERP=interp, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup, XFRAG=xfrag,
-        PDL=pdl, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, KW=k_warps, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype)
