@@ -261,7 +261,8 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         return unit_mm(x, tw, cfg)
     if cfg.mma:
         return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, depth=cfg.depth,
-                        fixup=cfg.fixup, xfrag=cfg.xrow, interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps)
+                        fixup=cfg.fixup, xfrag=cfg.xrow, interp=interpreted(), pdl=cfg.pdl,
+                        k_warps=cfg.k_warps)
     dummy = tw.meta
     use_dot = cfg.bb > 1
     bb = cfg.bb if use_dot else 1

@@ -596,7 +596,8 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
     if depth not in (1, 2, 3, 4):
         raise SparsecraftError(f"mma.sp kernel: depth {depth} (chunks loaded ahead) must be 1-4")
     if k_warps < 1 or warps % k_warps or k_warps & (k_warps - 1):
-        raise SparsecraftError(f"mma.sp kernel: k_warps {k_warps} must be a power of two dividing warps {warps}")
+        raise SparsecraftError(f"mma.sp kernel: k_warps {k_warps} must be a power of two dividing "
+                               f"warps {warps}")
     x = x.contiguous()
     if x.data_ptr() % 4:  # read as int32 pairs
         x = x.clone()
