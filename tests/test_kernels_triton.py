@@ -543,9 +543,9 @@ def test_cuda_forward_mma24_layout_on_cpu_tensors(monkeypatch):
     from sparsecraft.kernels.triton.mma24 import MmaWeight
 
     tile = dispatch.MmaTile
-    tiles = {(0, 1): tile(2, 4, 1, pdl=True, k_warps=2), (0, 16): tile(1, 2, 2, False, xfrag=True),
-             (4, 1): tile(4, 8, 2, False), (4, 8): tile(1, 2, 4),
-             (4, 16): tile(2, 4, 3, xfrag=True, pdl=True)}
+    tiles = {(0, 1): (tile(2, 2, 1), tile(4, 1, 2)), (0, 16): (tile(1, 1, 2, xfrag=True, pdl=False),) * 2,
+             (4, 1): (tile(4, 1, 2, pdl=False),) * 2, (4, 8): (tile(2, 1, 4),) * 2,
+             (0, 8): (tile(4, 4, 3),) * 2, (4, 16): (tile(4, 2, 3, xfrag=True),) * 2}
     for key, tile in tiles.items():
         monkeypatch.setitem(dispatch.MMA_TILES, key, tile)
     for bits in (0, 4):
@@ -562,3 +562,6 @@ def test_cuda_forward_mma24_layout_on_cpu_tensors(monkeypatch):
         assert (cfg.split_k, cfg.k_warps) == ((1, 2) if bits == 0 else (2, 1))
         assert dispatch.prepare_module(mod, "cpu", keep_dense=True)
         _check(mod._cuda_dense, ref_w, 1e-3)
+    # a layer with more than 2 m-tiles per multiprocessor (8 "SMs" off the GPU) takes the wide tile
+    wide = MmaWeight((16 * 17, 256), torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+    assert dispatch.mma_config(wide, 1).num_warps == 4 and dispatch.mma_config(wide, 1).k_warps == 1

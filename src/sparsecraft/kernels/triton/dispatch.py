@@ -1,6 +1,6 @@
 """Pick the kernel and its tile shape for one product y = x @ W^T, W a :class:`TritonWeight`,
-for bitmask weights with 16-bit values a :class:`~.sliced.SlicedWeight`, for 2:4 int4 weights an
-:class:`~.mma24.MmaWeight`.
+for bitmask weights with 16-bit values a :class:`~.sliced.SlicedWeight`, for 2:4 weights with
+16-bit or int4 values an :class:`~.mma24.MmaWeight`.
 
 As measured on the H100 llama-7b chain (docs/results/gpu_kernels.md, runs 5 and 6), bitmask on the
 H200 (runs 10-13):
@@ -9,18 +9,18 @@ H200 (runs 10-13):
   device (:func:`prepare_module`); batch 1..8 run its step-per-kept-value kernel, batch 9..16 its
   tensor-core kernel (``sliced_config``), larger batches decode it to a dense temporary
   (:func:`decompress`) for cuBLAS;
-* 2:4 with symmetric int4 codes (group a multiple of 128, fp16 inputs), batch 1..16: the sparse
-  tensor-core kernel (mma24.py, ``MMA_TILES``; H100 runs 15-16), on the mma.sp fragment layout that
+* 2:4 with fp16/bf16 values (inputs of the same dtype) or symmetric int4 codes (group a multiple of
+  128, fp16 inputs), out % 16 == 0, in % 128 == 0, batch 1..16: the sparse tensor-core kernel
+  (mma24.py, ``MMA_TILES``; H100 runs 15-19), on the mma.sp fragment layout that
   :func:`prepare_weight` keeps as the weight's only device copy;
 * batch 1..``UNIT_MAX_BATCH`` (16): the 8-column unit kernels (gemv.py) for the other 2:4 weights
-  with float or int4 values (16-bit inputs, in_features % 8 == 0), with the tile and variant of
+  (other shapes or input dtypes; in_features % 8 == 0), with the tile and variant of
   ``UNIT_TILES`` (FMA rows or, for larger batches, the tensor-core ``dot`` variant); other layouts
   at batch 1 run the per-element GEMV kernels (sparse_mm.py, ``USE_DOT=False``);
 * other N:M layouts up to ``DOT_MAX_BATCH`` rows: the decode-then-``tl.dot`` kernel of sparse_mm.py;
 * otherwise (anything above 16 rows, prefill): a dense weight and cuBLAS; the dense weight is a
   cached copy when the model was prepared with ``keep_dense=True`` (then no batch is slower than
-  dense), else it is decoded on the fly by :func:`decompress`. At batch 16 none of our kernels
-  beat dense cuBLAS on that chain (best: 2:4 0.80x in run 16), so those paths save memory only.
+  dense), else it is decoded on the fly by :func:`decompress`.
 
 Everything here depends on shapes only (no host syncs, no data-dependent choices), so a decode
 step can be captured in a CUDA graph; :func:`sparse_linear` calls custom ops
@@ -142,28 +142,30 @@ SLICED_MAX_BATCH = 16
 
 
 # 2:4 on the sparse tensor cores (mma24.py): (bits, batch class 1 / 8 (2-8 rows, one n-tile) / 16
-# (9-16 rows, two)) -> tile. H100 run 17 (session 11, docs/results/gpu_kernels.md), int4 codes: the
-# batch-1 tile with programmatic dependent launch won at batch 1 and 4 (2.81x / 2.23x dense, best
-# per shape); at batch 16, x copied into fragment order first (1.41x; without it 0.74x in run 16).
-# The per_sm targets reproduce run 17's best K split per layer shape. For fp16 values the kernel
-# wins from batch 4 (run 17: 1.32x / 1.05x at batch 4 / 16 against 0.84x / 0.85x) but not at batch
-# 1 (about 1.5x against the unit kernels' 1.6x): not used, since the unit kernels read the
-# row-major layout and a second copy would double the weight.
+# (9-16 rows, two)) -> (tile for narrow layers, tile for wide ones); narrow: at most 2 m-tiles
+# (16 rows) per multiprocessor. H100 run 19 (session 12, docs/results/gpu_kernels.md): warps that
+# share an m-tile and sum in shared memory (k_warps) beat every grid K split for both value types,
+# so fp16/bf16 2:4 weights now also live in the mma.sp layout alone (best tiles per shape, chain vs
+# cuBLAS: int4 2.94x / 2.47x / 1.58x, fp16 1.85x / 1.62x / 1.43x at batch 1 / 4 / 16, where the
+# unit kernels gave fp16 1.62x / 0.81x / 0.82x). Two m-tiles per program except the narrow batch-16
+# layers; x in fragment order from 9 rows.
 class MmaTile(NamedTuple):
-    warps: int  # per program (16 rows each)
-    per_sm: int  # warps per multiprocessor that the K split aims at (skinny layers)
+    warps: int  # per program
+    k_warps: int  # warps per m-tile (they split the program's K range; warps / k_warps m-tiles)
     depth: int  # chunks loaded ahead
-    fixup: bool = True  # K splits summed in the kernel
     xfrag: bool = False  # batch > 1: x copied into fragment order first
-    pdl: bool = False  # programmatic dependent launch
-    k_warps: int = 1  # warps per m-tile (K split inside a program)
+    pdl: bool = True  # programmatic dependent launch
 
 
-MMA_TILES: dict[tuple[int, int], MmaTile] = {
-    (4, 1): MmaTile(4, 20, 2, pdl=True),
-    (4, 8): MmaTile(4, 20, 2, pdl=True),
-    (4, 16): MmaTile(4, 30, 2, xfrag=True),
+MMA_TILES: dict[tuple[int, int], tuple[MmaTile, MmaTile]] = {
+    (4, 1): (MmaTile(16, 8, 2), MmaTile(8, 4, 3)),
+    (4, 8): (MmaTile(16, 8, 2), MmaTile(8, 4, 2)),
+    (4, 16): (MmaTile(8, 8, 2, xfrag=True), MmaTile(8, 4, 2, xfrag=True)),
+    (0, 1): (MmaTile(4, 4, 3), MmaTile(8, 4, 2)),
+    (0, 8): (MmaTile(4, 4, 3), MmaTile(8, 4, 2)),
+    (0, 16): (MmaTile(8, 8, 2, xfrag=True), MmaTile(8, 4, 2, xfrag=True)),
 }
+MMA_MIN_WARPS_PER_SM = 8  # below this (small models' layers) K is also split over the grid
 
 
 def sliced_config(batch: int) -> KernelConfig:
@@ -400,15 +402,17 @@ def _(x, values, meta, row_offsets, tile_offsets, scales, zeros, dense, is_bitma
 
 def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
     """Launch of the sparse tensor-core kernel (mma24.py) for ``batch`` <= 16 rows: ``MMA_TILES``."""
-    tile = MMA_TILES[(mw.bits, _mma_class(batch))]
     out_f, in_f = mw.shape
+    sms = _sm_count(mw.frags.device)
+    narrow, wide = MMA_TILES[(mw.bits, _mma_class(batch))]
+    tile = narrow if out_f // 16 <= 2 * sms else wide
     chunks = in_f // 128
-    split = 1  # K split over the grid until there are per_sm warps per multiprocessor (skinny layers)
-    while (out_f // 16 * tile.k_warps * split < tile.per_sm * _sm_count(mw.frags.device)
+    split = 1  # K split over the grid too where the warps would not fill the GPU (small layers)
+    while (out_f // 16 * tile.k_warps * split < MMA_MIN_WARPS_PER_SM * sms
            and split * 2 * tile.k_warps <= chunks):
         split *= 2
     return KernelConfig(bn=16 * tile.warps // tile.k_warps, bk=0, bb=16, num_warps=tile.warps, split_k=split,
-                        mma=True, depth=tile.depth, fixup=tile.fixup, xrow=tile.xfrag and batch > 1,
+                        mma=True, depth=tile.depth, fixup=split > 1, xrow=tile.xfrag and batch > 1,
                         pdl=tile.pdl, k_warps=tile.k_warps)
 
 
