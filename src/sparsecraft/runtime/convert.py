@@ -11,6 +11,9 @@ kernel at small batch (same weights, same Parameter: it streams them at the memo
 where torch's batch-1 GEMV reaches a fraction of it). ``fuse`` (default on) gives sibling layers
 called on the same input (q/k/v, gate/up) one stacked kernel call (:mod:`.fuse`).
 The model is changed in place and returned; ``generate`` works unchanged (KV cache included).
+Each layer is compressed on the device it lives on (a GPU compresses a 7B model in seconds); the
+compressed form is kept on the host, and layers that lived on an accelerator get no CPU kernel
+(on the CPU they would decompress per call).
 """
 
 from __future__ import annotations
@@ -162,7 +165,10 @@ def convert(
         if ct is None:  # "auto" found no gain: leave the dense layer
             kept_dense += 1
             continue
-        _set_module(model, name, SparseLinear(ct, layer.bias, _layer_type(layer), **kw))
+        # a layer on an accelerator runs its own kernels there: binding (and validating) the CPU
+        # kernel would cost up to a second per 7B-sized layer for nothing
+        kernels = "auto" if weight_matrix(layer).device.type == "cpu" else "torch"
+        _set_module(model, name, SparseLinear(ct, layer.bias, _layer_type(layer), kernels=kernels, **kw))
         converted += 1
     for name, mod in list(model.named_modules()):
         if isinstance(mod, CompressedLinear):
