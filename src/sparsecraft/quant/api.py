@@ -81,7 +81,7 @@ class GPTQSolver:
 
 def _dequantized_matches(layer: nn.Module, qw: QuantizedWeight) -> bool:
     w = weight_matrix(layer)
-    return torch.equal(qw.dequantize().to(w.dtype), w.detach().cpu())
+    return torch.equal(qw.dequantize().to(device=w.device, dtype=w.dtype), w.detach())
 
 
 @torch.no_grad()

@@ -198,8 +198,8 @@ def rtn_quantize(
     point where pruned), the quantization parameters and the mask; ``.dequantize()`` is the new
     weight, exactly zero wherever ``mask`` is False. ``clip``: see :func:`fit_params`.
     """
-    w = w.detach().float().cpu()
-    mask = check_weight(w, mask, where).cpu()
+    w = w.detach().float()  # on its own device: a GPU quantizes a 7B model's layers in milliseconds
+    mask = check_weight(w, mask, where)
     rows, cols = w.shape
     g = group_size
     wg, mg = _grouped(w, g, 0.0), _grouped(mask, g, False)
