@@ -43,7 +43,7 @@ class StoredTensor:
         return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def to(self, device: torch.device | str):
-        """The same tensor with every field (quantization parameters included) on ``device``."""
+        """A copy with every field (quantization parameters included) on ``device``."""
         moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                  if isinstance(getattr(self, f.name), torch.Tensor)}
         if self.quant is not None:
