@@ -264,9 +264,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     if cfg.mma:
-        return mma24_mm(x, tw.mma_view(), warps=cfg.num_warps, split_k=cfg.split_k, depth=cfg.depth,
-                        fixup=cfg.fixup, xfrag=cfg.xrow, interp=interpreted(), pdl=cfg.pdl,
-                        k_warps=cfg.k_warps)
+        return _mma_mm(x, tw.mma_view(), cfg)
     dummy = tw.meta
     use_dot = cfg.bb > 1
     bb = cfg.bb if use_dot else 1
@@ -418,6 +416,12 @@ def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
                         pdl=tile.pdl, k_warps=tile.k_warps)
 
 
+def _mma_mm(x: torch.Tensor, mw: MmaWeight, cfg: KernelConfig, workspace: tuple | None = None):
+    """The sparse tensor-core kernel with the launch of ``cfg`` (``mma=True``)."""
+    return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.depth, cfg.fixup, cfg.xrow, workspace=workspace,
+                    interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps)
+
+
 def _mma_class(batch: int) -> int:
     return 1 if batch == 1 else 8 if batch <= 8 else 16
 
@@ -443,8 +447,7 @@ def _triton_mma24_linear(x: torch.Tensor, frags: torch.Tensor, meta: torch.Tenso
     rows = x.shape[0]
     if mma_runs(mw, rows, x.dtype):
         cfg = mma_config(mw, rows)
-        return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.depth, cfg.fixup, cfg.xrow,
-                        workspace=(ws, cnt), interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps)
+        return _mma_mm(x, mw, cfg, workspace=(ws, cnt))
     return x @ decompress(mw, x.dtype).t()
 
 
