@@ -15,6 +15,7 @@ layer of the chain streams its own memory.
 
     python benchmarks/gpu_kernels.py                  # full run, writes --out (markdown + json)
     python benchmarks/gpu_kernels.py --check          # correctness only (small shapes, graphs, compile)
+    python benchmarks/gpu_kernels.py --fused ...      # q|k|v and gate|up as one product each
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from sparsecraft.kernels.triton.dispatch import KernelConfig, decompress, sparse
 HIDDEN, INTER, BLOCKS = 4096, 11008, 32  # random:llama-7b
 SHAPES = {"qkvo": (HIDDEN, HIDDEN), "gate_up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
 BLOCK_ORDER = ["qkvo"] * 4 + ["gate_up"] * 2 + ["down"]
+# --fused: the siblings that read the same input stacked into one weight (runtime.fuse's groups),
+# for dense and sparse alike: 4 products per block instead of 7, the same bytes
+FUSED_SHAPES = {"qkv": (3 * HIDDEN, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up2": (2 * INTER, HIDDEN),
+                "down": (HIDDEN, INTER)}
+FUSED_ORDER = ["qkv", "o", "gate_up2", "down"]
 T0 = time.time()
 QUICK = False  # --quick: one unit tile per (format, batch) besides decode + cuBLAS
 results_tune: list[dict] = []  # every tuning candidate's time per layer shape (written to the json)
@@ -473,9 +479,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer tuning candidates")
     ap.add_argument("--dispatch-only", action="store_true", help="no tuning: dense and the dispatcher")
     ap.add_argument("--deadline", type=float, default=0, help="seconds; skip work that starts later")
+    ap.add_argument("--fused", action="store_true", help="q|k|v and gate|up stacked: 4 products per block")
     args = ap.parse_args()
-    global QUICK
+    global QUICK, SHAPES, BLOCK_ORDER
     QUICK = args.quick
+    if args.fused:
+        SHAPES, BLOCK_ORDER = FUSED_SHAPES, FUSED_ORDER
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
@@ -505,6 +514,7 @@ def main() -> int:
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "command": " ".join(sys.argv),
+        "shapes": SHAPES,
         "rows": [],
         "tuned": [],
         "tune_all": results_tune,

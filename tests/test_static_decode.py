@@ -27,3 +27,15 @@ def test_short_sliding_window_is_refused():
         static_greedy(model, torch.zeros(1, 30, dtype=torch.long), 8)
     tokens, _ = static_greedy(model, torch.zeros(1, 20, dtype=torch.long), 8)  # 28 <= 32: fine
     assert torch.equal(tokens[0], greedy_tokens(model, torch.zeros(1, 20, dtype=torch.long), 8))
+
+
+def test_compiled_steps_give_the_same_tokens():
+    """``compile=True`` (torch.compile'd decode steps, what `bench --compile` times on a GPU) keeps
+    generate's tokens, here for a model whose linears are SparseLinears."""
+    from sparsecraft.runtime import convert
+
+    model, _ = load("random:tiny-llama")
+    sparse = convert(model, format="bitmask")
+    prompt = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    tokens, seconds = static_greedy(sparse, prompt, 6, compile=True)
+    assert torch.equal(tokens[0], greedy_tokens(sparse, prompt, 6)) and seconds > 0

@@ -102,6 +102,11 @@ def register(sub) -> None:
     )
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median reported)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense torch baseline")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="cuda: decode steps through torch.compile before the CUDA graph (dense and sparse alike)",
+    )
     p.add_argument("--json", dest="json_path", help="write the results as JSON")
     p.set_defaults(func=run)
 
@@ -275,7 +280,8 @@ def _print(res: dict) -> None:
             f"{r['resident_mb']:8.1f}"
         )
     if any("graph_tokens_per_s" in r for r in res["variants"].values()):
-        print("static cache, one CUDA graph per decode step (runtime.static_greedy):")
+        print("static cache, one CUDA graph per decode step (runtime.static_greedy"
+              + (", torch.compile" if res.get("compiled") else "") + "):")
         for name, r in res["variants"].items():
             print(
                 f"  {name:26s} {r['graph_tokens_per_s']:8.2f} tok/s "

@@ -44,9 +44,11 @@ def _copy_gbs(device: torch.device) -> float:
     return 10 * 2 * n * 2 / (a.elapsed_time(b) * 1e-3) / 1e9
 
 
-def graph_speed(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, dict]:
-    """Decode tokens/s of each model through ``static_greedy`` (CUDA graph on a GPU), medians of
-    ``repeats`` interleaved runs, and whether its tokens equal ``generate``'s for the same model."""
+def graph_speed(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int,
+                compile: bool = False) -> dict[str, dict]:
+    """Decode tokens/s of each model through ``static_greedy`` (CUDA graph on a GPU; ``compile``:
+    torch.compile'd steps), medians of ``repeats`` interleaved runs, and whether its tokens equal
+    ``generate``'s for the same model."""
     from ...runtime import static_greedy
     from ...runtime.measure import _generate
 
@@ -54,7 +56,7 @@ def graph_speed(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: in
     same = {}
     for r in range(repeats):
         for name, model in models.items():
-            tokens, s = static_greedy(model, prompt, new_tokens)
+            tokens, s = static_greedy(model, prompt, new_tokens, compile=compile)
             seconds[name].append(s)
             if r == 0:
                 reference = _generate(model, prompt, new_tokens)[:, prompt.shape[1] :]
@@ -122,7 +124,7 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, max(vocab - 1, 1), (args.batch, args.prompt_len), generator=gen).to(dev)
     speed = decode_speed(models, prompt, args.new_tokens, repeats=args.repeats)
-    graph = graph_speed(models, prompt, args.new_tokens, args.repeats)
+    graph = graph_speed(models, prompt, args.new_tokens, args.repeats, compile=args.compile)
     base_name = "dense (torch)" if "dense (torch)" in speed else None
     variants = {}
     for name in models:
@@ -142,6 +144,7 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "magnitude": args.magnitude,
+        "compiled": bool(args.compile),
         # the CPU runner's STREAM columns; on the GPU: half the copy rate (read only) and the copy rate
         "stream_read_gbs": round(copy_gbs / 2, 1),
         "stream_copy_gbs": round(copy_gbs, 1),
