@@ -236,7 +236,9 @@ def check(args) -> int:
                      KernelConfig(16, 0, 16, 1, split_k=3, mma=True, depth=4, fixup=True),
                      KernelConfig(64, 0, 16, 4, split_k=2, mma=True, depth=3, fixup=True, xrow=True),
                      KernelConfig(32, 0, 16, 8, mma=True, depth=2, pdl=True, k_warps=4),
-                     KernelConfig(16, 0, 16, 16, split_k=2, mma=True, depth=3, fixup=True, k_warps=8)]
+                     KernelConfig(16, 0, 16, 16, split_k=2, mma=True, depth=3, fixup=True, k_warps=8),
+                     KernelConfig(32, 0, 16, 16, mma=True, depth=2, pdl=True, k_warps=8, maxnreg=64),
+                     KernelConfig(32, 0, 16, 32, mma=True, depth=2, pdl=True, k_warps=16, xrow=True)]
         if dispatch.sliced_supported(tw):  # the sliced tensor-core kernel (walk: the default at batch 1)
             cfgs += [KernelConfig(64, 0, 16, w, sliced=128, per_step=4, dot=True) for w in (2, 4, 8)]
         worst = 0.0
@@ -363,15 +365,7 @@ def run_cfg(x, w, cfg):
 
 def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     """Tile shapes tried per (format, batch); the fastest per layer shape is kept (measured here).
-
-    The 8-column-unit kernels (kernels/triton/gemv.py) at the tiles and variants that won the
-    earlier runs (docs/results/gpu_kernels.md: run 6 on an H100 for batch 1 and 4, runs 8-9 on an
-    H200 for batch 16, where K splits put more programs on the multiprocessors) and a few
-    neighbours; then decode + cuBLAS.
-    """
-    def unit(bn, bk, bb, warps, **kw):
-        return KernelConfig(bn, bk, bb, warps, unit=True, **kw)
-
+    Earlier runs' candidates and their times: docs/results/gpu_kernels.md."""
     # bitmask: the sliced slot-major kernels (kernels/triton/sliced.py), the dispatcher's setting, at
     # batch 1 its neighbours from benchmarks/sliced_probe.py (session 6); up to 8 rows the walk, from
     # 4 rows the tensor-core kernel on 2, 4 and 8 warps; the decode from the sliced layout + cuBLAS
@@ -393,35 +387,19 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             s.append(DECODE_SLICED)
         s = list(dict.fromkeys(s))
         return s[:1] if QUICK else s
-    # the sparse tensor-core kernel (kernels/triton/mma24.py): (warps, K split, chunks loaded ahead),
-    # K splits summed in the kernel ("fixup"; runs 15-16 found it as fast or faster than summing
-    # through a float32 output). Session 11: 16-byte operand loads, scales loaded with the chunk,
-    # up to 4 chunks ahead; batch 2-16 also with x copied into fragment order first (xfrag)
-    tiles = ((4, 16, 2), (4, 16, 4), (1, 8, 2), (1, 8, 4), (8, 4, 2), (8, 4, 4), (4, 8, 3), (2, 8, 2))
-    mma = [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, depth=depth, fixup=True)
-           for w, split, depth in tiles] if batch <= 16 else []
-    if 1 < batch <= 16:
-        mma += [KernelConfig(16 * w, 0, 16, w, split_k=split, mma=True, depth=depth, fixup=True, xrow=True)
-                for w, split, depth in ((4, 16, 2), (1, 8, 2), (4, 8, 3), (8, 4, 4))]
-    mma += [dataclasses.replace(c, pdl=True) for c in mma[:6]]  # programmatic dependent launches
-    # session 12: k_warps warps share an m-tile and sum in shared memory, so that the K split needs
-    # no atomics or fixup (warps, k_warps, grid K split, depth); all with PDL
-    kw_tiles = ((8, 4, 1, 2), (8, 4, 1, 3), (16, 8, 1, 2), (16, 4, 1, 2), (8, 8, 1, 2), (4, 4, 1, 3),
-                (8, 2, 2, 2), (16, 8, 1, 3))
-    if batch <= 16:
-        mma += [KernelConfig(16 * w // kw, 0, 16, w, split_k=split, mma=True, depth=depth, fixup=split > 1,
-                             pdl=True, k_warps=kw, xrow=batch > 8) for w, kw, split, depth in kw_tiles]
-    if batch == 1:
-        if fmt == "nm24_int4":
-            c = [unit(4, 512, 1, 2, xrow=True, prmt=True), unit(2, 512, 1, 1, xrow=True, prmt=True)]
-        else:
-            c = [unit(4, 512, 1, 2), unit(2, 512, 1, 1), unit(4, 1024, 1, 4)]
-        return (c[:2] + mma[:1]) if QUICK else c + mma
-    if batch <= 16:
-        c = [unit(8, 512, batch, 4), unit(32, 256, 16, 4, dot=True)] if batch <= 4 else []
-        c += [unit(32, 256, 16, 4, split_k=4, dot=True), unit(16, 256, 16, 1, split_k=4, dot=True),
-              unit(16, 256, 16, 2, split_k=4, dot=True), unit(16, 128, 16, 1, split_k=8, dot=True)]
-        return (c[:1] + mma[:1] if QUICK else c + mma) + [DECODE_CUBLAS]
+    # 2:4: the sparse tensor-core kernel (kernels/triton/mma24.py), the only one the dispatcher runs
+    # since session 12 (the unit kernels and the grid K-split tiles that lost in runs 15-19 are no
+    # longer tried). (warps, k_warps: warps per m-tile, chunks loaded ahead, register cap; no grid
+    # K split), all with PDL; x in fragment order from 9 rows. Session 14: a 64-register cap, so that two
+    # 16-warp programs (this kernel's and the next one's) share a multiprocessor, and 32-warp programs
+    # whose warps load all their chunks at once.
+    if batch > 16:
+        return [DECODE_CUBLAS]
+    kw_tiles = ((8, 4, 2, 0), (8, 4, 3, 0), (16, 8, 2, 0), (4, 4, 3, 0), (8, 8, 2, 0), (16, 8, 2, 64),
+                (16, 8, 3, 64), (16, 16, 2, 64), (32, 16, 2, 0), (32, 16, 1, 0), (8, 4, 2, 64), (32, 8, 2, 0))
+    mma = [KernelConfig(16 * w // kw, 0, 16, w, mma=True, depth=depth, pdl=True, k_warps=kw, xrow=batch > 8,
+                        maxnreg=reg) for w, kw, depth, reg in kw_tiles]
+    return mma[:2] if QUICK else mma + ([DECODE_CUBLAS] if batch > 1 else [])
     return [DECODE_CUBLAS]  # not tuned above DOT_MAX_BATCH (the dispatcher decodes + cuBLAS there)
 
 
@@ -455,6 +433,7 @@ def tune(fmt, layers, batch, xs, reps):
             + (" xrow" if cfg.xrow and not cfg.mma else "")
             + (f" depth={cfg.depth}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
             + (f" kw={cfg.k_warps}" if cfg.k_warps > 1 else "")
+            + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
             + (" pdl" if cfg.pdl else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"

@@ -69,6 +69,9 @@ class KernelConfig:
     depth: int = 1  # mma: 128-column chunks loaded ahead of the one being multiplied (1-4)
     pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
     k_warps: int = 1  # mma: warps sharing an m-tile (K split inside the program, summed in shared memory)
+    # mma: registers per thread at most (0: the compiler's choice); at 64 two 16-warp programs fit on
+    # one multiprocessor, so the next kernel's programs (PDL) load their first chunks while this one runs
+    maxnreg: int = 0
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -155,6 +158,7 @@ class MmaTile(NamedTuple):
     depth: int  # chunks loaded ahead
     xfrag: bool = False  # batch > 1: x copied into fragment order first
     pdl: bool = True  # programmatic dependent launch
+    maxnreg: int = 0  # registers per thread at most (KernelConfig.maxnreg)
 
 
 MMA_TILES: dict[tuple[int, int], tuple[MmaTile, MmaTile]] = {
@@ -413,13 +417,13 @@ def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
         split *= 2
     return KernelConfig(bn=16 * tile.warps // tile.k_warps, bk=0, bb=16, num_warps=tile.warps, split_k=split,
                         mma=True, depth=tile.depth, fixup=split > 1, xrow=tile.xfrag and batch > 1,
-                        pdl=tile.pdl, k_warps=tile.k_warps)
+                        pdl=tile.pdl, k_warps=tile.k_warps, maxnreg=tile.maxnreg)
 
 
 def _mma_mm(x: torch.Tensor, mw: MmaWeight, cfg: KernelConfig, workspace: tuple | None = None):
     """The sparse tensor-core kernel with the launch of ``cfg`` (``mma=True``)."""
     return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.depth, cfg.fixup, cfg.xrow, workspace=workspace,
-                    interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps)
+                    interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps, maxnreg=cfg.maxnreg)
 
 
 def _mma_class(batch: int) -> int:
