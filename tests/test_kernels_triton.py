@@ -220,6 +220,8 @@ def test_bench_cuda_runner(tmp_path, capsys):
         prompt_len=4,
         new_tokens=3,
         repeats=1,
+        no_fuse=False,
+        compile=False,
     )
     res = run_cuda(args, [parse_format("bitmask")], device="cpu")
     rows = res["variants"]

@@ -209,6 +209,38 @@ def test_fused_member_on_another_input_computes_its_own_output():
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), layer
 
 
+def test_fused_groups_without_cpu_kernels_and_of_dense_linears():
+    """Layers without a CPU kernel (as on a GPU) share a stacked SparseLinear, the only one whose
+    device layout is prepared; plain nn.Linear siblings (a dense baseline) share a stacked nn.Linear
+    whose rows their weights view. Outputs match the unfused layers'."""
+    from sparsecraft.kernels.triton.dispatch import prepare_model
+    from sparsecraft.runtime.fuse import fuse, fuse_siblings
+
+    dense = _pruned("tiny-qwen2")  # q/k/v carry biases
+    ref = copy.deepcopy(dense)
+    attn, ref_attn = dense.model.layers[0].self_attn, ref.model.layers[0].self_attn
+    names = ("q_proj", "k_proj", "v_proj")
+    holder = nn.Module()
+    for n in names:
+        lin = getattr(attn, n)
+        holder.add_module(n, SparseLinear(BitmaskTensor.from_dense(lin.weight.detach()), lin.bias, kernels="torch"))
+    layers = [getattr(holder, n) for n in names]
+    assert fuse(layers) and layers[0]._group.module is not None and not layers[0].uses_cpu_kernel
+    x = torch.randn(2, 3, attn.q_proj.in_features)
+    with torch.inference_mode():
+        for n, layer in zip(names, layers):
+            torch.testing.assert_close(layer(x), getattr(ref_attn, n)(x), rtol=1e-5, atol=1e-5)
+    assert prepare_model(holder, "cpu") == 3  # the group's stacked layer: one layout for three
+    assert layers[0]._group.module._cuda_weight is not None and all(m._cuda_weight is None for m in layers)
+
+    assert fuse_siblings(dense, dense=True) == 2 * len(dense.model.layers)
+    group = attn.q_proj._group
+    assert attn.v_proj._group is group and isinstance(attn.k_proj, nn.Linear)
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == group.module.weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(_logits(dense, IDS), _logits(ref, IDS), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(dense, IDS[:1, :1]), _logits(ref, IDS[:1, :1]), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_smollm2_sparse_runtime_is_token_identical():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -103,6 +103,11 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median reported)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense torch baseline")
     p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="one product per layer (default: q/k/v and gate/up stacked, on a GPU for the dense model too)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="cuda: decode steps through torch.compile before the CUDA graph (dense and sparse alike)",
@@ -190,7 +195,8 @@ def run_cpu(args, specs: list[FormatSpec]) -> dict:
     if not args.no_dense:
         build("dense (torch)", base)
     for spec in specs:
-        build(spec.text, lambda spec=spec: convert(base(), **spec.convert_kwargs(n, m, args.group_size)))
+        kw = spec.convert_kwargs(n, m, args.group_size) | {"fuse": not args.no_fuse}
+        build(spec.text, lambda kw=kw: convert(base(), **kw))
     vocab = int(getattr(next(iter(models.values())).config, "vocab_size", 32000))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(

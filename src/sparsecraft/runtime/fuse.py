@@ -1,12 +1,18 @@
 """One kernel call for sibling layers that a decoder block calls on the same input (q/k/v, gate/up).
 
-Batch-1 decode pays a fixed cost per kernel call (Python, ctypes, the OpenMP fork/join) that is
-large next to a small layer's work, and the k/v projections alone are too small to gain from a
-second thread. ``fuse_siblings`` stacks the rows of such siblings into one compressed weight
-(their own weights become row views of it: nothing is copied) and gives them a shared
-:class:`FusedGroup`: the first member a forward calls computes every member's output in one
-kernel call, the others take their slice. Each output row is computed exactly as before, so the
-results are bit-identical to the unfused layers.
+Batch-1 decode pays a fixed cost per kernel call that is large next to a small layer's work: on
+the CPU Python, ctypes and the OpenMP fork/join (and the k/v projections alone are too small to
+gain from a second thread); on a GPU each kernel's ramp-up and tail, a few microseconds in which
+the memory system is not yet or no longer busy. ``fuse_siblings`` stacks the rows of such
+siblings into one compressed weight (their own weights become row views of it: nothing is copied)
+and gives them a shared :class:`FusedGroup`: the first member a forward calls computes every
+member's output in one kernel call, the others take their slice. Each output row is computed
+exactly as before, so the results are bit-identical to the unfused layers.
+
+Layers with a CPU kernel share one bound kernel; layers without one (they live on an accelerator)
+share a stacked :class:`~.linear.SparseLinear` whose device layout is the only one prepared
+(``kernels.triton.dispatch.prepare_model``). ``fuse_dense_siblings`` does the same for plain
+``nn.Linear`` siblings (a dense baseline timed with the same number of products per block).
 
 The cache is keyed on the input tensor object: a member called on any other tensor computes
 afresh, so any call order stays correct. It assumes, as every transformers decoder does, that
@@ -27,24 +33,32 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class FusedGroup:
-    """The stacked kernel of a group of SparseLinears and the outputs not yet taken."""
+    """The stacked product of a group of layers and the outputs not yet taken: ``kernel`` (a bound
+    CPU kernel, :meth:`output` with rows and leading shape) or ``module`` (a stacked SparseLinear or
+    nn.Linear called on x, :meth:`output` without them)."""
 
-    def __init__(self, kernel, sizes: list[int]):
+    def __init__(self, sizes: list[int], kernel=None, module: nn.Module | None = None):
         self.kernel = kernel
+        self.module = module
         self.sizes = sizes
         self.out_features = sum(sizes)
         self._x = None
         self._outs: list = [None] * len(sizes)
 
-    def output(self, index: int, x: torch.Tensor, rows: int, lead: tuple) -> torch.Tensor:
-        """Member ``index``'s output for x (contiguous fp32, ``rows`` rows, leading shape ``lead``)."""
+    def output(self, index: int, x: torch.Tensor, rows: int = 0, lead: tuple = ()) -> torch.Tensor:
+        """Member ``index``'s output for x (CPU kernel: contiguous fp32, ``rows`` rows, leading
+        shape ``lead``)."""
         outs = self._outs
         if x is self._x and outs[index] is not None:
             y, outs[index] = outs[index], None
             if all(o is None for o in outs):
                 self._x = None  # every member served: keep no references
             return y
-        y = self.kernel.call_rows(x, rows, lead + (self.out_features,))
+        if self.kernel is not None:
+            y = self.kernel.call_rows(x, rows, lead + (self.out_features,))
+        else:
+            rows = x.numel() // x.shape[-1]
+            y = self.module(x)
         parts = list(y.split(self.sizes, dim=-1))
         if rows > 1:  # column slices of several rows are strided; callers may .view() them
             parts = [p.contiguous() for p in parts]
@@ -112,41 +126,91 @@ def slice_rows(ct, r0: int, r1: int):
     return replace(ct, shape=shape, values=ct.values[r0:r1], quant=quant)
 
 
-def fuse(layers: list) -> bool:
-    """Give SparseLinears that are always called on the same input one stacked kernel; False (and
-    nothing changed) when their weights cannot be stacked or a layer has no CPU kernel."""
-    from ..kernels.cpu import bind
+def _stacked_bias(biases: list, sizes: list[int]) -> torch.Tensor | None:
+    """The members' biases end to end (zeros for a member without one), or None if none has one."""
+    ref = next((b for b in biases if b is not None), None)
+    if ref is None:
+        return None
+    return torch.cat([b.detach() if b is not None else ref.new_zeros(n) for b, n in zip(biases, sizes)])
 
-    if len(layers) < 2 or not all(layer.uses_cpu_kernel for layer in layers):
+
+def fuse(layers: list) -> bool:
+    """Give SparseLinears that are always called on the same input one stacked product; False
+    (and nothing changed) when their weights cannot be stacked or only some have a CPU kernel."""
+    from ..kernels.cpu import bind
+    from .linear import SparseLinear
+
+    cpu = [layer.uses_cpu_kernel for layer in layers]
+    if len(layers) < 2 or not _same(cpu):
         return False
     stacked = stack_rows([layer.weight_compressed for layer in layers])
     if stacked is None:
         return False
-    threads = layers[0]._kernel.threads
-    bias = None
-    if any(layer.bias is not None for layer in layers):
-        bias = torch.cat(
-            [layer.bias if layer.bias is not None else torch.zeros(layer.out_features) for layer in layers]
-        )
-    group = FusedGroup(bind(stacked, bias=bias, threads=threads), [layer.out_features for layer in layers])
+    sizes = [layer.out_features for layer in layers]
+    bias = _stacked_bias([layer.bias for layer in layers], sizes)
+    if cpu[0]:
+        threads = layers[0]._kernel.threads
+        group = FusedGroup(sizes, kernel=bind(stacked, bias=bias, threads=threads))
+    else:  # the accelerator path: the stacked layer is the one whose device layout is prepared
+        group = FusedGroup(sizes, module=SparseLinear(stacked, bias, layers[0].layer_type, kernels="torch"))
     r0 = 0
     for index, layer in enumerate(layers):
         r1 = r0 + layer.out_features
         layer.weight_compressed = slice_rows(stacked, r0, r1)  # views: the old copy is freed
-        layer._kernel = bind(layer.weight_compressed, bias=layer.bias, threads=threads, check=False)
+        if cpu[0]:
+            layer._kernel = bind(layer.weight_compressed, bias=layer.bias, threads=threads, check=False)
         layer._group, layer._group_index = group, index
         r0 = r1
     return True
 
 
-def fuse_siblings(model: nn.Module) -> int:
-    """Fuse every group of :data:`SIBLINGS` held by one parent module; returns the groups fused."""
+class FusedDenseLinear(nn.Linear):
+    """A dense ``nn.Linear`` sibling whose product comes from its :class:`FusedGroup` (the stacked
+    weight; its own weight is a row view of it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.output(self._group_index, x)
+
+
+def fuse_dense(parent: nn.Module, names: tuple[str, ...]) -> bool:
+    """Stack the rows of ``parent``'s nn.Linear siblings ``names`` into one nn.Linear and replace
+    each by a :class:`FusedDenseLinear` on a row view of it; False when they differ in input width,
+    dtype or device."""
+    layers = [getattr(parent, n) for n in names]
+    ws = [layer.weight for layer in layers]
+    if not (_same(w.shape[1] for w in ws) and _same(w.dtype for w in ws) and _same(w.device for w in ws)):
+        return False
+    stacked = nn.Linear(ws[0].shape[1], sum(w.shape[0] for w in ws), bias=False, device="meta")
+    stacked.weight = nn.Parameter(torch.cat([w.detach() for w in ws]), requires_grad=False)
+    sizes = [w.shape[0] for w in ws]
+    bias = _stacked_bias([layer.bias for layer in layers], sizes)
+    if bias is not None:
+        stacked.bias = nn.Parameter(bias, requires_grad=False)
+    group = FusedGroup(sizes, module=stacked)
+    r0 = 0
+    for index, (name, w) in enumerate(zip(names, ws)):
+        r1 = r0 + w.shape[0]
+        member = FusedDenseLinear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+        member.weight = nn.Parameter(stacked.weight[r0:r1], requires_grad=False)  # a view: nothing copied
+        if bias is not None:
+            member.bias = nn.Parameter(stacked.bias[r0:r1], requires_grad=False)
+        member._group, member._group_index = group, index
+        setattr(parent, name, member)
+        r0 = r1
+    return True
+
+
+def fuse_siblings(model: nn.Module, dense: bool = False) -> int:
+    """Fuse every group of :data:`SIBLINGS` held by one parent module (SparseLinears; with
+    ``dense`` plain nn.Linears too); returns the groups fused."""
     from .linear import SparseLinear
 
     fused = 0
-    for parent in model.modules():
+    for parent in list(model.modules()):
         for names in SIBLINGS:
             layers = [getattr(parent, n, None) for n in names]
             if all(isinstance(layer, SparseLinear) for layer in layers):
                 fused += fuse(layers)
+            elif dense and all(type(layer) is nn.Linear for layer in layers):
+                fused += fuse_dense(parent, names)
     return fused

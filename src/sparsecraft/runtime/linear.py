@@ -100,6 +100,9 @@ class SparseLinear(nn.Module):
             raise SparsecraftError(
                 f"SparseLinear: input has {x.shape[-1]} features, expected {self.in_features}"
             )
+        grad = x.requires_grad and torch.is_grad_enabled()
+        if self._group is not None and self._kernel is None and not grad:
+            return self._group.output(self._group_index, x)  # the stacked layer of an accelerator group
         if x.device.type == "cuda":
             return self._forward_cuda(x)
         rows = x.numel() // self.in_features

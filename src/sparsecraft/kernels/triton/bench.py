@@ -12,7 +12,9 @@ same attention and KV-cache code each time:
   (``graph_*`` keys, interleaved medians): the time of the forward pass itself.
 
 The model is built on the device in float16 (float32 value formats are stored as float16 there),
-magnitude-pruned there once, and each format converts a copy of that pruned model. Per-layer rows
+magnitude-pruned there once, and each format converts a copy of that pruned model. Unless
+``--no-fuse``, q/k/v and gate/up are one product each (``runtime.fuse``) in every model, the
+dense one included (``fuse_siblings(dense=True)``): all make the same number of products. Per-layer rows
 are left empty on the GPU (``benchmarks/gpu_kernels.py`` times the layers).
 """
 
@@ -75,6 +77,7 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
     """``device`` overrides ``args.device`` (tests run the plumbing on the CPU)."""
     from ...cli.bench import _magnitude, parse_nm
     from ...runtime import convert, decode_speed, weight_bytes
+    from ...runtime.fuse import fuse_siblings
     from .dispatch import prepare_model
 
     dev = torch.device(device or args.device)
@@ -114,12 +117,14 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
     add("dense (torch)", pruned_dense)  # every format converts a copy of this pruned model
     dense = models["dense (torch)"]
     for spec in specs:
-        kw = spec.convert_kwargs(n, m, args.group_size)
+        kw = spec.convert_kwargs(n, m, args.group_size) | {"fuse": not args.no_fuse}
         if spec.values == "fp32" and on_gpu:
             kw["dtype"] = torch.float16
         add(spec.text, lambda kw=kw: convert(copy.deepcopy(dense), **kw).to(dev, dtype))
     if args.no_dense:
         del models["dense (torch)"], memory["dense (torch)"], dense
+    elif not args.no_fuse:  # the dense baseline makes as many products per block as the sparse models
+        fuse_siblings(dense, dense=True)
     vocab = int(getattr(next(iter(models.values())).config, "vocab_size", 32000))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, max(vocab - 1, 1), (args.batch, args.prompt_len), generator=gen).to(dev)
@@ -145,6 +150,7 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
         "new_tokens": args.new_tokens,
         "magnitude": args.magnitude,
         "compiled": bool(args.compile),
+        "fused": not args.no_fuse,
         # the CPU runner's STREAM columns; on the GPU: half the copy rate (read only) and the copy rate
         "stream_read_gbs": round(copy_gbs / 2, 1),
         "stream_copy_gbs": round(copy_gbs, 1),

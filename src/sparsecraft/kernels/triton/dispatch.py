@@ -605,10 +605,19 @@ def prepare_model(model: torch.nn.Module, device, keep_dense: bool = False) -> i
     """:func:`prepare_module` on every SparseLinear of ``model``; returns how many use the kernels.
 
     Call before capturing CUDA graphs or compiling, so the one-time preparation stays outside.
+    Members of a fused group (runtime.fuse) get no layout of their own: their group's stacked
+    layer is prepared instead (once per group).
     """
-    n = 0
+    n, groups = 0, set()
     for mod in model.modules():
         if hasattr(mod, "weight_compressed") and hasattr(mod, "_cuda_weight"):
+            group = getattr(mod, "_group", None)
+            if group is not None and group.module is not None:
+                if id(group) not in groups:
+                    groups.add(id(group))
+                    prepare_module(group.module, device, keep_dense)
+                n += supports(mod.weight_compressed)
+                continue
             n += prepare_module(mod, device, keep_dense)
     return n
 
