@@ -223,7 +223,8 @@ def test_fused_groups_without_cpu_kernels_and_of_dense_linears():
     holder = nn.Module()
     for n in names:
         lin = getattr(attn, n)
-        holder.add_module(n, SparseLinear(BitmaskTensor.from_dense(lin.weight.detach()), lin.bias, kernels="torch"))
+        weight = BitmaskTensor.from_dense(lin.weight.detach())
+        holder.add_module(n, SparseLinear(weight, lin.bias, kernels="torch"))
     layers = [getattr(holder, n) for n in names]
     assert fuse(layers) and layers[0]._group.module is not None and not layers[0].uses_cpu_kernel
     x = torch.randn(2, 3, attn.q_proj.in_features)
