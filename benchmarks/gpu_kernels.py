@@ -45,7 +45,7 @@ FUSED_SHAPES = {"qkv": (3 * HIDDEN, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up2": 
                 "down": (HIDDEN, INTER)}
 FUSED_ORDER = ["qkv", "o", "gate_up2", "down"]
 T0 = time.time()
-QUICK = False  # --quick: one unit tile per (format, batch) besides decode + cuBLAS
+QUICK = False  # --quick: one or two tiles per (format, batch)
 results_tune: list[dict] = []  # every tuning candidate's time per layer shape (written to the json)
 
 
@@ -400,7 +400,6 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     mma = [KernelConfig(16 * w // kw, 0, 16, w, mma=True, depth=depth, pdl=True, k_warps=kw, xrow=batch > 8,
                         maxnreg=reg) for w, kw, depth, reg in kw_tiles]
     return mma[:2] if QUICK else mma + ([DECODE_CUBLAS] if batch > 1 else [])
-    return [DECODE_CUBLAS]  # not tuned above DOT_MAX_BATCH (the dispatcher decodes + cuBLAS there)
 
 
 def sliced_bytes_ratio(first: dict, cfg: KernelConfig) -> float:

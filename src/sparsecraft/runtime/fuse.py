@@ -11,8 +11,8 @@ exactly as before, so the results are bit-identical to the unfused layers.
 
 Layers with a CPU kernel share one bound kernel; layers without one (they live on an accelerator)
 share a stacked :class:`~.linear.SparseLinear` whose device layout is the only one prepared
-(``kernels.triton.dispatch.prepare_model``). ``fuse_dense_siblings`` does the same for plain
-``nn.Linear`` siblings (a dense baseline timed with the same number of products per block).
+(``kernels.triton.dispatch.prepare_model``). ``fuse_siblings(model, dense=True)`` does the same
+for plain ``nn.Linear`` siblings (a dense baseline timed with the same number of products per block).
 
 The cache is keyed on the input tensor object: a member called on any other tensor computes
 afresh, so any call order stays correct. It assumes, as every transformers decoder does, that
