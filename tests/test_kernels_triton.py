@@ -325,6 +325,11 @@ def test_sliced_kernel_matches_dense_reference(case):
     _check(y, ref, tol)
     assert y[:, out_f // 2].abs().max() == 0
     assert torch.equal(decompress(sw), w)  # decoded from the sliced layout: exact
+    if seg <= 128:  # the lean walk: unmasked loads where every segment is whole (not 37x200 seg 64)
+        lean = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll, per_step=per_step,
+                                             pdl=pdl, lean=True))
+        _check(lean, ref, tol)
+        assert lean[:, out_f // 2].abs().max() == 0
     if rows >= 16:  # the tensor-core kernel (slices of 16 rows or more), two batch tiles
         x = torch.randn(17, in_f, generator=gen).to(dtype)
         _check(sliced_mm(x, sw, 16, 4, dot=True), x.double() @ w.double().t(), tol)

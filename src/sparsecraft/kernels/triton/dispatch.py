@@ -66,6 +66,7 @@ class KernelConfig:
     sliced: int = 0
     unroll: int = 1  # sliced: unroll factor of the step loop
     per_step: int = 4  # sliced: kept values a lane takes per step
+    lean: bool = False  # sliced walk: sliced.sliced_lean_kernel (fewer instructions per step)
     depth: int = 1  # mma: 128-column chunks loaded ahead of the one being multiplied (1-4)
     pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
     k_warps: int = 1  # mma: warps sharing an m-tile (K split inside the program, summed in shared memory)
@@ -264,7 +265,8 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         from .sliced import sliced_mm
 
         sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
-        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, pdl=cfg.pdl)
+        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, pdl=cfg.pdl,
+                         lean=cfg.lean)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     if cfg.mma:
@@ -490,7 +492,8 @@ def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Te
 
     cfg = sliced_config(x.shape[0])
     sw = _sliced(values, words, start, steps, perm, out_features, in_features)
-    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, pdl=cfg.pdl)
+    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, pdl=cfg.pdl,
+                     lean=cfg.lean)
 
 
 @_triton_sliced_linear.register_fake
