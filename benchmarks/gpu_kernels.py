@@ -393,8 +393,11 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
         walk = dataclasses.replace(s[0], dot=False, bb=min(_pow2(batch), 16), unroll=2 if batch == 1 else 1,
                                    num_warps=2, pdl=True)
         s += [dataclasses.replace(walk, lean=True), dataclasses.replace(walk, lean=True, pdl=False)]
-        if batch > 1:
-            s.append(dataclasses.replace(walk, lean=True, num_warps=4))
+        if batch > 1:  # and with x transposed first (4 batch rows per 64-bit load)
+            walk = dataclasses.replace(walk, bb=max(walk.bb, 4))
+            s += [dataclasses.replace(walk, lean=True, num_warps=4),
+                  dataclasses.replace(walk, lean=True, xt=True),
+                  dataclasses.replace(walk, lean=True, xt=True, num_warps=4)]
         s = list(dict.fromkeys(s))
         return s[:1] if QUICK else s
     # 2:4: the sparse tensor-core kernel (kernels/triton/mma24.py), the only one the dispatcher runs
@@ -445,6 +448,7 @@ def tune(fmt, layers, batch, xs, reps):
             + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
             + (" pdl" if cfg.pdl else "")
             + (" lean" if cfg.lean else "")
+            + (" xt" if cfg.xt else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")

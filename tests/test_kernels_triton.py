@@ -330,6 +330,10 @@ def test_sliced_kernel_matches_dense_reference(case):
                                              pdl=pdl, lean=True))
         _check(lean, ref, tol)
         assert lean[:, out_f // 2].abs().max() == 0
+        for xt_bb in (4, 16):  # x transposed: 4 batch rows per 64-bit load, padding rows dropped
+            y = sparse_mm(x, tw, KernelConfig(rows, 0, xt_bb, 1, sliced=seg, per_step=per_step, pdl=pdl,
+                                              lean=True, xt=True))
+            _check(y, ref, tol)
     if rows >= 16:  # the tensor-core kernel (slices of 16 rows or more), two batch tiles
         x = torch.randn(17, in_f, generator=gen).to(dtype)
         _check(sliced_mm(x, sw, 16, 4, dot=True), x.double() @ w.double().t(), tol)

@@ -67,6 +67,7 @@ class KernelConfig:
     unroll: int = 1  # sliced: unroll factor of the step loop
     per_step: int = 4  # sliced: kept values a lane takes per step
     lean: bool = False  # sliced walk: sliced.sliced_lean_kernel (fewer instructions per step)
+    xt: bool = False  # lean walk: x transposed first, 4 batch rows per 64-bit load (bb 4, 8 or 16)
     depth: int = 1  # mma: 128-column chunks loaded ahead of the one being multiplied (1-4)
     pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
     k_warps: int = 1  # mma: warps sharing an m-tile (K split inside the program, summed in shared memory)
@@ -266,7 +267,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
 
         sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
         return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, pdl=cfg.pdl,
-                         lean=cfg.lean)
+                         lean=cfg.lean, xt=cfg.xt)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     if cfg.mma:
@@ -493,7 +494,7 @@ def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Te
     cfg = sliced_config(x.shape[0])
     sw = _sliced(values, words, start, steps, perm, out_features, in_features)
     return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, pdl=cfg.pdl,
-                     lean=cfg.lean)
+                     lean=cfg.lean, xt=cfg.xt)
 
 
 @_triton_sliced_linear.register_fake

@@ -264,7 +264,8 @@ def sliced_lean_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
                        B, N, stride_xb, stride_ob, stride_or,
                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
                        BF16: tl.constexpr, INTERP: tl.constexpr, UNROLL: tl.constexpr = 1,
-                       RELAXED: tl.constexpr = True, PDL: tl.constexpr = False, FULL: tl.constexpr = True):
+                       RELAXED: tl.constexpr = True, PDL: tl.constexpr = False, FULL: tl.constexpr = True,
+                       XT: tl.constexpr = False):
     """The walk of :func:`sliced_gemv_kernel` in fewer instructions per step (sm_90 SASS, 128-column
     segments: 62 against 80 at batch 1, 166 against 257 at batch 4):
 
@@ -275,7 +276,10 @@ def sliced_lean_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
     * ``FULL`` (every segment lies inside the row: in_features % SEG == 0, SEG a power of two): x is
       loaded without a mask; an empty slot (value 0) reads a column of its own segment;
     * batch rows past B load the last row (no mask on the loads; the sums of those rows are dropped);
-    * the step's four 16-bit values convert as two pairs, without shifts.
+    * the step's four 16-bit values convert as two pairs, without shifts;
+    * ``XT`` (batches of 4-16): x comes transposed, (in_features, BB) with the product's B <= BB rows
+      side by side, so a slot reads the inputs of 4 batch rows with one 64-bit load (not 4 loads); its
+      sums go to 4 accumulators, batch rows j, j + 4, ... (j = 0..3).
 
     An empty slot's stored 0 then multiplies a finite x in practice; an inf or NaN there gives NaN, as
     a dense product with a stored zero would."""
@@ -286,14 +290,24 @@ def sliced_lean_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
     vptr = vq_ptr + start + lane
     bi = tl.program_id(2) * BB + tl.arange(0, BB)
     bmask = bi < B
-    xrow = x_ptr + tl.program_id(1) * SEG + tl.minimum(bi, B - 1) * stride_xb
+    NQ: tl.constexpr = BB // 4  # XT: 64-bit words of x per column
+    if XT:
+        tl.static_assert(BB % 4 == 0, "XT takes batch tiles of 4, 8 or 16 rows")
+        xrow = x_ptr.to(tl.pointer_type(tl.int64)) + tl.program_id(1) * SEG * NQ + tl.arange(0, NQ)
+        a0 = tl.zeros((C, NQ), tl.float32)
+        a1 = tl.zeros((C, NQ), tl.float32)
+        a2 = tl.zeros((C, NQ), tl.float32)
+        a3 = tl.zeros((C, NQ), tl.float32)
+    else:
+        xrow = x_ptr + tl.program_id(1) * SEG + tl.minimum(bi, B - 1) * stride_xb
+        acc = tl.zeros((C, BB), tl.float32)
+    XS: tl.constexpr = NQ if XT else 1  # x's stride between columns
     q0 = _brev(_word(wptr, 0, C, WPS), INTERP)
     q1 = _brev(_word(wptr, 1, C, WPS), INTERP)
     q2 = _brev(_word(wptr, 2, C, WPS), INTERP)
     q3 = _brev(_word(wptr, 3, C, WPS), INTERP)
     cur = tl.zeros((C,), tl.int32)  # the first step advances to word 0 (an all-zero word costs a step)
     top = tl.full((C,), -1, tl.int32)  # last column of the current word in the segment (reversed bit 0)
-    acc = tl.zeros((C, BB), tl.float32)
     _pdl_start(PDL, INTERP)
     for k in tl.range(0, steps, loop_unroll_factor=UNROLL):
         adv = cur == 0
@@ -311,16 +325,33 @@ def sliced_lean_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
             pos, cur = _take_msb(cur, INTERP)  # -1 where the word has run out: an empty slot
             col = top - pos
             if FULL:
-                xv = tl.load(xrow[None, :] + (col & (SEG - 1))[:, None])
+                xv = tl.load(xrow[None, :] + ((col & (SEG - 1)) * XS)[:, None])
             else:
-                xv = tl.load(xrow[None, :] + col[:, None], mask=(pos >= 0)[:, None], other=0.0)
+                xv = tl.load(xrow[None, :] + (col * XS)[:, None], mask=(pos >= 0)[:, None], other=0)
             if P == 4:
                 wv = v0 if j == 0 else (v1 if j == 1 else (v2 if j == 2 else v3))
             else:
                 wv = _slot(q, j, P, BF16)
-            acc += wv[:, None] * xv.to(tl.float32)
-    _add_sums(out_ptr + bi[None, :] * stride_ob + rows[:, None] * stride_or, acc,
-              (rows < N)[:, None] & bmask[None, :], RELAXED)
+            if XT:
+                x0, x1 = _h2f_pair(xv.to(tl.int32), BF16, INTERP)
+                x2, x3 = _h2f_pair((xv >> 32).to(tl.int32), BF16, INTERP)
+                a0 += wv[:, None] * x0
+                a1 += wv[:, None] * x1
+                a2 += wv[:, None] * x2
+                a3 += wv[:, None] * x3
+            else:
+                acc += wv[:, None] * xv.to(tl.float32)
+    rmask = (rows < N)[:, None]
+    if XT:
+        b4 = 4 * tl.arange(0, NQ)[None, :]
+        optr = out_ptr + rows[:, None] * stride_or
+        _add_sums(optr + b4 * stride_ob, a0, rmask & (b4 < B), RELAXED)
+        _add_sums(optr + (b4 + 1) * stride_ob, a1, rmask & (b4 + 1 < B), RELAXED)
+        _add_sums(optr + (b4 + 2) * stride_ob, a2, rmask & (b4 + 2 < B), RELAXED)
+        _add_sums(optr + (b4 + 3) * stride_ob, a3, rmask & (b4 + 3 < B), RELAXED)
+    else:
+        _add_sums(out_ptr + bi[None, :] * stride_ob + rows[:, None] * stride_or, acc, rmask & bmask[None, :],
+                  RELAXED)
 
 
 @triton.jit
@@ -390,6 +421,19 @@ def _move_out_kernel(ws_ptr, out_ptr, n, N, stride_wb, stride_wr, BLOCK: tl.cons
     tl.store(w, tl.zeros((BLOCK,), tl.float32), mask=m)
 
 
+@triton.jit
+def _transpose_kernel(x_ptr, xt_ptr, B, K, stride_xb, BB: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr = False, INTERP: tl.constexpr = False):
+    """xt (K, BB) = x (B, K) transposed, for the lean walk's ``XT``; columns B.. of xt are not written
+    (the sums of those batch rows are dropped)."""
+    _pdl_start(PDL, INTERP)
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.arange(0, BB)
+    m = (k < K)[:, None] & (b < B)[None, :]
+    v = tl.load(x_ptr + b[None, :] * stride_xb + k[:, None], mask=m)
+    tl.store(xt_ptr + k[:, None] * BB + b[None, :], v, mask=m)
+
+
 def _workspace(sw: SlicedWeight, batch: int) -> torch.Tensor:
     """The weight's float32 sums, (out, batch): the sums of one output row lie side by side, so a
     warp's atomic adds of several batch rows hit few cache lines. Zero between calls
@@ -399,12 +443,25 @@ def _workspace(sw: SlicedWeight, batch: int) -> torch.Tensor:
     return sw.workspaces[batch]
 
 
+def _transposed(sw: SlicedWeight, x: torch.Tensor, bb: int, pdl: bool, launch: dict) -> torch.Tensor:
+    """x (B, in) as the (in, bb) buffer of the weight's lean walk with ``XT`` (made on first use)."""
+    key = ("xt", bb, x.dtype)
+    if key not in sw.workspaces:
+        sw.workspaces[key] = torch.zeros(sw.shape[1], bb, device=x.device, dtype=x.dtype)
+    xt = sw.workspaces[key]
+    grid = (-(-sw.shape[1] // 256),)
+    _transpose_kernel[grid](x, xt, x.shape[0], sw.shape[1], x.stride(0), BB=bb, BLOCK=256, PDL=pdl,
+                            INTERP=interpreted(), num_warps=4, **launch)
+    return xt
+
+
 _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, read as one integer
 
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
               unroll: int = 1, out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
-              dot: bool = False, relaxed: bool = True, pdl: bool = False, lean: bool = False) -> torch.Tensor:
+              dot: bool = False, relaxed: bool = True, pdl: bool = False, lean: bool = False,
+              xt: bool = False) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two; ``dot``: the
     tensor-core kernel, at least 16).
 
@@ -414,12 +471,16 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     (out, B) workspace, when the caller keeps it (the custom op of dispatch.py; any strides).
     ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default). ``pdl`` (walk only):
     the walk and the move-out as programmatic dependent launches (sm_90), each starting while its
-    predecessor finishes; ``lean``: the walk of :func:`sliced_lean_kernel` (128-column segments at most)."""
+    predecessor finishes; ``lean``: the walk of :func:`sliced_lean_kernel` (128-column segments at most),
+    ``xt`` with x transposed first (a third kernel; bb of 4, 8 or 16 and B <= bb)."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
     if dot and bb < 16:
         raise ValueError("the sliced dot kernel needs a batch tile of 16 or more")
+    if xt and not (lean and bb in (4, 8, 16) and batch <= bb):
+        raise ValueError(f"x transposed needs the lean walk, a batch tile of 4, 8 or 16 and at most that "
+                         f"many rows (bb={bb}, batch={batch})")
     x = x.contiguous()
     raw = out is not None
     acc = out if raw else (ws if ws is not None else _workspace(sw, batch)).t()  # (B, out), any strides
@@ -437,11 +498,11 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
         )
     elif lean:
         sliced_lean_kernel[grid](
-            x, acc, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
-            batch, sw.shape[0], x.stride(0), *acc.stride(),
+            _transposed(sw, x, bb, pdl, launch) if xt else x, acc, sw.values.view(_PACKED[sw.per_step]),
+            sw.words, sw.start, sw.steps, sw.perm, batch, sw.shape[0], x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
             INTERP=interp, UNROLL=unroll, RELAXED=relaxed, PDL=pdl,
-            FULL=in_f % sw.seg == 0 and sw.seg & (sw.seg - 1) == 0, num_warps=num_warps, **launch,
+            FULL=in_f % sw.seg == 0 and sw.seg & (sw.seg - 1) == 0, XT=xt, num_warps=num_warps, **launch,
         )
     else:
         sliced_gemv_kernel[grid](
