@@ -1,55 +1,77 @@
-"""Instructions in the loops of a compiled Triton kernel (SASS), to check cost-per-step estimates.
+"""Instructions per step of the sliced bitmask walks, counted in their sm_90 SASS (no GPU needed).
 
-    python benchmarks/sass_loops.py [DIR]   # the sliced kernel at run 10's settings; DIR: keep the SASS
+Triton compiles each kernel for an H100 target on this machine (its bundled ptxas and nvdisasm) and
+the loop of the walk is counted from its label to its backward branch: an instruction-count check of
+kernels whose speed the issue rate bounds (docs/results/gpu_kernels.md).
+
+    python benchmarks/sass_loops.py [DIR]   # DIR: keep the SASS listings there
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
-import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from sparsecraft import formats
-from sparsecraft.kernels.triton import layout
-from sparsecraft.kernels.triton.sliced import sliced_gemv_kernel, sliced_mm
+from sparsecraft.kernels.triton.sliced import sliced_gemv_kernel, sliced_lean_kernel
+
+SIG = {"x_ptr": "*fp16", "out_ptr": "*fp32", "vq_ptr": "*i64", "words_ptr": "*i32", "start_ptr": "*i32",
+       "steps_ptr": "*i32", "perm_ptr": "*i32", "B": "i32", "N": "i32", "stride_xb": "i32",
+       "stride_ob": "i32", "stride_or": "i32"}
+# the dispatcher's layout (128-column segments, 64-row slices, 4 values per step), batch tile, warps
+COMMON = dict(SEG=128, C=64, P=4, BF16=False, INTERP=False, RELAXED=True, PDL=True)
 
 
-def loops(sass: str) -> list[tuple[str, int]]:
-    """(label, instructions from the label to its backward branch) for each backward branch."""
+def loops(sass: str) -> list[int]:
+    """Instructions from each label to a later backward branch to it (nvdisasm's listing)."""
     pos, out, n = {}, [], 0
-    for ln in sass.splitlines():  # Triton's listing: "LBBn:" labels, one instruction per tabbed line
-        m = re.match(r"^(LBB\d+):", ln)
+    for ln in sass.splitlines():
+        m = re.match(r"^(\.L_x_\d+):", ln)
         if m:
             pos[m.group(1)] = n
-        elif "\t" in ln:
+        elif re.search(r"/\*[0-9a-f]{4,}\*/", ln):
             n += 1
-            b = re.search(r"BRA (LBB\d+)", ln)
-            if b and b.group(1) in pos:
-                out.append((b.group(1), n - pos[b.group(1)]))
+            b = re.search(r"BRA `\((\.L_x_\d+)\)", ln)
+            if b and b.group(1) in pos and pos[b.group(1)] < n - 1:
+                out.append(n - pos[b.group(1)])
     return out
 
 
+def sass_of(fn, consts: dict, num_warps: int, keep: str | None, name: str) -> str:
+    sig = dict(SIG, **{k: "constexpr" for k in consts})
+    kern = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps))
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kern.asm["cubin"])
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    if keep:
+        with open(os.path.join(keep, f"{name}.sass"), "w") as f:
+            f.write(sass)
+    return sass
+
+
 def main() -> int:
-    keep = torch.rand(4096, 4096) >= 0.7
-    w = (torch.randn(4096, 4096) * keep).half()
-    tw = layout.prepare(formats.BitmaskTensor.from_dense(w, mask=keep), "cuda")
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
-    for rows, warps, unroll in ((64, 2, 4), (64, 2, 1), (32, 1, 1)):
-        sliced_mm(x, tw.sliced_view(128, rows), 1, warps, unroll=unroll)
-    settings = iter(("rows 64, 2 warps, unroll 4", "rows 64, 2 warps, unroll 1", "rows 32, 1 warp, unroll 1"))
-    for cache in sliced_gemv_kernel.device_caches.values():
-        kernels = next(c for c in cache if isinstance(c, dict))
-        for kern in kernels.values():
-            sass = kern.asm["sass"]
-            if len(sys.argv) > 1:  # a folder to keep the listings in
-                name = next(settings, "?").replace(", ", "_").replace(" ", "")
-                with open(f"{sys.argv[1]}/sliced_{name}.sass", "w") as f:
-                    f.write(sass)
-                print(name, len(sass.splitlines()), "SASS lines", flush=True)
-                continue
-            print(f"{next(settings, '?')}: {len(sass.splitlines())} SASS lines;"
-                  f" loops (label, instructions): {loops(sass)}", flush=True)
+    keep = sys.argv[1] if len(sys.argv) > 1 else None
+    print(f"triton {triton.__version__}, target sm_90; instructions in the step loop (2 warps, 64-row slices,"
+          " 4 values per step)")
+    for bb in (1, 4, 8, 16):
+        walk = dict(COMMON, BB=bb, REG=True, UNROLL=1)
+        lean = dict(COMMON, BB=bb, UNROLL=1, FULL=True, XT=False)
+        row = (f"batch tile {bb:2d}: walk {loops(sass_of(sliced_gemv_kernel, walk, 2, keep, f'walk{bb}'))}"
+               f"  lean {loops(sass_of(sliced_lean_kernel, lean, 2, keep, f'lean{bb}'))}")
+        if bb > 1:
+            xt = loops(sass_of(sliced_lean_kernel, dict(lean, XT=True), 2, keep, f"lean_xt{bb}"))
+            row += f"  lean + x transposed {xt}"
+        print(row, flush=True)
     return 0
 
 

@@ -373,6 +373,11 @@ def test_sliced_layout_rejects_bad_input():
         build(bt.mask, bt.values[:-1], (4, 128))
     with pytest.raises(SparsecraftError, match="float16/bfloat16"):
         build(bt.mask, bt.values.float(), (4, 128))
+    sw = build(bt.mask, bt.values, (4, 128))
+    with pytest.raises(ValueError, match="x transposed"):  # 5 rows do not fit a batch tile of 4
+        sliced_mm(torch.ones(5, 128, dtype=torch.float16), sw, 4, lean=True, xt=True)
+    with pytest.raises(ValueError, match="x transposed"):  # only the lean walk reads x transposed
+        sliced_mm(torch.ones(2, 128, dtype=torch.float16), sw, 4, xt=True)
 
 
 def test_sliced_weight_serves_batches_1_to_16_and_decodes_above():
