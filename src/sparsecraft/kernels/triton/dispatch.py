@@ -140,7 +140,9 @@ UNIT_TILES: dict[tuple[str, int, int], tuple] = {
 # 4 values per step. Batch 1-8: the step walk on two warps (unrolled twice at batch 1); batch 9-16:
 # the tensor-core kernel on four warps (H200 run 13: at batch 8 the walk won at 70% and lost 3% at
 # 50%, at batch 16 the tensor-core kernel won; batches 9-15 not measured). Batch 1 as programmatic
-# dependent launches (H100 run 17, session 11: 70% 1.72x -> 1.97x dense, 50% 1.31x -> 1.45x)
+# dependent launches (H100 run 17, session 11: 70% 1.72x -> 1.97x dense, 50% 1.31x -> 1.45x).
+# Session 15: the walk is the lean one (sliced_lean_kernel: 62 instead of 80 SASS instructions per step
+# at batch 1), with x transposed first for 2-4 rows (86 instead of 257 per step at a tile of 4)
 SLICED_LAYOUT = dict(seg=128, rows=64, per_step=4)
 SLICED_WALK_MAX_BATCH = 8
 SLICED_MAX_BATCH = 16
@@ -182,8 +184,10 @@ def sliced_config(batch: int) -> KernelConfig:
     if batch > SLICED_WALK_MAX_BATCH:
         return KernelConfig(bn=lay["rows"], bk=0, bb=16, num_warps=4, sliced=lay["seg"], dot=True,
                             per_step=lay["per_step"])
-    return KernelConfig(bn=lay["rows"], bk=0, bb=_pow2_at_least(batch, 1), num_warps=2, sliced=lay["seg"],
-                        unroll=2 if batch == 1 else 1, per_step=lay["per_step"], pdl=batch == 1)
+    # session 15: the lean walk (fewer instructions per step; up to 4 rows with x transposed first)
+    return KernelConfig(bn=lay["rows"], bk=0, bb=_pow2_at_least(batch, 1 if batch == 1 else 4), num_warps=2,
+                        sliced=lay["seg"], unroll=2 if batch == 1 else 1, per_step=lay["per_step"],
+                        pdl=batch <= 4, lean=True, xt=1 < batch <= 4)
 
 
 def sliced_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
@@ -484,21 +488,22 @@ def _sliced(values, words, start, steps, perm, out_features: int, in_features: i
                         start, steps, perm)
 
 
-@torch.library.custom_op("sparsecraft::triton_sliced_linear", mutates_args=("ws",))
+@torch.library.custom_op("sparsecraft::triton_sliced_linear", mutates_args=("ws", "xt"))
 def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Tensor, start: torch.Tensor,
-                          steps: torch.Tensor, perm: torch.Tensor, ws: torch.Tensor, out_features: int,
-                          in_features: int) -> torch.Tensor:
-    """Batch 1-16 through the sliced kernels (``ws``: their float32 workspace, zero again on return)."""
+                          steps: torch.Tensor, perm: torch.Tensor, ws: torch.Tensor, xt: torch.Tensor | None,
+                          out_features: int, in_features: int) -> torch.Tensor:
+    """Batch 1-16 through the sliced kernels (``ws``: their float32 workspace, zero again on return;
+    ``xt``: the buffer for x transposed where the launch takes it)."""
     from .sliced import sliced_mm
 
     cfg = sliced_config(x.shape[0])
     sw = _sliced(values, words, start, steps, perm, out_features, in_features)
     return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, pdl=cfg.pdl,
-                     lean=cfg.lean, xt=cfg.xt)
+                     lean=cfg.lean, xt=cfg.xt, xt_buf=xt)
 
 
 @_triton_sliced_linear.register_fake
-def _(x, values, words, start, steps, perm, ws, out_features, in_features):
+def _(x, values, words, start, steps, perm, ws, xt, out_features, in_features):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -519,14 +524,16 @@ def _(values, words, start, steps, perm, out_features, in_features):
 def _sliced_linear(x2: torch.Tensor, sw, dense: torch.Tensor | None) -> torch.Tensor:
     """x2 (rows, in) @ W^T for a sliced weight: its kernels up to SLICED_MAX_BATCH rows (16-bit
     inputs), else ``dense`` or the decoded weight with cuBLAS."""
-    from .sliced import _workspace
+    from .sliced import _workspace, xt_buffer
 
     rows = x2.shape[0]
     args = (sw.values, sw.words, sw.start, sw.steps, sw.perm)
     half = x2.dtype in (torch.float16, torch.bfloat16)
     if (rows == 1 or dense is None) and rows <= SLICED_MAX_BATCH and half:
-        # the workspace of this batch size is made outside any graph capture by a first, eager call
-        return torch.ops.sparsecraft.triton_sliced_linear(x2, *args, _workspace(sw, rows), *sw.shape)
+        # the buffers of this batch size are made outside any graph capture by a first, eager call
+        cfg = sliced_config(rows)
+        xt = xt_buffer(sw, cfg.bb, x2.dtype) if cfg.xt else None
+        return torch.ops.sparsecraft.triton_sliced_linear(x2, *args, _workspace(sw, rows), xt, *sw.shape)
     w = dense if dense is not None else torch.ops.sparsecraft.triton_sliced_dense(*args, *sw.shape)
     return x2 @ w.to(x2.dtype).t()
 

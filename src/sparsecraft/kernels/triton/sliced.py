@@ -64,6 +64,7 @@ class SlicedWeight:
     steps: torch.Tensor  # int32 (n_seg, n_slice): steps of the slice (its longest row)
     perm: torch.Tensor  # int32 (n_seg, n_slice * rows): output row of each lane (>= out: padding)
     workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # by batch
+    xt_buffers: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # by (bb, dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.values, self.words, self.start, self.steps, self.perm]
@@ -443,14 +444,18 @@ def _workspace(sw: SlicedWeight, batch: int) -> torch.Tensor:
     return sw.workspaces[batch]
 
 
-def _transposed(sw: SlicedWeight, x: torch.Tensor, bb: int, pdl: bool, launch: dict) -> torch.Tensor:
-    """x (B, in) as the (in, bb) buffer of the weight's lean walk with ``XT`` (made on first use)."""
-    key = ("xt", bb, x.dtype)
-    if key not in sw.workspaces:
-        sw.workspaces[key] = torch.zeros(sw.shape[1], bb, device=x.device, dtype=x.dtype)
-    xt = sw.workspaces[key]
-    grid = (-(-sw.shape[1] // 256),)
-    _transpose_kernel[grid](x, xt, x.shape[0], sw.shape[1], x.stride(0), BB=bb, BLOCK=256, PDL=pdl,
+def xt_buffer(sw: SlicedWeight, bb: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight's (in, bb) buffer for x transposed (the lean walk's ``XT``); made on first use, so
+    outside any CUDA graph capture, as the workspaces."""
+    if (bb, dtype) not in sw.xt_buffers:
+        sw.xt_buffers[bb, dtype] = torch.zeros(sw.shape[1], bb, device=sw.values.device, dtype=dtype)
+    return sw.xt_buffers[bb, dtype]
+
+
+def _transposed(x: torch.Tensor, xt: torch.Tensor, pdl: bool, launch: dict) -> torch.Tensor:
+    """x (B, in) written transposed into xt (in, bb)."""
+    grid = (-(-x.shape[1] // 256),)
+    _transpose_kernel[grid](x, xt, x.shape[0], x.shape[1], x.stride(0), BB=xt.shape[1], BLOCK=256, PDL=pdl,
                             INTERP=interpreted(), num_warps=4, **launch)
     return xt
 
@@ -461,7 +466,7 @@ _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, r
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
               unroll: int = 1, out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
               dot: bool = False, relaxed: bool = True, pdl: bool = False, lean: bool = False,
-              xt: bool = False) -> torch.Tensor:
+              xt: bool = False, xt_buf: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two; ``dot``: the
     tensor-core kernel, at least 16).
 
@@ -472,7 +477,8 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default). ``pdl`` (walk only):
     the walk and the move-out as programmatic dependent launches (sm_90), each starting while its
     predecessor finishes; ``lean``: the walk of :func:`sliced_lean_kernel` (128-column segments at most),
-    ``xt`` with x transposed first (a third kernel; bb of 4, 8 or 16 and B <= bb)."""
+    ``xt`` with x transposed first (a third kernel; bb of 4, 8 or 16 and B <= bb) into ``xt_buf``
+    (default: :func:`xt_buffer`)."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
@@ -498,7 +504,8 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
         )
     elif lean:
         sliced_lean_kernel[grid](
-            _transposed(sw, x, bb, pdl, launch) if xt else x, acc, sw.values.view(_PACKED[sw.per_step]),
+            _transposed(x, xt_buf if xt_buf is not None else xt_buffer(sw, bb, x.dtype), pdl, launch)
+            if xt else x, acc, sw.values.view(_PACKED[sw.per_step]),
             sw.words, sw.start, sw.steps, sw.perm, batch, sw.shape[0], x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
             INTERP=interp, UNROLL=unroll, RELAXED=relaxed, PDL=pdl,
