@@ -157,13 +157,13 @@ def check(args) -> int:
     ]
     bad = 0
     # CUDA graph capture and torch.compile of a decode step: a bitmask layer as prepare_module keeps
-    # it (the sliced layout only) at batch 1 (walk kernel), 12 (tensor-core kernel), 40 (decoded),
+    # it (the sliced layout only) at batch 1 (walk), 3 (walk, x transposed), 12 (tensor cores), 40 (decoded),
     # then a 2:4 int4 layer the same way (the mma.sp layout where MMA_TILES has it)
     objs = [make_compressed(f, 512, 1024, 1) for f in ("bitmask_70", "nm24_int4")]
     ws = [dispatch.prepare_weight(o, "cuda") for o in objs]
     print("check: device layouts", [type(w).__name__ for w in ws])
     refs = [o.to_dense().cuda().float() for o in objs]
-    xs = [torch.randn(b, 1024, device="cuda", dtype=torch.float16) for b in (1, 12, 40)]
+    xs = [torch.randn(b, 1024, device="cuda", dtype=torch.float16) for b in (1, 3, 12, 40)]
     pairs = [(x, w, r) for w, r in zip(ws, refs, strict=True) for x in xs]
 
     def step():
