@@ -65,7 +65,7 @@ def main() -> int:
           " 4 values per step)")
     for bb in (1, 4, 8, 16):
         walk = dict(COMMON, BB=bb, REG=True, UNROLL=1)
-        lean = dict(COMMON, BB=bb, UNROLL=1, FULL=True, XT=False)
+        lean = dict(COMMON, BB=bb, UNROLL=1, FULL=True, XT=False, XBF16=False)
         row = (f"batch tile {bb:2d}: walk {loops(sass_of(sliced_gemv_kernel, walk, 2, keep, f'walk{bb}'))}"
                f"  lean {loops(sass_of(sliced_lean_kernel, lean, 2, keep, f'lean{bb}'))}")
         if bb > 1:

@@ -334,6 +334,10 @@ def test_sliced_kernel_matches_dense_reference(case):
             y = sparse_mm(x, tw, KernelConfig(rows, 0, xt_bb, 1, sliced=seg, per_step=per_step, pdl=pdl,
                                               lean=True, xt=True))
             _check(y, ref, tol)
+        if dtype == torch.bfloat16:  # float16 inputs on bfloat16 values, x transposed
+            xh = x.half()
+            y = sliced_mm(xh, sw, 4, lean=True, xt=True)
+            _check(y, xh.double() @ w.double().t(), tol)
     if rows >= 16:  # the tensor-core kernel (slices of 16 rows or more), two batch tiles
         x = torch.randn(17, in_f, generator=gen).to(dtype)
         _check(sliced_mm(x, sw, 16, 4, dot=True), x.double() @ w.double().t(), tol)

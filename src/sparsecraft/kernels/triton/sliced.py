@@ -266,9 +266,9 @@ def sliced_lean_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
                        BF16: tl.constexpr, INTERP: tl.constexpr, UNROLL: tl.constexpr = 1,
                        RELAXED: tl.constexpr = True, PDL: tl.constexpr = False, FULL: tl.constexpr = True,
-                       XT: tl.constexpr = False):
+                       XT: tl.constexpr = False, XBF16: tl.constexpr = False):
     """The walk of :func:`sliced_gemv_kernel` in fewer instructions per step (sm_90 SASS, 128-column
-    segments: 62 against 80 at batch 1, 166 against 257 at batch 4):
+    segments, ``benchmarks/sass_loops.py``: 62 against 80 at batch 1, 162 against 257 at batch 4, 86 with XT):
 
     * the segment's words wait in a queue of registers that shifts by one on each advance, instead of
       a select chain indexed by the word number;
@@ -280,7 +280,7 @@ def sliced_lean_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
     * the step's four 16-bit values convert as two pairs, without shifts;
     * ``XT`` (batches of 4-16): x comes transposed, (in_features, BB) with the product's B <= BB rows
       side by side, so a slot reads the inputs of 4 batch rows with one 64-bit load (not 4 loads); its
-      sums go to 4 accumulators, batch rows j, j + 4, ... (j = 0..3).
+      sums go to 4 accumulators, batch rows j, j + 4, ... (j = 0..3); ``XBF16``: x is bfloat16.
 
     An empty slot's stored 0 then multiplies a finite x in practice; an inf or NaN there gives NaN, as
     a dense product with a stored zero would."""
@@ -334,8 +334,8 @@ def sliced_lean_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
             else:
                 wv = _slot(q, j, P, BF16)
             if XT:
-                x0, x1 = _h2f_pair(xv.to(tl.int32), BF16, INTERP)
-                x2, x3 = _h2f_pair((xv >> 32).to(tl.int32), BF16, INTERP)
+                x0, x1 = _h2f_pair(xv.to(tl.int32), XBF16, INTERP)
+                x2, x3 = _h2f_pair((xv >> 32).to(tl.int32), XBF16, INTERP)
                 a0 += wv[:, None] * x0
                 a1 += wv[:, None] * x1
                 a2 += wv[:, None] * x2
@@ -509,7 +509,8 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
             sw.words, sw.start, sw.steps, sw.perm, batch, sw.shape[0], x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
             INTERP=interp, UNROLL=unroll, RELAXED=relaxed, PDL=pdl,
-            FULL=in_f % sw.seg == 0 and sw.seg & (sw.seg - 1) == 0, XT=xt, num_warps=num_warps, **launch,
+            FULL=in_f % sw.seg == 0 and sw.seg & (sw.seg - 1) == 0, XT=xt, XBF16=x.dtype == torch.bfloat16,
+            num_warps=num_warps, **launch,
         )
     else:
         sliced_gemv_kernel[grid](
