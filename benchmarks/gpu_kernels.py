@@ -157,7 +157,7 @@ def check(args) -> int:
     ]
     bad = 0
     # CUDA graph capture and torch.compile of a decode step: a bitmask layer as prepare_module keeps
-    # it (the sliced layout only) at batch 1 (walk), 3 (walk, x transposed), 12 (tensor cores), 40 (decoded),
+    # it (the sliced layout only) at batch 1 and 3 (walk kernel), 12 (tensor-core kernel), 40 (decoded),
     # then a 2:4 int4 layer the same way (the mma.sp layout where MMA_TILES has it)
     objs = [make_compressed(f, 512, 1024, 1) for f in ("bitmask_70", "nm24_int4")]
     ws = [dispatch.prepare_weight(o, "cuda") for o in objs]
@@ -363,10 +363,6 @@ def run_cfg(x, w, cfg):
     return sparse_mm(x, w, cfg)
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     """Tile shapes tried per (format, batch); the fastest per layer shape is kept (measured here).
     Earlier runs' candidates and their times: docs/results/gpu_kernels.md."""
@@ -389,15 +385,6 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             s += [KernelConfig(lay["rows"], 0, 16, w, sliced=lay["seg"], per_step=lay["per_step"], dot=True)
                   for w in (2, 4, 8)]
             s.append(DECODE_SLICED)
-        # session 15: the lean walk (sliced.sliced_lean_kernel) at the walk's settings, and up to 16 rows
-        walk = dataclasses.replace(s[0], dot=False, bb=min(_pow2(batch), 16), unroll=2 if batch == 1 else 1,
-                                   num_warps=2, pdl=True)
-        s += [dataclasses.replace(walk, lean=True), dataclasses.replace(walk, lean=True, pdl=False)]
-        if batch > 1:  # and with x transposed first (4 batch rows per 64-bit load)
-            walk = dataclasses.replace(walk, bb=max(walk.bb, 4))
-            s += [dataclasses.replace(walk, lean=True, num_warps=4),
-                  dataclasses.replace(walk, lean=True, xt=True),
-                  dataclasses.replace(walk, lean=True, xt=True, num_warps=4)]
         s = list(dict.fromkeys(s))
         return s[:1] if QUICK else s
     # 2:4: the sparse tensor-core kernel (kernels/triton/mma24.py), the only one the dispatcher runs
@@ -447,8 +434,6 @@ def tune(fmt, layers, batch, xs, reps):
             + (f" kw={cfg.k_warps}" if cfg.k_warps > 1 else "")
             + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
             + (" pdl" if cfg.pdl else "")
-            + (" lean" if cfg.lean else "")
-            + (" xt" if cfg.xt else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")

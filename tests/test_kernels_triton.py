@@ -325,19 +325,6 @@ def test_sliced_kernel_matches_dense_reference(case):
     _check(y, ref, tol)
     assert y[:, out_f // 2].abs().max() == 0
     assert torch.equal(decompress(sw), w)  # decoded from the sliced layout: exact
-    if seg <= 128:  # the lean walk: unmasked loads where every segment is whole (not 37x200 seg 64)
-        lean = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll, per_step=per_step,
-                                             pdl=pdl, lean=True))
-        _check(lean, ref, tol)
-        assert lean[:, out_f // 2].abs().max() == 0
-        for xt_bb in (4, 16):  # x transposed: 4 batch rows per 64-bit load, padding rows dropped
-            y = sparse_mm(x, tw, KernelConfig(rows, 0, xt_bb, 1, sliced=seg, per_step=per_step, pdl=pdl,
-                                              lean=True, xt=True))
-            _check(y, ref, tol)
-        if dtype == torch.bfloat16:  # float16 inputs on bfloat16 values, x transposed
-            xh = x.half()
-            y = sliced_mm(xh, sw, 4, lean=True, xt=True)
-            _check(y, xh.double() @ w.double().t(), tol)
     if rows >= 16:  # the tensor-core kernel (slices of 16 rows or more), two batch tiles
         x = torch.randn(17, in_f, generator=gen).to(dtype)
         _check(sliced_mm(x, sw, 16, 4, dot=True), x.double() @ w.double().t(), tol)
@@ -377,11 +364,6 @@ def test_sliced_layout_rejects_bad_input():
         build(bt.mask, bt.values[:-1], (4, 128))
     with pytest.raises(SparsecraftError, match="float16/bfloat16"):
         build(bt.mask, bt.values.float(), (4, 128))
-    sw = build(bt.mask, bt.values, (4, 128))
-    with pytest.raises(ValueError, match="x transposed"):  # 5 rows do not fit a batch tile of 4
-        sliced_mm(torch.ones(5, 128, dtype=torch.float16), sw, 4, lean=True, xt=True)
-    with pytest.raises(ValueError, match="x transposed"):  # only the lean walk reads x transposed
-        sliced_mm(torch.ones(2, 128, dtype=torch.float16), sw, 4, xt=True)
 
 
 def test_sliced_weight_serves_batches_1_to_16_and_decodes_above():

@@ -66,8 +66,6 @@ class KernelConfig:
     sliced: int = 0
     unroll: int = 1  # sliced: unroll factor of the step loop
     per_step: int = 4  # sliced: kept values a lane takes per step
-    lean: bool = False  # sliced walk: sliced.sliced_lean_kernel (fewer instructions per step)
-    xt: bool = False  # lean walk: x transposed first, 4 batch rows per 64-bit load (bb 4, 8 or 16)
     depth: int = 1  # mma: 128-column chunks loaded ahead of the one being multiplied (1-4)
     pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
     k_warps: int = 1  # mma: warps sharing an m-tile (K split inside the program, summed in shared memory)
@@ -140,9 +138,7 @@ UNIT_TILES: dict[tuple[str, int, int], tuple] = {
 # 4 values per step. Batch 1-8: the step walk on two warps (unrolled twice at batch 1); batch 9-16:
 # the tensor-core kernel on four warps (H200 run 13: at batch 8 the walk won at 70% and lost 3% at
 # 50%, at batch 16 the tensor-core kernel won; batches 9-15 not measured). Batch 1 as programmatic
-# dependent launches (H100 run 17, session 11: 70% 1.72x -> 1.97x dense, 50% 1.31x -> 1.45x).
-# Session 15: the walk is the lean one (sliced_lean_kernel: 62 instead of 80 SASS instructions per step
-# at batch 1), with x transposed first for 2-4 rows (86 instead of 257 per step at a tile of 4)
+# dependent launches (H100 run 17, session 11: 70% 1.72x -> 1.97x dense, 50% 1.31x -> 1.45x)
 SLICED_LAYOUT = dict(seg=128, rows=64, per_step=4)
 SLICED_WALK_MAX_BATCH = 8
 SLICED_MAX_BATCH = 16
@@ -184,10 +180,8 @@ def sliced_config(batch: int) -> KernelConfig:
     if batch > SLICED_WALK_MAX_BATCH:
         return KernelConfig(bn=lay["rows"], bk=0, bb=16, num_warps=4, sliced=lay["seg"], dot=True,
                             per_step=lay["per_step"])
-    # session 15: the lean walk (fewer instructions per step; up to 4 rows with x transposed first)
-    return KernelConfig(bn=lay["rows"], bk=0, bb=_pow2_at_least(batch, 1 if batch == 1 else 4), num_warps=2,
-                        sliced=lay["seg"], unroll=2 if batch == 1 else 1, per_step=lay["per_step"],
-                        pdl=batch <= 4, lean=True, xt=1 < batch <= 4)
+    return KernelConfig(bn=lay["rows"], bk=0, bb=_pow2_at_least(batch, 1), num_warps=2, sliced=lay["seg"],
+                        unroll=2 if batch == 1 else 1, per_step=lay["per_step"], pdl=batch == 1)
 
 
 def sliced_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
@@ -270,8 +264,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         from .sliced import sliced_mm
 
         sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
-        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, pdl=cfg.pdl,
-                         lean=cfg.lean, xt=cfg.xt)
+        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, pdl=cfg.pdl)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     if cfg.mma:
@@ -488,22 +481,20 @@ def _sliced(values, words, start, steps, perm, out_features: int, in_features: i
                         start, steps, perm)
 
 
-@torch.library.custom_op("sparsecraft::triton_sliced_linear", mutates_args=("ws", "xt"))
+@torch.library.custom_op("sparsecraft::triton_sliced_linear", mutates_args=("ws",))
 def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Tensor, start: torch.Tensor,
-                          steps: torch.Tensor, perm: torch.Tensor, ws: torch.Tensor, xt: torch.Tensor | None,
-                          out_features: int, in_features: int) -> torch.Tensor:
-    """Batch 1-16 through the sliced kernels (``ws``: their float32 workspace, zero again on return;
-    ``xt``: the buffer for x transposed where the launch takes it)."""
+                          steps: torch.Tensor, perm: torch.Tensor, ws: torch.Tensor, out_features: int,
+                          in_features: int) -> torch.Tensor:
+    """Batch 1-16 through the sliced kernels (``ws``: their float32 workspace, zero again on return)."""
     from .sliced import sliced_mm
 
     cfg = sliced_config(x.shape[0])
     sw = _sliced(values, words, start, steps, perm, out_features, in_features)
-    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, pdl=cfg.pdl,
-                     lean=cfg.lean, xt=cfg.xt, xt_buf=xt)
+    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, pdl=cfg.pdl)
 
 
 @_triton_sliced_linear.register_fake
-def _(x, values, words, start, steps, perm, ws, xt, out_features, in_features):
+def _(x, values, words, start, steps, perm, ws, out_features, in_features):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -524,16 +515,14 @@ def _(values, words, start, steps, perm, out_features, in_features):
 def _sliced_linear(x2: torch.Tensor, sw, dense: torch.Tensor | None) -> torch.Tensor:
     """x2 (rows, in) @ W^T for a sliced weight: its kernels up to SLICED_MAX_BATCH rows (16-bit
     inputs), else ``dense`` or the decoded weight with cuBLAS."""
-    from .sliced import _workspace, xt_buffer
+    from .sliced import _workspace
 
     rows = x2.shape[0]
     args = (sw.values, sw.words, sw.start, sw.steps, sw.perm)
     half = x2.dtype in (torch.float16, torch.bfloat16)
     if (rows == 1 or dense is None) and rows <= SLICED_MAX_BATCH and half:
-        # the buffers of this batch size are made outside any graph capture by a first, eager call
-        cfg = sliced_config(rows)
-        xt = xt_buffer(sw, cfg.bb, x2.dtype) if cfg.xt else None
-        return torch.ops.sparsecraft.triton_sliced_linear(x2, *args, _workspace(sw, rows), xt, *sw.shape)
+        # the workspace of this batch size is made outside any graph capture by a first, eager call
+        return torch.ops.sparsecraft.triton_sliced_linear(x2, *args, _workspace(sw, rows), *sw.shape)
     w = dense if dense is not None else torch.ops.sparsecraft.triton_sliced_dense(*args, *sw.shape)
     return x2 @ w.to(x2.dtype).t()
 

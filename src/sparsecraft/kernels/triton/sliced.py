@@ -64,7 +64,6 @@ class SlicedWeight:
     steps: torch.Tensor  # int32 (n_seg, n_slice): steps of the slice (its longest row)
     perm: torch.Tensor  # int32 (n_seg, n_slice * rows): output row of each lane (>= out: padding)
     workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # by batch
-    xt_buffers: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # by (bb, dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.values, self.words, self.start, self.steps, self.perm]
@@ -219,143 +218,6 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
 
 
 @triton.jit
-def _h2f_pair(v, BF16: tl.constexpr, INTERP: tl.constexpr):
-    """int32 holding two 16-bit floats -> (low, high) as float32 (fp16: one conversion each, no shift)."""
-    if BF16 or INTERP:
-        return _h2f(v, BF16), _h2f(v >> 16, BF16)
-    return tl.inline_asm_elementwise(
-        "{ .reg .f16 a, b; mov.b32 {a, b}, $2; cvt.f32.f16 $0, a; cvt.f32.f16 $1, b; }",
-        "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-
-
-@triton.jit
-def _brev(v, INTERP: tl.constexpr):
-    """Each int32 with its bits in reverse order (``brev.b32``; swaps under the interpreter)."""
-    if INTERP:
-        u = v.to(tl.uint32, bitcast=True)
-        u = ((u >> 1) & 0x55555555) | ((u & 0x55555555) << 1)
-        u = ((u >> 2) & 0x33333333) | ((u & 0x33333333) << 2)
-        u = ((u >> 4) & 0x0F0F0F0F) | ((u & 0x0F0F0F0F) << 4)
-        u = ((u >> 8) & 0x00FF00FF) | ((u & 0x00FF00FF) << 8)
-        u = (u >> 16) | (u << 16)
-        return u.to(tl.int32, bitcast=True)
-    return tl.inline_asm_elementwise("brev.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _take_msb(r, INTERP: tl.constexpr):
-    """(position of the highest set bit of each int32, the int32 without it); (-1, 0) for 0.
-    On the GPU ``bfind`` and a shift (PTX clamps the shift by -1 to 32: nothing is cleared)."""
-    if INTERP:
-        u = r.to(tl.uint32, bitcast=True)
-        p = tl.zeros_like(r)
-        for s in tl.static_range(5):
-            hi = u >> (16 >> s)
-            m = hi != 0
-            u = tl.where(m, hi, u)
-            p = tl.where(m, p + (16 >> s), p)
-        return tl.where(r == 0, -1, p), r ^ tl.where(r == 0, 0, 1 << p)
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t; bfind.u32 $0, $2; shl.b32 t, 1, $0; xor.b32 $1, $2, t; }",
-        "=r,=r,r", [r], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-
-
-@triton.jit
-def sliced_lean_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, perm_ptr,
-                       B, N, stride_xb, stride_ob, stride_or,
-                       SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
-                       BF16: tl.constexpr, INTERP: tl.constexpr, UNROLL: tl.constexpr = 1,
-                       RELAXED: tl.constexpr = True, PDL: tl.constexpr = False, FULL: tl.constexpr = True,
-                       XT: tl.constexpr = False, XBF16: tl.constexpr = False):
-    """The walk of :func:`sliced_gemv_kernel` in fewer instructions per step (sm_90 SASS, 128-column
-    segments, ``benchmarks/sass_loops.py``: 62 against 80 at batch 1, 162 against 257 at batch 4, 86 with XT):
-
-    * the segment's words wait in a queue of registers that shifts by one on each advance, instead of
-      a select chain indexed by the word number;
-    * the words are bit-reversed once, so the walk takes the highest set bit (``bfind``, one
-      instruction) and still visits the columns in ascending order, as the values are stored;
-    * ``FULL`` (every segment lies inside the row: in_features % SEG == 0, SEG a power of two): x is
-      loaded without a mask; an empty slot (value 0) reads a column of its own segment;
-    * batch rows past B load the last row (no mask on the loads; the sums of those rows are dropped);
-    * the step's four 16-bit values convert as two pairs, without shifts;
-    * ``XT`` (batches of 4-16): x comes transposed, (in_features, BB) with the product's B <= BB rows
-      side by side, so a slot reads the inputs of 4 batch rows with one 64-bit load (not 4 loads); its
-      sums go to 4 accumulators, batch rows j, j + 4, ... (j = 0..3); ``XBF16``: x is bfloat16.
-
-    An empty slot's stored 0 then multiplies a finite x in practice; an inf or NaN there gives NaN, as
-    a dense product with a stored zero would."""
-    WPS: tl.constexpr = SEG // 32
-    tl.static_assert(WPS <= 4, "the word queue holds at most 4 mask words (segments of up to 128 columns)")
-    sl, lane, start, rows, wptr = _slice(words_ptr, start_ptr, perm_ptr, C, WPS)
-    steps = tl.load(steps_ptr + sl)
-    vptr = vq_ptr + start + lane
-    bi = tl.program_id(2) * BB + tl.arange(0, BB)
-    bmask = bi < B
-    NQ: tl.constexpr = BB // 4  # XT: 64-bit words of x per column
-    if XT:
-        tl.static_assert(BB % 4 == 0, "XT takes batch tiles of 4, 8 or 16 rows")
-        xrow = x_ptr.to(tl.pointer_type(tl.int64)) + tl.program_id(1) * SEG * NQ + tl.arange(0, NQ)
-        a0 = tl.zeros((C, NQ), tl.float32)
-        a1 = tl.zeros((C, NQ), tl.float32)
-        a2 = tl.zeros((C, NQ), tl.float32)
-        a3 = tl.zeros((C, NQ), tl.float32)
-    else:
-        xrow = x_ptr + tl.program_id(1) * SEG + tl.minimum(bi, B - 1) * stride_xb
-        acc = tl.zeros((C, BB), tl.float32)
-    XS: tl.constexpr = NQ if XT else 1  # x's stride between columns
-    q0 = _brev(_word(wptr, 0, C, WPS), INTERP)
-    q1 = _brev(_word(wptr, 1, C, WPS), INTERP)
-    q2 = _brev(_word(wptr, 2, C, WPS), INTERP)
-    q3 = _brev(_word(wptr, 3, C, WPS), INTERP)
-    cur = tl.zeros((C,), tl.int32)  # the first step advances to word 0 (an all-zero word costs a step)
-    top = tl.full((C,), -1, tl.int32)  # last column of the current word in the segment (reversed bit 0)
-    _pdl_start(PDL, INTERP)
-    for k in tl.range(0, steps, loop_unroll_factor=UNROLL):
-        adv = cur == 0
-        cur = tl.where(adv, q0, cur)
-        q0 = tl.where(adv, q1, q0)
-        q1 = tl.where(adv, q2, q1)
-        q2 = tl.where(adv, q3, q2)
-        q3 = tl.where(adv, 0, q3)
-        top += tl.where(adv, 32, 0)
-        q = tl.load(vptr + k * C)
-        if P == 4:
-            v0, v1 = _h2f_pair(q.to(tl.int32), BF16, INTERP)
-            v2, v3 = _h2f_pair((q >> 32).to(tl.int32), BF16, INTERP)
-        for j in tl.static_range(P):
-            pos, cur = _take_msb(cur, INTERP)  # -1 where the word has run out: an empty slot
-            col = top - pos
-            if FULL:
-                xv = tl.load(xrow[None, :] + ((col & (SEG - 1)) * XS)[:, None])
-            else:
-                xv = tl.load(xrow[None, :] + (col * XS)[:, None], mask=(pos >= 0)[:, None], other=0)
-            if P == 4:
-                wv = v0 if j == 0 else (v1 if j == 1 else (v2 if j == 2 else v3))
-            else:
-                wv = _slot(q, j, P, BF16)
-            if XT:
-                x0, x1 = _h2f_pair(xv.to(tl.int32), XBF16, INTERP)
-                x2, x3 = _h2f_pair((xv >> 32).to(tl.int32), XBF16, INTERP)
-                a0 += wv[:, None] * x0
-                a1 += wv[:, None] * x1
-                a2 += wv[:, None] * x2
-                a3 += wv[:, None] * x3
-            else:
-                acc += wv[:, None] * xv.to(tl.float32)
-    rmask = (rows < N)[:, None]
-    if XT:
-        b4 = 4 * tl.arange(0, NQ)[None, :]
-        optr = out_ptr + rows[:, None] * stride_or
-        _add_sums(optr + b4 * stride_ob, a0, rmask & (b4 < B), RELAXED)
-        _add_sums(optr + (b4 + 1) * stride_ob, a1, rmask & (b4 + 1 < B), RELAXED)
-        _add_sums(optr + (b4 + 2) * stride_ob, a2, rmask & (b4 + 2 < B), RELAXED)
-        _add_sums(optr + (b4 + 3) * stride_ob, a3, rmask & (b4 + 3 < B), RELAXED)
-    else:
-        _add_sums(out_ptr + bi[None, :] * stride_ob + rows[:, None] * stride_or, acc, rmask & bmask[None, :],
-                  RELAXED)
-
-
-@triton.jit
 def _word_tile(v_ptr, wptr, j: tl.constexpr, off, start, lane, C: tl.constexpr, P: tl.constexpr,
                INTERP: tl.constexpr):
     """Word j of every lane's mask as a dense (32 columns, C lanes) tile of its weights, and ``off``
@@ -422,19 +284,6 @@ def _move_out_kernel(ws_ptr, out_ptr, n, N, stride_wb, stride_wr, BLOCK: tl.cons
     tl.store(w, tl.zeros((BLOCK,), tl.float32), mask=m)
 
 
-@triton.jit
-def _transpose_kernel(x_ptr, xt_ptr, B, K, stride_xb, BB: tl.constexpr, BLOCK: tl.constexpr,
-                      PDL: tl.constexpr = False, INTERP: tl.constexpr = False):
-    """xt (K, BB) = x (B, K) transposed, for the lean walk's ``XT``; columns B.. of xt are not written
-    (the sums of those batch rows are dropped)."""
-    _pdl_start(PDL, INTERP)
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    b = tl.arange(0, BB)
-    m = (k < K)[:, None] & (b < B)[None, :]
-    v = tl.load(x_ptr + b[None, :] * stride_xb + k[:, None], mask=m)
-    tl.store(xt_ptr + k[:, None] * BB + b[None, :], v, mask=m)
-
-
 def _workspace(sw: SlicedWeight, batch: int) -> torch.Tensor:
     """The weight's float32 sums, (out, batch): the sums of one output row lie side by side, so a
     warp's atomic adds of several batch rows hit few cache lines. Zero between calls
@@ -444,29 +293,12 @@ def _workspace(sw: SlicedWeight, batch: int) -> torch.Tensor:
     return sw.workspaces[batch]
 
 
-def xt_buffer(sw: SlicedWeight, bb: int, dtype: torch.dtype) -> torch.Tensor:
-    """The weight's (in, bb) buffer for x transposed (the lean walk's ``XT``); made on first use, so
-    outside any CUDA graph capture, as the workspaces."""
-    if (bb, dtype) not in sw.xt_buffers:
-        sw.xt_buffers[bb, dtype] = torch.zeros(sw.shape[1], bb, device=sw.values.device, dtype=dtype)
-    return sw.xt_buffers[bb, dtype]
-
-
-def _transposed(x: torch.Tensor, xt: torch.Tensor, pdl: bool, launch: dict) -> torch.Tensor:
-    """x (B, in) written transposed into xt (in, bb)."""
-    grid = (-(-x.shape[1] // 256),)
-    _transpose_kernel[grid](x, xt, x.shape[0], x.shape[1], x.stride(0), BB=xt.shape[1], BLOCK=256, PDL=pdl,
-                            INTERP=interpreted(), num_warps=4, **launch)
-    return xt
-
-
 _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, read as one integer
 
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
               unroll: int = 1, out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
-              dot: bool = False, relaxed: bool = True, pdl: bool = False, lean: bool = False,
-              xt: bool = False, xt_buf: torch.Tensor | None = None) -> torch.Tensor:
+              dot: bool = False, relaxed: bool = True, pdl: bool = False) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two; ``dot``: the
     tensor-core kernel, at least 16).
 
@@ -476,17 +308,12 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     (out, B) workspace, when the caller keeps it (the custom op of dispatch.py; any strides).
     ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default). ``pdl`` (walk only):
     the walk and the move-out as programmatic dependent launches (sm_90), each starting while its
-    predecessor finishes; ``lean``: the walk of :func:`sliced_lean_kernel` (128-column segments at most),
-    ``xt`` with x transposed first (a third kernel; bb of 4, 8 or 16 and B <= bb) into ``xt_buf``
-    (default: :func:`xt_buffer`)."""
+    predecessor finishes."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
     if dot and bb < 16:
         raise ValueError("the sliced dot kernel needs a batch tile of 16 or more")
-    if xt and not (lean and bb in (4, 8, 16) and batch <= bb):
-        raise ValueError(f"x transposed needs the lean walk, a batch tile of 4, 8 or 16 and at most that "
-                         f"many rows (bb={bb}, batch={batch})")
     x = x.contiguous()
     raw = out is not None
     acc = out if raw else (ws if ws is not None else _workspace(sw, batch)).t()  # (B, out), any strides
@@ -501,16 +328,6 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
             x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, INTERP=interp,
             DOT_F32=interp and sw.values.dtype == torch.bfloat16, RELAXED=relaxed, num_warps=num_warps,
-        )
-    elif lean:
-        sliced_lean_kernel[grid](
-            _transposed(x, xt_buf if xt_buf is not None else xt_buffer(sw, bb, x.dtype), pdl, launch)
-            if xt else x, acc, sw.values.view(_PACKED[sw.per_step]),
-            sw.words, sw.start, sw.steps, sw.perm, batch, sw.shape[0], x.stride(0), *acc.stride(),
-            SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
-            INTERP=interp, UNROLL=unroll, RELAXED=relaxed, PDL=pdl,
-            FULL=in_f % sw.seg == 0 and sw.seg & (sw.seg - 1) == 0, XT=xt, XBF16=x.dtype == torch.bfloat16,
-            num_warps=num_warps, **launch,
         )
     else:
         sliced_gemv_kernel[grid](
