@@ -24,7 +24,7 @@ from sparsecraft.kernels.triton.sliced import sliced_gemv_kernel
 SIG = {"x_ptr": "*fp16", "out_ptr": "*fp32", "vq_ptr": "*i64", "words_ptr": "*i32", "start_ptr": "*i32",
        "steps_ptr": "*i32", "perm_ptr": "*i32", "B": "i32", "N": "i32", "stride_xb": "i32",
        "stride_ob": "i32", "stride_or": "i32"}
-# the dispatcher's layout (128-column segments, 64-row slices, 4 values per step), batch tile, warps
+# the dispatcher's layout: 128-column segments, 64-row slices, 4 values per step
 COMMON = dict(SEG=128, C=64, P=4, BF16=False, INTERP=False, RELAXED=True, PDL=True)
 
 
