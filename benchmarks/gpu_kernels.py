@@ -369,12 +369,14 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     # bitmask: the sliced slot-major kernels (kernels/triton/sliced.py), the dispatcher's setting, at
     # batch 1 its neighbours from benchmarks/sliced_probe.py (session 6); up to 8 rows the walk, from
     # 4 rows the tensor-core kernel on 2, 4 and 8 warps; the decode from the sliced layout + cuBLAS
-    # (the only candidate above 16 rows, as in the dispatcher)
+    # (the only candidate above 16 rows, as in the dispatcher); the dispatcher's setting also with the
+    # other mask word size (32 or 64 bits)
     if fmt.startswith("bitmask"):
         if batch > dispatch.SLICED_MAX_BATCH:
             return [DECODE_SLICED]
         lay = dispatch.SLICED_LAYOUT
         s = [dispatch.sliced_config(batch)]
+        s.append(dataclasses.replace(s[0], word_bits=64 if s[0].word_bits == 32 else 32))
         if batch == 1:
             s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=2, per_step=4)
                   for rows, warps in ((128, 4), (32, 1))]
@@ -404,7 +406,7 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
 
 def sliced_bytes_ratio(first: dict, cfg: KernelConfig) -> float:
     """Bytes of the sliced layout over the row-major bitmask layout, over the three shapes."""
-    sl = sum(w.sliced_view(cfg.sliced, cfg.bn, cfg.per_step).nbytes() for w in first.values())
+    sl = sum(w.sliced_view(cfg.sliced, cfg.bn, cfg.per_step, cfg.word_bits).nbytes() for w in first.values())
     return sl / sum(w.nbytes() for w in first.values())
 
 
@@ -434,7 +436,7 @@ def tune(fmt, layers, batch, xs, reps):
             + (f" kw={cfg.k_warps}" if cfg.k_warps > 1 else "")
             + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
             + (" pdl" if cfg.pdl else "")
-            + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
+            + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll} word={cfg.word_bits}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")
             + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "
