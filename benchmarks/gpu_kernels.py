@@ -237,7 +237,7 @@ def check(args) -> int:
                      KernelConfig(64, 0, 16, 4, split_k=2, mma=True, depth=3, fixup=True, xrow=True),
                      KernelConfig(32, 0, 16, 8, mma=True, depth=2, pdl=True, k_warps=4),
                      KernelConfig(16, 0, 16, 16, split_k=2, mma=True, depth=3, fixup=True, k_warps=8),
-                     KernelConfig(32, 0, 16, 16, mma=True, depth=2, pdl=True, k_warps=8, maxnreg=64),
+                     KernelConfig(32, 0, 16, 16, mma=True, depth=2, pdl=True, k_warps=8),
                      KernelConfig(32, 0, 16, 32, mma=True, depth=2, pdl=True, k_warps=16, xrow=True)]
         if dispatch.sliced_supported(tw):  # the sliced tensor-core kernel (walk: the default at batch 1)
             cfgs += [KernelConfig(64, 0, 16, w, sliced=128, per_step=4, dot=True) for w in (2, 4, 8)]
@@ -391,16 +391,15 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
         return s[:1] if QUICK else s
     # 2:4: the sparse tensor-core kernel (kernels/triton/mma24.py), the only one the dispatcher runs
     # since session 12 (the unit kernels and the grid K-split tiles that lost in runs 15-19 are no
-    # longer tried). (warps, k_warps: warps per m-tile, chunks loaded ahead, register cap; no grid
-    # K split), all with PDL; x in fragment order from 9 rows. Session 14: a 64-register cap, so that two
-    # 16-warp programs (this kernel's and the next one's) share a multiprocessor, and 32-warp programs
-    # whose warps load all their chunks at once.
+    # longer tried). (warps, k_warps: warps per m-tile, chunks loaded ahead; no grid K split), all
+    # with PDL; x in fragment order from 9 rows. 32-warp programs: every warp's chunks in flight at
+    # once. (Session 16, run 26: a 64-register cap lost on every fused shape and was removed.)
     if batch > 16:
         return [DECODE_CUBLAS]
-    kw_tiles = ((8, 4, 2, 0), (8, 4, 3, 0), (16, 8, 2, 0), (4, 4, 3, 0), (8, 8, 2, 0), (16, 8, 2, 64),
-                (16, 8, 3, 64), (16, 16, 2, 64), (32, 16, 2, 0), (32, 16, 1, 0), (8, 4, 2, 64), (32, 8, 2, 0))
-    mma = [KernelConfig(16 * w // kw, 0, 16, w, mma=True, depth=depth, pdl=True, k_warps=kw, xrow=batch > 8,
-                        maxnreg=reg) for w, kw, depth, reg in kw_tiles]
+    kw_tiles = ((8, 4, 2), (8, 4, 3), (16, 8, 2), (4, 4, 3), (8, 8, 2), (16, 16, 2), (32, 16, 2), (32, 16, 1),
+                (32, 8, 2))
+    mma = [KernelConfig(16 * w // kw, 0, 16, w, mma=True, depth=depth, pdl=True, k_warps=kw, xrow=batch > 8)
+           for w, kw, depth in kw_tiles]
     return mma[:2] if QUICK else mma + ([DECODE_CUBLAS] if batch > 1 else [])
 
 
@@ -434,7 +433,6 @@ def tune(fmt, layers, batch, xs, reps):
             + (" xrow" if cfg.xrow and not cfg.mma else "")
             + (f" depth={cfg.depth}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
             + (f" kw={cfg.k_warps}" if cfg.k_warps > 1 else "")
-            + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
             + (" pdl" if cfg.pdl else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll} word={cfg.word_bits}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"

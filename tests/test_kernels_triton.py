@@ -434,8 +434,7 @@ def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, spli
     assert mma24.supported(tw, dtype)
     x = torch.randn(batch, 384, generator=torch.Generator().manual_seed(batch)).to(dtype)
     cfg = KernelConfig(16 * warps // kw, 0, 16, warps, split_k=split, mma=True, depth=depth, pdl=split > 1,
-                       fixup=bits == 4 or kw == 2, xrow=batch in (5, 16), k_warps=kw,  # x in fragment order
-                       maxnreg=64 if warps >= 16 else 0)  # a GPU launch option (the interpreter ignores it)
+                       fixup=bits == 4 or kw == 2, xrow=batch in (5, 16), k_warps=kw)  # xrow: fragment order
     y = sparse_mm(x, tw, cfg)
     assert y.shape == (batch, 48) and y.dtype == dtype
     _check(y, x.double() @ ref_w.t(), 2e-2 if dtype == torch.bfloat16 else 3e-3)

@@ -70,9 +70,6 @@ class KernelConfig:
     depth: int = 1  # mma: 128-column chunks loaded ahead of the one being multiplied (1-4)
     pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
     k_warps: int = 1  # mma: warps sharing an m-tile (K split inside the program, summed in shared memory)
-    # mma: registers per thread at most (0: the compiler's choice); at 64 two 16-warp programs fit on
-    # one multiprocessor, so the next kernel's programs (PDL) load their first chunks while this one runs
-    maxnreg: int = 0
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -152,22 +149,24 @@ SLICED_MAX_BATCH = 16
 # so fp16/bf16 2:4 weights now also live in the mma.sp layout alone (best tiles per shape, chain vs
 # cuBLAS: int4 2.94x / 2.47x / 1.58x, fp16 1.85x / 1.62x / 1.43x at batch 1 / 4 / 16, where the
 # unit kernels gave fp16 1.62x / 0.81x / 0.82x). Two m-tiles per program except the narrow batch-16
-# layers; x in fragment order from 9 rows.
+# layers; x in fragment order from 9 rows. Re-tuned on the fused shapes (q|k|v 12288 and gate|up
+# 22016 rows; H100 run 26, session 16): int4 wide layers at batch 1 load 2 chunks ahead, not 3
+# (chain of the best tile per shape 3.39x vs 3.04x with 3); fp16 wide layers at batch 1-8 on 4 warps
+# (gate|up 35.9 us for 38.0 at batch 1, 39.9 for 42.1 at batch 4; q|k|v 0.7-1.1 us slower).
 class MmaTile(NamedTuple):
     warps: int  # per program
     k_warps: int  # warps per m-tile (they split the program's K range; warps / k_warps m-tiles)
     depth: int  # chunks loaded ahead
     xfrag: bool = False  # batch > 1: x copied into fragment order first
     pdl: bool = True  # programmatic dependent launch
-    maxnreg: int = 0  # registers per thread at most (KernelConfig.maxnreg)
 
 
 MMA_TILES: dict[tuple[int, int], tuple[MmaTile, MmaTile]] = {
-    (4, 1): (MmaTile(16, 8, 2), MmaTile(8, 4, 3)),
+    (4, 1): (MmaTile(16, 8, 2), MmaTile(8, 4, 2)),
     (4, 8): (MmaTile(16, 8, 2), MmaTile(8, 4, 2)),
     (4, 16): (MmaTile(8, 8, 2, xfrag=True), MmaTile(8, 4, 2, xfrag=True)),
-    (0, 1): (MmaTile(4, 4, 3), MmaTile(8, 4, 2)),
-    (0, 8): (MmaTile(4, 4, 3), MmaTile(8, 4, 2)),
+    (0, 1): (MmaTile(4, 4, 3), MmaTile(4, 4, 3)),
+    (0, 8): (MmaTile(4, 4, 3), MmaTile(4, 4, 3)),
     (0, 16): (MmaTile(8, 8, 2, xfrag=True), MmaTile(8, 4, 2, xfrag=True)),
 }
 # below this many warps per multiprocessor (small models' layers) K is also split over the grid; at
@@ -419,13 +418,13 @@ def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
         split *= 2
     return KernelConfig(bn=16 * tile.warps // tile.k_warps, bk=0, bb=16, num_warps=tile.warps, split_k=split,
                         mma=True, depth=tile.depth, fixup=split > 1, xrow=tile.xfrag and batch > 1,
-                        pdl=tile.pdl, k_warps=tile.k_warps, maxnreg=tile.maxnreg)
+                        pdl=tile.pdl, k_warps=tile.k_warps)
 
 
 def _mma_mm(x: torch.Tensor, mw: MmaWeight, cfg: KernelConfig, workspace: tuple | None = None):
     """The sparse tensor-core kernel with the launch of ``cfg`` (``mma=True``)."""
     return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.depth, cfg.fixup, cfg.xrow, workspace=workspace,
-                    interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps, maxnreg=cfg.maxnreg)
+                    interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps)
 
 
 def _mma_class(batch: int) -> int:

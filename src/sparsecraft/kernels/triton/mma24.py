@@ -578,7 +578,7 @@ def mma24_kernel(
 
 def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, depth: int = 1,
              fixup: bool = False, xfrag: bool = False, workspace: tuple | None = None,
-             interp: bool = False, pdl: bool = False, k_warps: int = 1, maxnreg: int = 0) -> torch.Tensor:
+             interp: bool = False, pdl: bool = False, k_warps: int = 1) -> torch.Tensor:
     """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores. With K splits the partial
     sums are added atomically: into a float32 output that is then converted (two more kernels), or
     with ``fixup`` into the weight's persistent workspace, emptied by the last split (one kernel;
@@ -588,9 +588,7 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
     first copied into fragment order (:func:`fragment_x`). ``pdl``: launched as a programmatic
     dependent launch (sm_90): the first chunks' weights load while the previous kernel finishes.
     ``k_warps``: warps per m-tile (dividing ``warps``), each taking every k_warps-th chunk, summed in
-    shared memory: a program covers warps / k_warps m-tiles over its whole K range. ``maxnreg``: a
-    cap on registers per thread (0: none), so that programs of consecutive kernels can share a
-    multiprocessor."""
+    shared memory: a program covers warps / k_warps m-tiles over its whole K range."""
     batch, n_in = x.shape
     n_out = mw.shape[0]
     if batch > 16 or n_in != mw.shape[1] or x.dtype != mw.dtype:
@@ -621,6 +619,5 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
         split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=nt,
         W=warps, INTERP=interp, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup, XFRAG=xfrag,
         PDL=pdl, KW=k_warps, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
-        **({"maxnreg": maxnreg} if maxnreg and not interp else {}),
     )
     return out.to(x.dtype)
