@@ -369,17 +369,17 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     # bitmask: the sliced slot-major kernels (kernels/triton/sliced.py), the dispatcher's setting, at
     # batch 1 its neighbours from benchmarks/sliced_probe.py (session 6); up to 8 rows the walk, from
     # 4 rows the tensor-core kernel on 2, 4 and 8 warps; the decode from the sliced layout + cuBLAS
-    # (the only candidate above 16 rows, as in the dispatcher); the dispatcher's setting also with the
-    # other mask word size (32 or 64 bits)
+    # (the only candidate above 16 rows, as in the dispatcher)
     if fmt.startswith("bitmask"):
         if batch > dispatch.SLICED_MAX_BATCH:
             return [DECODE_SLICED]
         lay = dispatch.SLICED_LAYOUT
         s = [dispatch.sliced_config(batch)]
-        s.append(dataclasses.replace(s[0], word_bits=64 if s[0].word_bits == 32 else 32))
         if batch == 1:
             s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=2, per_step=4)
                   for rows, warps in ((128, 4), (32, 1))]
+            # session 16: two rows per thread (two independent walks in flight in each thread)
+            s += [dataclasses.replace(s[0], bn=rows, num_warps=warps) for rows, warps in ((64, 1), (128, 2))]
             s.append(dataclasses.replace(s[0], pdl=False))  # session 11: launches not overlapped
         if 4 <= batch <= 8:
             s.append(KernelConfig(lay["rows"], 0, batch, 2, sliced=lay["seg"], per_step=lay["per_step"]))
@@ -405,7 +405,7 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
 
 def sliced_bytes_ratio(first: dict, cfg: KernelConfig) -> float:
     """Bytes of the sliced layout over the row-major bitmask layout, over the three shapes."""
-    sl = sum(w.sliced_view(cfg.sliced, cfg.bn, cfg.per_step, cfg.word_bits).nbytes() for w in first.values())
+    sl = sum(w.sliced_view(cfg.sliced, cfg.bn, cfg.per_step).nbytes() for w in first.values())
     return sl / sum(w.nbytes() for w in first.values())
 
 
@@ -434,7 +434,7 @@ def tune(fmt, layers, batch, xs, reps):
             + (f" depth={cfg.depth}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
             + (f" kw={cfg.k_warps}" if cfg.k_warps > 1 else "")
             + (" pdl" if cfg.pdl else "")
-            + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll} word={cfg.word_bits}"
+            + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")
             + f"{' decode+cuBLAS' if cfg.bn == 0 else ''}  "

@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 
 from sparsecraft.kernels.triton.sliced import sliced_gemv_kernel
 
-SIG = {"x_ptr": "*fp16", "out_ptr": "*fp32", "vq_ptr": "*i64", "start_ptr": "*i32",
+SIG = {"x_ptr": "*fp16", "out_ptr": "*fp32", "vq_ptr": "*i64", "words_ptr": "*i32", "start_ptr": "*i32",
        "steps_ptr": "*i32", "perm_ptr": "*i16", "B": "i32", "N": "i32", "stride_xb": "i32",
        "stride_ob": "i32", "stride_or": "i32"}
 # the dispatcher's layout: 128-column segments, 64-row slices, 4 values per step
@@ -44,7 +44,7 @@ def loops(sass: str) -> list[int]:
 
 
 def sass_of(fn, consts: dict, num_warps: int, keep: str | None, name: str) -> str:
-    sig = dict(SIG, words_ptr=f"*i{consts['WB']}", **{k: "constexpr" for k in consts})
+    sig = dict(SIG, **{k: "constexpr" for k in consts})
     kern = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps))
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -63,11 +63,9 @@ def main() -> int:
     keep = sys.argv[1] if len(sys.argv) > 1 else None
     print(f"triton {triton.__version__}, target sm_90; instructions in the step loop (2 warps, 64-row slices,"
           " 4 values per step)")
-    for wb in (32, 64):
-        for bb in (1, 4, 8, 16):
-            sass = sass_of(sliced_gemv_kernel, dict(COMMON, BB=bb, REG=True, UNROLL=1, WB=wb), 2, keep,
-                           f"walk{bb}_w{wb}")
-            print(f"{wb}-bit words, batch tile {bb:2d}: {loops(sass)}", flush=True)
+    for bb in (1, 4, 8, 16):
+        sass = sass_of(sliced_gemv_kernel, dict(COMMON, BB=bb, REG=True, UNROLL=1), 2, keep, f"walk{bb}")
+        print(f"batch tile {bb:2d}: {loops(sass)}", flush=True)
     return 0
 
 

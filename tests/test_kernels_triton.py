@@ -292,24 +292,21 @@ def test_unit_kernels_decline_other_layouts():
         sparse_mm(x, tw, KernelConfig(bn=8, bk=256, bb=1, num_warps=4, unit=True))
 
 
-# out, in, sparsity, dtype, seg, rows, batch, bb, reg, unroll, values per step, PDL, mask word bits
-SLICED_CASES = [
-    (37, 200, 0.7, torch.float16, 64, 8, 1, 1, True, 1, 4, True, 64),  # row and column tails, partial segment
-    (24, 512, 0.5, torch.bfloat16, 128, 16, 3, 4, True, 2, 2, False, 64),  # batch tail, unrolled walk
-    (20, 640, 0.98, torch.float16, 128, 4, 2, 1, False, 1, 1, True, 32),  # all-zero words: an empty step each
-    (20, 640, 0.98, torch.float16, 128, 16, 2, 2, True, 1, 4, False, 64),
-    (9, 128, 0.0, torch.float16, 128, 8, 1, 1, True, 1, 4, False, 32),  # dense
-    (16, 320, 0.9, torch.bfloat16, 320, 16, 1, 1, True, 1, 4, False, 32),  # 10 words: loaded in the walk
-    (40, 520, 0.6, torch.float16, 256, 32, 5, 8, True, 1, 4, True, 64),  # 4 words of 64 in registers
+SLICED_CASES = [  # out, in, sparsity, dtype, seg, rows, batch, bb, reg, unroll, values per step, PDL
+    (37, 200, 0.7, torch.float16, 64, 8, 1, 1, True, 1, 4, True),  # row and column tails, partial segment
+    (24, 512, 0.5, torch.bfloat16, 128, 16, 3, 4, True, 2, 2, False),  # batch tail, unrolled walk
+    (20, 640, 0.98, torch.float16, 128, 4, 2, 1, False, 1, 1, True),  # all-zero words: one empty step each
+    (9, 128, 0.0, torch.float16, 128, 8, 1, 1, True, 1, 4, False),  # dense
+    (16, 320, 0.9, torch.bfloat16, 320, 16, 1, 1, True, 1, 4, False),  # 10 words: loaded in the walk
 ]
 
 
 @pytest.mark.parametrize("case", SLICED_CASES,
-                         ids=[f"{c[0]}x{c[1]}-{c[2]}-seg{c[4]}-p{c[10]}-w{c[12]}" for c in SLICED_CASES])
+                         ids=[f"{c[0]}x{c[1]}-{c[2]}-seg{c[4]}-p{c[10]}" for c in SLICED_CASES])
 def test_sliced_kernel_matches_dense_reference(case):
     """The sliced slot-major bitmask kernel (sliced.py) through the dispatcher's KernelConfig, with
     an empty row, against the float64 product."""
-    out_f, in_f, sparsity, dtype, seg, rows, batch, bb, reg, unroll, per_step, pdl, word_bits = case
+    out_f, in_f, sparsity, dtype, seg, rows, batch, bb, reg, unroll, per_step, pdl = case
     gen = torch.Generator().manual_seed(out_f * in_f)
     keep = torch.rand(out_f, in_f, generator=gen) >= sparsity
     keep[out_f // 2] = False
@@ -317,12 +314,12 @@ def test_sliced_kernel_matches_dense_reference(case):
     tw = layout.prepare(formats.BitmaskTensor.from_dense(w, mask=keep))
     x = torch.randn(batch, in_f, generator=gen).to(dtype)
     ref = x.double() @ w.double().t()
-    sw = tw.sliced_view(seg, rows, per_step, word_bits)
-    assert sw.word_bits == word_bits and sw.perm.dtype == torch.int16
+    sw = tw.sliced_view(seg, rows, per_step)
+    assert sw.perm.dtype == torch.int16  # the slices' row order
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     if reg:
         y = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll, per_step=per_step,
-                                          word_bits=word_bits, pdl=pdl))
+                                          pdl=pdl))
     else:
         y = sliced_mm(x, sw, bb, reg=False, pdl=pdl)
     assert y.shape == (batch, out_f) and y.dtype == dtype
@@ -334,18 +331,17 @@ def test_sliced_kernel_matches_dense_reference(case):
         _check(sliced_mm(x, sw, 16, 4, dot=True), x.double() @ w.double().t(), tol)
 
 
-@pytest.mark.parametrize("word_bits", [32, 64])
-def test_sliced_layout_steps_cover_every_row_with_little_padding(word_bits):
+def test_sliced_layout_steps_cover_every_row_with_little_padding():
     """Every row of a slice fits in the slice's steps (a step: up to per_step kept values of one
-    mask word, at least one step per word), rows are a permutation, padding stays small."""
+    32-bit mask word, at least one step per word), rows are a permutation, padding stays small."""
     gen = torch.Generator().manual_seed(0)
     keep = torch.rand(512, 1024, generator=gen) >= 0.7
     w = (torch.randn(512, 1024, generator=gen) * keep).half()
     bt = formats.BitmaskTensor.from_dense(w, mask=keep)
-    for per_step, max_padding in ((1, 1.03), (4, 1.2 if word_bits == 32 else 1.12)):
-        sw = build(bt.mask, bt.values, (512, 1024), seg=128, rows=32, per_step=per_step, word_bits=word_bits)
+    for per_step, max_padding in ((1, 1.03), (4, 1.2)):
+        sw = build(bt.mask, bt.values, (512, 1024), seg=128, rows=32, per_step=per_step)
         n_seg, n_slice = sw.steps.shape
-        popc = keep.view(512, n_seg, 128 // word_bits, word_bits).sum(-1)
+        popc = keep.view(512, n_seg, 4, 32).sum(-1)
         need = ((popc + per_step - 1) // per_step).clamp(min=1).sum(-1)  # steps of each row and segment
         for s in range(n_seg):
             lane_rows = sw.perm[s].long().view(n_slice, 32)
@@ -361,10 +357,8 @@ def test_sliced_layout_rejects_bad_input():
 
     keep = torch.ones(4, 128, dtype=torch.bool)
     bt = formats.BitmaskTensor.from_dense(torch.ones(4, 128, dtype=torch.float16), mask=keep)
-    with pytest.raises(SparsecraftError, match="a multiple of it"):
-        build(bt.mask, bt.values, (4, 128), seg=96, word_bits=64)
-    with pytest.raises(SparsecraftError, match="32 or 64"):
-        build(bt.mask, bt.values, (4, 128), word_bits=16)
+    with pytest.raises(SparsecraftError, match="multiple of 32"):
+        build(bt.mask, bt.values, (4, 128), seg=48)
     with pytest.raises(SparsecraftError, match="per_step"):
         build(bt.mask, bt.values, (4, 128), per_step=3)
     with pytest.raises(SparsecraftError, match="stored"):

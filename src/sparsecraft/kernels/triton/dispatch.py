@@ -66,7 +66,6 @@ class KernelConfig:
     sliced: int = 0
     unroll: int = 1  # sliced: unroll factor of the step loop
     per_step: int = 4  # sliced: kept values a lane takes per step
-    word_bits: int = 32  # sliced: bits per mask word (a step never crosses a word's end)
     depth: int = 1  # mma: 128-column chunks loaded ahead of the one being multiplied (1-4)
     pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
     k_warps: int = 1  # mma: warps sharing an m-tile (K split inside the program, summed in shared memory)
@@ -137,7 +136,7 @@ UNIT_TILES: dict[tuple[str, int, int], tuple] = {
 # the tensor-core kernel on four warps (H200 run 13: at batch 8 the walk won at 70% and lost 3% at
 # 50%, at batch 16 the tensor-core kernel won; batches 9-15 not measured). Batch 1 as programmatic
 # dependent launches (H100 run 17, session 11: 70% 1.72x -> 1.97x dense, 50% 1.31x -> 1.45x)
-SLICED_LAYOUT = dict(seg=128, rows=64, per_step=4, word_bits=32)
+SLICED_LAYOUT = dict(seg=128, rows=64, per_step=4)
 SLICED_WALK_MAX_BATCH = 8
 SLICED_MAX_BATCH = 16
 
@@ -179,10 +178,9 @@ def sliced_config(batch: int) -> KernelConfig:
     lay = SLICED_LAYOUT
     if batch > SLICED_WALK_MAX_BATCH:
         return KernelConfig(bn=lay["rows"], bk=0, bb=16, num_warps=4, sliced=lay["seg"], dot=True,
-                            per_step=lay["per_step"], word_bits=lay["word_bits"])
+                            per_step=lay["per_step"])
     return KernelConfig(bn=lay["rows"], bk=0, bb=_pow2_at_least(batch, 1), num_warps=2, sliced=lay["seg"],
-                        unroll=2 if batch == 1 else 1, per_step=lay["per_step"], word_bits=lay["word_bits"],
-                        pdl=batch == 1)
+                        unroll=2 if batch == 1 else 1, per_step=lay["per_step"], pdl=batch == 1)
 
 
 def sliced_supported(tw: TritonWeight, x_dtype: torch.dtype | None = None) -> bool:
@@ -264,7 +262,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
     if cfg.sliced:
         from .sliced import sliced_mm
 
-        sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step, cfg.word_bits)
+        sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
         return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, pdl=cfg.pdl)
     if cfg.unit:
         return unit_mm(x, tw, cfg)

@@ -65,16 +65,16 @@ class TritonWeight:
         """Bytes a full pass of the kernel streams from memory (every tensor above once)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def sliced_view(self, seg: int, rows: int, per_step: int = 4, word_bits: int = 32):
+    def sliced_view(self, seg: int, rows: int, per_step: int = 4):
         """This bitmask weight in the sliced slot-major layout of ``sliced.py`` (built once per
         setting and kept on this object)."""
         from .sliced import build
 
         if self.fmt != "bitmask" or self.bits:
             raise SparsecraftError("the sliced layout takes bitmask weights with float values")
-        key = (seg, rows, per_step, word_bits)
+        key = (seg, rows, per_step)
         if key not in self.sliced:
-            self.sliced[key] = build(self.meta, self.values, self.shape, seg, rows, per_step, word_bits)
+            self.sliced[key] = build(self.meta, self.values, self.shape, seg, rows, per_step)
         return self.sliced[key]
 
     def mma_view(self):
