@@ -378,8 +378,6 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
         if batch == 1:
             s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=2, per_step=4)
                   for rows, warps in ((128, 4), (32, 1))]
-            # session 16: two rows per thread (two independent walks in flight in each thread)
-            s += [dataclasses.replace(s[0], bn=rows, num_warps=warps) for rows, warps in ((64, 1), (128, 2))]
             s.append(dataclasses.replace(s[0], pdl=False))  # session 11: launches not overlapped
         if 4 <= batch <= 8:
             s.append(KernelConfig(lay["rows"], 0, batch, 2, sliced=lay["seg"], per_step=lay["per_step"]))
@@ -397,7 +395,7 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     if batch > 16:
         return [DECODE_CUBLAS]
     kw_tiles = ((8, 4, 2), (8, 4, 3), (16, 8, 2), (4, 4, 3), (8, 8, 2), (16, 16, 2), (32, 16, 2), (32, 16, 1),
-                (32, 8, 2))
+                (32, 8, 2), (16, 8, 3), (16, 8, 4), (8, 8, 3), (8, 8, 4))
     mma = [KernelConfig(16 * w // kw, 0, 16, w, mma=True, depth=depth, pdl=True, k_warps=kw, xrow=batch > 8)
            for w, kw, depth in kw_tiles]
     return mma[:2] if QUICK else mma + ([DECODE_CUBLAS] if batch > 1 else [])

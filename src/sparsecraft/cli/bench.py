@@ -294,6 +294,8 @@ def _print(res: dict) -> None:
                 f"{r.get('graph_speedup_vs_dense', float('nan')):6.2f}x {r['graph_ms_per_step']:8.3f} ms/step"
                 f"  tokens equal generate's: {r['graph_tokens_equal_generate']}"
             )
+    if not any(r["layers"] for r in res["variants"].values()):
+        return  # timed per layer only where the CPU kernels run
     print("per-layer decode time (median us per call) vs bandwidth bound (bytes / STREAM read):")
     for name, rows in ((n, r["layers"]) for n, r in res["variants"].items()):
         cells = ", ".join(f"{k} {v['us']:.0f}/{v['bound_us']:.0f}us" for k, v in rows.items())
