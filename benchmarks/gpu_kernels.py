@@ -391,11 +391,12 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
     # since session 12 (the unit kernels and the grid K-split tiles that lost in runs 15-19 are no
     # longer tried). (warps, k_warps: warps per m-tile, chunks loaded ahead; no grid K split), all
     # with PDL; x in fragment order from 9 rows. 32-warp programs: every warp's chunks in flight at
-    # once. (Session 16, run 26: a 64-register cap lost on every fused shape and was removed.)
+    # once. (Session 16: a 64-register cap lost on every fused shape in run 26 and was removed; 3 or 4
+    # chunks ahead on 8 or 16 warps per m-tile lost on every shape in run 29.)
     if batch > 16:
         return [DECODE_CUBLAS]
     kw_tiles = ((8, 4, 2), (8, 4, 3), (16, 8, 2), (4, 4, 3), (8, 8, 2), (16, 16, 2), (32, 16, 2), (32, 16, 1),
-                (32, 8, 2), (16, 8, 3), (16, 8, 4), (8, 8, 3), (8, 8, 4))
+                (32, 8, 2))
     mma = [KernelConfig(16 * w // kw, 0, 16, w, mma=True, depth=depth, pdl=True, k_warps=kw, xrow=batch > 8)
            for w, kw, depth in kw_tiles]
     return mma[:2] if QUICK else mma + ([DECODE_CUBLAS] if batch > 1 else [])
