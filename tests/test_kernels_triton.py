@@ -352,6 +352,17 @@ def test_sliced_layout_steps_cover_every_row_with_little_padding():
         assert sw.nbytes() < stored * 2 + 512 * 1024 / 8 + 2 * 512 * n_seg + 8 * n_seg * n_slice + 1
 
 
+def test_sliced_layout_row_order_is_int32_past_32767_rows():
+    """The row order is int16 only while every output row (and the padding index) fits in it."""
+    gen = torch.Generator().manual_seed(1)
+    keep = torch.rand(32769, 64, generator=gen) >= 0.7
+    w = (torch.randn(32769, 64, generator=gen) * keep).half()
+    sw = layout.prepare(formats.BitmaskTensor.from_dense(w, mask=keep)).sliced_view(64, 512, 4)
+    assert sw.perm.dtype == torch.int32 and int(sw.perm.max()) == 32769  # padding lanes point past the rows
+    x = torch.randn(2, 64, generator=gen).half()
+    _check(sliced_mm(x, sw, 2, 1), x.double() @ w.double().t(), 4e-3)
+
+
 def test_sliced_layout_rejects_bad_input():
     from sparsecraft.errors import SparsecraftError
 
