@@ -73,19 +73,16 @@ def graph_speed(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: in
     }
 
 
-def run_cuda(args, specs, device: str | None = None) -> dict:
-    """``device`` overrides ``args.device`` (tests run the plumbing on the CPU)."""
+def build_models(args, specs, dev: torch.device) -> tuple[dict, dict]:
+    """The models ``sparsecraft bench`` compares, on ``dev``: the pruned dense model (fused siblings
+    unless ``args.no_fuse``; left out with ``args.no_dense``) and one converted copy per format spec,
+    prepared for the GPU kernels; and each one's memory figures."""
     from ...cli.bench import _magnitude, parse_nm
-    from ...runtime import convert, decode_speed, weight_bytes
+    from ...runtime import convert, weight_bytes
     from ...runtime.fuse import fuse_siblings
     from .dispatch import prepare_model
 
-    dev = torch.device(device or args.device)
     on_gpu = dev.type == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise SparsecraftError(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
-    if on_gpu and not available():
-        raise SparsecraftError(f"--device {args.device}: needs triton (pip install 'sparsecraft[gpu]')")
     n, m = parse_nm(args.nm)
     dtype = torch.float16 if on_gpu else torch.float32
     models, memory = {}, {}
@@ -125,6 +122,20 @@ def run_cuda(args, specs, device: str | None = None) -> dict:
         del models["dense (torch)"], memory["dense (torch)"], dense
     elif not args.no_fuse:  # the dense baseline makes as many products per block as the sparse models
         fuse_siblings(dense, dense=True)
+    return models, memory
+
+
+def run_cuda(args, specs, device: str | None = None) -> dict:
+    """``device`` overrides ``args.device`` (tests run the plumbing on the CPU)."""
+    from ...runtime import decode_speed
+
+    dev = torch.device(device or args.device)
+    on_gpu = dev.type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SparsecraftError(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
+    if on_gpu and not available():
+        raise SparsecraftError(f"--device {args.device}: needs triton (pip install 'sparsecraft[gpu]')")
+    models, memory = build_models(args, specs, dev)
     vocab = int(getattr(next(iter(models.values())).config, "vocab_size", 32000))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, max(vocab - 1, 1), (args.batch, args.prompt_len), generator=gen).to(dev)
