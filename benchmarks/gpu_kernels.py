@@ -379,7 +379,6 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
             s += [KernelConfig(rows, 0, 1, warps, sliced=128, unroll=2, per_step=4)
                   for rows, warps in ((128, 4), (32, 1))]
             s.append(dataclasses.replace(s[0], pdl=False))  # session 11: launches not overlapped
-            s += [dataclasses.replace(c, l2pf=True) for c in s[:2]]  # session 17: slices' values into L2 first
         if 4 <= batch <= 8:
             s.append(KernelConfig(lay["rows"], 0, batch, 2, sliced=lay["seg"], per_step=lay["per_step"]))
         if batch >= 4:
@@ -398,14 +397,8 @@ def candidates(fmt: str, batch: int) -> list[KernelConfig]:
         return [DECODE_CUBLAS]
     kw_tiles = ((8, 4, 2), (8, 4, 3), (16, 8, 2), (4, 4, 3), (8, 8, 2), (16, 16, 2), (32, 16, 2), (32, 16, 1),
                 (32, 8, 2))
-    # session 17: each m-tile's weights requested into L2 first (bulk prefetch), then fewer chunks
-    # need to be in flight per warp: the same tiles and shallower ones
-    kw_tiles += tuple((w, kw, depth, True) for w, kw, depth in
-                      ((8, 4, 2), (16, 8, 2), (4, 4, 3), (8, 4, 1), (16, 8, 1), (4, 4, 1), (8, 2, 1), (4, 2, 1),
-                       (32, 16, 1), (16, 16, 1)))
-    mma = [KernelConfig(16 * w // kw, 0, 16, w, mma=True, depth=depth, pdl=True, k_warps=kw, xrow=batch > 8,
-                        l2pf=bool(pf))
-           for w, kw, depth, *pf in kw_tiles]
+    mma = [KernelConfig(16 * w // kw, 0, 16, w, mma=True, depth=depth, pdl=True, k_warps=kw, xrow=batch > 8)
+           for w, kw, depth in kw_tiles]
     return mma[:2] if QUICK else mma + ([DECODE_CUBLAS] if batch > 1 else [])
 
 
@@ -439,7 +432,7 @@ def tune(fmt, layers, batch, xs, reps):
             + (" xrow" if cfg.xrow and not cfg.mma else "")
             + (f" depth={cfg.depth}" + (" xfrag" if cfg.xrow else "") if cfg.mma else "")
             + (f" kw={cfg.k_warps}" if cfg.k_warps > 1 else "")
-            + (" pdl" if cfg.pdl else "") + (" l2pf" if cfg.l2pf else "")
+            + (" pdl" if cfg.pdl else "")
             + (f" sliced seg={cfg.sliced} p={cfg.per_step} u={cfg.unroll}"
                f" bytes x{sliced_bytes_ratio(first, cfg):.3f}"
                if cfg.sliced and cfg.bn else "")

@@ -319,9 +319,9 @@ def test_sliced_kernel_matches_dense_reference(case):
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     if reg:
         y = sparse_mm(x, tw, KernelConfig(rows, 0, bb, 1, sliced=seg, unroll=unroll, per_step=per_step,
-                                          pdl=pdl, l2pf=pdl))
+                                          pdl=pdl))
     else:
-        y = sliced_mm(x, sw, bb, reg=False, pdl=pdl, l2pf=pdl)
+        y = sliced_mm(x, sw, bb, reg=False, pdl=pdl)
     assert y.shape == (batch, out_f) and y.dtype == dtype
     _check(y, ref, tol)
     assert y[:, out_f // 2].abs().max() == 0
@@ -439,8 +439,7 @@ def test_mma24_kernel_matches_dense_reference(dtype, bits, g, batch, warps, spli
     assert mma24.supported(tw, dtype)
     x = torch.randn(batch, 384, generator=torch.Generator().manual_seed(batch)).to(dtype)
     cfg = KernelConfig(16 * warps // kw, 0, 16, warps, split_k=split, mma=True, depth=depth, pdl=split > 1,
-                       fixup=bits == 4 or kw == 2, xrow=batch in (5, 16), k_warps=kw,  # xrow: fragment order
-                       l2pf=depth == 2)  # L2 prefetch: a no-op here, its addressing traced
+                       fixup=bits == 4 or kw == 2, xrow=batch in (5, 16), k_warps=kw)  # xrow: fragment order
     y = sparse_mm(x, tw, cfg)
     assert y.shape == (batch, 48) and y.dtype == dtype
     _check(y, x.double() @ ref_w.t(), 2e-2 if dtype == torch.bfloat16 else 3e-3)

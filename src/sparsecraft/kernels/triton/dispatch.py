@@ -69,7 +69,6 @@ class KernelConfig:
     depth: int = 1  # mma: 128-column chunks loaded ahead of the one being multiplied (1-4)
     pdl: bool = False  # mma, sliced walk: programmatic dependent launch (sm_90; sparse_mm._pdl_start)
     k_warps: int = 1  # mma: warps sharing an m-tile (K split inside the program, summed in shared memory)
-    l2pf: bool = False  # mma, sliced walk: a program's weights first requested into L2 (bulk prefetch, sm_90)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -159,7 +158,6 @@ class MmaTile(NamedTuple):
     depth: int  # chunks loaded ahead
     xfrag: bool = False  # batch > 1: x copied into fragment order first
     pdl: bool = True  # programmatic dependent launch
-    l2pf: bool = False  # each m-tile's weights first requested into L2 (one bulk prefetch per array)
 
 
 MMA_TILES: dict[tuple[int, int], tuple[MmaTile, MmaTile]] = {
@@ -265,8 +263,7 @@ def sparse_mm(x: torch.Tensor, tw: TritonWeight, cfg: KernelConfig | None = None
         from .sliced import sliced_mm
 
         sw = tw.sliced_view(cfg.sliced, cfg.bn, cfg.per_step)
-        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, pdl=cfg.pdl,
-                         l2pf=cfg.l2pf)
+        return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, dot=cfg.dot, pdl=cfg.pdl)
     if cfg.unit:
         return unit_mm(x, tw, cfg)
     if cfg.mma:
@@ -419,13 +416,13 @@ def mma_config(mw: MmaWeight, batch: int) -> KernelConfig:
         split *= 2
     return KernelConfig(bn=16 * tile.warps // tile.k_warps, bk=0, bb=16, num_warps=tile.warps, split_k=split,
                         mma=True, depth=tile.depth, fixup=split > 1, xrow=tile.xfrag and batch > 1,
-                        pdl=tile.pdl, k_warps=tile.k_warps, l2pf=tile.l2pf)
+                        pdl=tile.pdl, k_warps=tile.k_warps)
 
 
 def _mma_mm(x: torch.Tensor, mw: MmaWeight, cfg: KernelConfig, workspace: tuple | None = None):
     """The sparse tensor-core kernel with the launch of ``cfg`` (``mma=True``)."""
     return mma24_mm(x, mw, cfg.num_warps, cfg.split_k, cfg.depth, cfg.fixup, cfg.xrow, workspace=workspace,
-                    interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps, l2pf=cfg.l2pf)
+                    interp=interpreted(), pdl=cfg.pdl, k_warps=cfg.k_warps)
 
 
 def _mma_class(batch: int) -> int:
@@ -492,8 +489,7 @@ def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Te
 
     cfg = sliced_config(x.shape[0])
     sw = _sliced(values, words, start, steps, perm, out_features, in_features)
-    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, pdl=cfg.pdl,
-                     l2pf=cfg.l2pf)
+    return sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, ws=ws, dot=cfg.dot, pdl=cfg.pdl)
 
 
 @_triton_sliced_linear.register_fake

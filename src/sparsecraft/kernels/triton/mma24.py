@@ -52,7 +52,7 @@ import triton.language as tl
 
 from ...errors import SparsecraftError
 from .gemv import _h2f
-from .sparse_mm import _out_buffer, _pdl_start, _prefetch_l2, _write
+from .sparse_mm import _out_buffer, _pdl_start, _write
 
 CHUNK = 128  # columns per loop iteration: 4 MMA steps of 32 columns
 
@@ -493,7 +493,7 @@ def mma24_kernel(
     QBITS: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr, NT: tl.constexpr, W: tl.constexpr,
     INTERP: tl.constexpr, ATOMIC: tl.constexpr, DEPTH: tl.constexpr = 1,  # 1..4
     FIXUP: tl.constexpr = False, XFRAG: tl.constexpr = False, PDL: tl.constexpr = False,
-    KW: tl.constexpr = 1, L2PF: tl.constexpr = False,
+    KW: tl.constexpr = 1,
 ):
     """y (B <= 8 NT, N) = x @ W^T, W packed by :func:`pack`; each warp one 16-row m-tile, the grid
     (m-tiles / (W / KW), K splits) in 128-column chunks. With KW > 1, KW warps share an m-tile and
@@ -513,15 +513,6 @@ def mma24_kernel(
     zero = lane.to(tl.float32) * 0.0
     acc0 = (zero, zero, zero, zero)
     acc1 = (zero, zero, zero, zero)
-    if L2PF:  # lane 0 of the m-tile's first warp: the tile's chunks [c0, c1) into L2, one request per array
-        go = ((lane == 0) & (kslot == 0) & (c1 > c0) & (mt < N // 16)).to(tl.int32)
-        if QBITS == 4:
-            _prefetch_l2(a_ptr + (mtl * C + c0) * 128, (c1 - c0) * 512, go, INTERP)
-            g0 = (c0 * 128) // G
-            _prefetch_l2(s_ptr + (mtl * ng + g0) * 8, (tl.cdiv(c1 * 128, G) - g0) * 32, go, INTERP)
-        else:
-            _prefetch_l2(a_ptr + (mtl * S + 4 * c0) * 128, (c1 - c0) * 2048, go, INTERP)
-        _prefetch_l2(e_ptr + (mtl * C + c0) * 64, (c1 - c0) * 256, go, INTERP)
     # a queue of the warp's next DEPTH chunks' loads: each iteration consumes the oldest and issues one
     q1 = _chunk_loads(c0 + kslot, mtl, lane, a_ptr, e_ptr, s_ptr, S, C, ng, G, QBITS, INTERP)
     if DEPTH >= 2:
@@ -587,7 +578,7 @@ def mma24_kernel(
 
 def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, depth: int = 1,
              fixup: bool = False, xfrag: bool = False, workspace: tuple | None = None,
-             interp: bool = False, pdl: bool = False, k_warps: int = 1, l2pf: bool = False) -> torch.Tensor:
+             interp: bool = False, pdl: bool = False, k_warps: int = 1) -> torch.Tensor:
     """x (B <= 16, in) -> (B, out) = x @ W^T on the sparse tensor cores. With K splits the partial
     sums are added atomically: into a float32 output that is then converted (two more kernels), or
     with ``fixup`` into the weight's persistent workspace, emptied by the last split (one kernel;
@@ -597,8 +588,7 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
     first copied into fragment order (:func:`fragment_x`). ``pdl``: launched as a programmatic
     dependent launch (sm_90): the first chunks' weights load while the previous kernel finishes.
     ``k_warps``: warps per m-tile (dividing ``warps``), each taking every k_warps-th chunk, summed in
-    shared memory: a program covers warps / k_warps m-tiles over its whole K range. ``l2pf``: each
-    m-tile's weights are first requested into L2 with one bulk prefetch per array (sm_90)."""
+    shared memory: a program covers warps / k_warps m-tiles over its whole K range."""
     batch, n_in = x.shape
     n_out = mw.shape[0]
     if batch > 16 or n_in != mw.shape[1] or x.dtype != mw.dtype:
@@ -628,6 +618,6 @@ def mma24_mm(x: torch.Tensor, mw: MmaWeight, warps: int = 4, split_k: int = 1, d
         batch, n_out, n_in, x.stride(0), out.stride(0), mw.scales.shape[1] if mw.scales is not None else 1,
         split_k, QBITS=mw.bits, G=mw.group_size, BF16=x.dtype == torch.bfloat16, NT=nt,
         W=warps, INTERP=interp, ATOMIC=split_k > 1, DEPTH=depth, FIXUP=fixup, XFRAG=xfrag,
-        PDL=pdl, KW=k_warps, L2PF=l2pf, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, KW=k_warps, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return out.to(x.dtype)

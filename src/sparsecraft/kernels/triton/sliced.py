@@ -38,7 +38,7 @@ from ...errors import SparsecraftError
 from ...formats.packing import pack_bits, unpack_bits
 from . import interpreted
 from .gemv import _h2f
-from .sparse_mm import _pdl_start, _prefetch_l2
+from .sparse_mm import _pdl_start
 
 
 @triton.jit
@@ -175,8 +175,7 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
                        B, N, stride_xb, stride_ob, stride_or,
                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
                        BF16: tl.constexpr, INTERP: tl.constexpr, REG: tl.constexpr = True,
-                       UNROLL: tl.constexpr = 1, RELAXED: tl.constexpr = True, PDL: tl.constexpr = False,
-                       L2PF: tl.constexpr = False):
+                       UNROLL: tl.constexpr = 1, RELAXED: tl.constexpr = True, PDL: tl.constexpr = False):
     """out[b, row] += sum over the segment's kept (row, col) of W[row, col] * x[b, col] (float32).
 
     A step takes the P lowest set bits of the lane's current 32-bit mask word (fewer where the word
@@ -184,15 +183,10 @@ def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, 
     (at most 4) are loaded into registers before the walk, so a step waits on no load but its own
     x and values; otherwise an exhausted word loads the next one inside the walk. (Loading the next
     steps' values ahead made the walk 5-20% slower in H100 run 17.) Sums are added atomically to a
-    float32 ``out`` that is zero on entry. ``L2PF``: the slice's values are first requested into L2
-    with one bulk prefetch (a step-vector run of C lanes must be a multiple of 16 bytes)."""
+    float32 ``out`` that is zero on entry."""
     WPS: tl.constexpr = SEG // 32
     sl, lane, start, rows, wptr = _slice(words_ptr, start_ptr, perm_ptr, C, WPS)
     steps = tl.load(steps_ptr + sl)
-    if L2PF:
-        tl.static_assert(C * P * 2 % 16 == 0, "L2PF: a step of the slice must span a multiple of 16 bytes")
-        _prefetch_l2(vq_ptr + start + lane * 0, steps * (C * P * 2), ((lane == 0) & (steps > 0)).to(tl.int32),
-                     INTERP)
     vptr = vq_ptr + start + lane
     bi = tl.program_id(2) * BB + tl.arange(0, BB)
     bmask = bi < B
@@ -307,7 +301,7 @@ _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, r
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
               unroll: int = 1, out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
-              dot: bool = False, relaxed: bool = True, pdl: bool = False, l2pf: bool = False) -> torch.Tensor:
+              dot: bool = False, relaxed: bool = True, pdl: bool = False) -> torch.Tensor:
     """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two; ``dot``: the
     tensor-core kernel, at least 16).
 
@@ -317,8 +311,7 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     (out, B) workspace, when the caller keeps it (the custom op of dispatch.py; any strides).
     ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default). ``pdl`` (walk only):
     the walk and the move-out as programmatic dependent launches (sm_90), each starting while its
-    predecessor finishes. ``l2pf`` (walk only): each slice's values are first requested into L2 with
-    one bulk prefetch (sm_90)."""
+    predecessor finishes."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
@@ -331,7 +324,6 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     grid = (n_slice, n_seg, -(-batch // bb))
     interp = interpreted()
     pdl = pdl and not dot
-    l2pf = l2pf and not dot and sw.rows * sw.per_step * 2 % 16 == 0  # whole 16-byte units per step
     launch = {"launch_pdl": True} if pdl else {}
     if dot:
         sliced_dot_kernel[grid](
@@ -345,7 +337,7 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
             x, acc, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
             batch, sw.shape[0], x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
-            INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, RELAXED=relaxed, PDL=pdl, L2PF=l2pf,
+            INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, RELAXED=relaxed, PDL=pdl,
             num_warps=num_warps, **launch,
         )
     if raw:

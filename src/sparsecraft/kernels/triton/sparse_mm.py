@@ -225,19 +225,6 @@ def _pdl_start(PDL: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptr, nbytes, go, INTERP: tl.constexpr):
-    """Where ``go`` is nonzero, ask the L2 for ``nbytes`` (a multiple of 16) from ``ptr`` (16-byte
-    aligned) with one bulk prefetch (``cp.async.bulk.prefetch.L2``, sm_90): the copy engine streams
-    a program's whole weight range from DRAM at its start, however few loads its warps keep in
-    flight, and the loads that follow find it in L2. Weights only (nothing written by the previous
-    kernel). The interpreter has no cache: no-op."""
-    if not INTERP:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r,r", [ptr, nbytes, go], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _write(ptr, v, mask, ATOMIC: tl.constexpr):
     """Store ``v`` in the output's dtype, or add it atomically (float32 partial sums of K splits;
     relaxed: read by a later kernel, or after a fence and a release, see mma24's fixup)."""
