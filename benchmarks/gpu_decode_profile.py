@@ -25,7 +25,7 @@ from sparsecraft.cli.bench import parse_format
 from sparsecraft.kernels.triton.bench import build_models
 from sparsecraft.runtime import static_greedy
 
-OURS = ("mma24_kernel", "sliced_gemv_kernel", "sliced_dot_kernel", "_fragment_x_kernel")  # ours
+OURS = ("mma24_kernel", "sliced_", "_move_out_kernel", "_fragment_x_kernel", "sparse_mm_kernel")  # ours
 CUBLAS = ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")  # cuBLAS's products (dense)
 
 

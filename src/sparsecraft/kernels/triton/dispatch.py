@@ -484,7 +484,7 @@ def _sliced(values, words, start, steps, perm, out_features: int, in_features: i
 def _triton_sliced_linear(x: torch.Tensor, values: torch.Tensor, words: torch.Tensor, start: torch.Tensor,
                           steps: torch.Tensor, perm: torch.Tensor, ws: torch.Tensor, out_features: int,
                           in_features: int) -> torch.Tensor:
-    """Batch 1-16 through the sliced kernels (``ws``: their int64 workspace, zero again on return)."""
+    """Batch 1-16 through the sliced kernels (``ws``: their float32 workspace, zero again on return)."""
     from .sliced import sliced_mm
 
     cfg = sliced_config(x.shape[0])
@@ -513,13 +513,13 @@ def _(values, words, start, steps, perm, out_features, in_features):
 
 def _sliced_linear(x2: torch.Tensor, sw, dense: torch.Tensor | None) -> torch.Tensor:
     """x2 (rows, in) @ W^T for a sliced weight: its kernels up to SLICED_MAX_BATCH rows (16-bit
-    inputs, at most MAX_SEGMENTS segments), else ``dense`` or the decoded weight with cuBLAS."""
-    from .sliced import MAX_SEGMENTS, _workspace
+    inputs), else ``dense`` or the decoded weight with cuBLAS."""
+    from .sliced import _workspace
 
     rows = x2.shape[0]
     args = (sw.values, sw.words, sw.start, sw.steps, sw.perm)
-    kernel = x2.dtype in (torch.float16, torch.bfloat16) and sw.steps.shape[0] <= MAX_SEGMENTS
-    if (rows == 1 or dense is None) and rows <= SLICED_MAX_BATCH and kernel:
+    half = x2.dtype in (torch.float16, torch.bfloat16)
+    if (rows == 1 or dense is None) and rows <= SLICED_MAX_BATCH and half:
         # the workspace of this batch size is made outside any graph capture by a first, eager call
         return torch.ops.sparsecraft.triton_sliced_linear(x2, *args, _workspace(sw, rows), *sw.shape)
     w = dense if dense is not None else torch.ops.sparsecraft.triton_sliced_dense(*args, *sw.shape)

@@ -18,15 +18,12 @@ Bytes: values padded to whole steps + 1/8 per weight (mask) + 2 per row and segm
 row order, int16); with 4 values per step, 128-column segments and 64-row slices 1.08x (50%) to
 1.13x (70%) the row-major bitmask layout (9.9 / 6.7 bits per weight; 64-bit words would pad fewer
 steps, 9.5 / 6.3 bits, but made the walk 26-35% slower in H100 run 27: docs/results/gpu_kernels.md).
-Each program adds its partial sums to an int64 (out, batch) workspace word per output value, as
-fixed point with a count of the segments that have added in the word's top byte; the program whose
-add completes a word writes the result and zeroes the word (:func:`_add_fixed`). So a product is one
-kernel, and its sums do not depend on the order of the adds. The same layout also feeds a
-tensor-core kernel for larger batches (each mask word expanded to a dense tile in registers) and
-the decode to a dense weight, so it is the only copy of a bitmask weight that the GPU keeps
-(dispatch.py: the walk up to batch 8, the tensor-core kernel up to 16, decode + cuBLAS above;
-docs/results/gpu_kernels.md, runs 10-13). The layout is built once from a bitmask weight
-(:func:`build`), on whichever device it lives on.
+Sums are added atomically (relaxed) to a float32 (out, batch) workspace that a second small kernel
+moves to the result and clears. The same layout also feeds a tensor-core kernel for larger batches
+(each mask word expanded to a dense tile in registers) and the decode to a dense weight, so it is the
+only copy of a bitmask weight that the GPU keeps (dispatch.py: the walk up to batch 8, the
+tensor-core kernel up to 16, decode + cuBLAS above; docs/results/gpu_kernels.md, runs 10-13). The
+layout is built once from a bitmask weight (:func:`build`), on whichever device it lives on.
 """
 
 from __future__ import annotations
@@ -164,48 +161,29 @@ def _slice(words_ptr, start_ptr, perm_ptr, C: tl.constexpr, WPS: tl.constexpr):
     return sl, lane, tl.load(start_ptr + sl), rows, words_ptr + sl * (WPS * C) + lane
 
 
-# The workspace word of one output value: bits 56-63 count the segments that have added, bits 0-55
-# hold the sum of their terms, each a partial sum in units of 2**-FIXED_SHIFT, clamped to
-# +-(2**47 - 1) and offset by FIXED_BIAS so that no term is negative and 255 of them carry nothing
-# into the count. Partial sums beyond 2**17 (float16; the type's largest value is 65504) or 2**23
-# (bfloat16) are clamped; the resolution, 2**-30 or 2**-24, is below float32's own at the values
-# that matter.
-FIXED_SHIFT = {torch.float16: 30, torch.bfloat16: 24}
-FIXED_BIAS = 2**47
-MAX_SEGMENTS = 255
+@triton.jit
+def _add_sums(ptrs, acc, mask, RELAXED: tl.constexpr):
+    """Atomic float32 adds; relaxed ones suffice: only a later kernel (the move-out) reads them."""
+    if RELAXED:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
 
 
 @triton.jit
-def _add_fixed(ws, out, acc, mask, S: tl.constexpr):
-    """Add float32 partial sums ``acc`` to their int64 workspace words ``ws`` (see FIXED_SHIFT) with
-    one relaxed atomic each; where an add completes a word (every segment, ``num_programs(1)``, has
-    added), write the total to ``out`` and zero the word. The word carries sum and count together,
-    so the completing program needs no fence, and no second kernel moves the sums out."""
-    lim: tl.constexpr = 2**47 - 1
-    q = tl.minimum(tl.maximum(tl.floor(acc * (2.0**S) + 0.5), -lim), lim).to(tl.int64)
-    term = q + (2**47 + 2**56)  # FIXED_BIAS, and one count
-    new = tl.atomic_add(ws, term, mask=mask, sem="relaxed") + term
-    n_seg = tl.num_programs(1)
-    done = mask & (((new >> 56) & 255) == n_seg)
-    total = tl.where(done, (new & (2**56 - 1)) - n_seg.to(tl.int64) * 2**47, 0)
-    tl.store(out, (total.to(tl.float32) * (2.0**-S)).to(out.dtype.element_ty), mask=done)
-    tl.store(ws, tl.zeros_like(new), mask=done)
-
-
-@triton.jit
-def sliced_gemv_kernel(x_ptr, out_ptr, ws_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, perm_ptr,
-                       B, N, stride_xb, stride_ob, stride_wb, stride_wr,
+def sliced_gemv_kernel(x_ptr, out_ptr, vq_ptr, words_ptr, start_ptr, steps_ptr, perm_ptr,
+                       B, N, stride_xb, stride_ob, stride_or,
                        SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
                        BF16: tl.constexpr, INTERP: tl.constexpr, REG: tl.constexpr = True,
-                       UNROLL: tl.constexpr = 1, PDL: tl.constexpr = False, S: tl.constexpr = 30):
+                       UNROLL: tl.constexpr = 1, RELAXED: tl.constexpr = True, PDL: tl.constexpr = False):
     """out[b, row] += sum over the segment's kept (row, col) of W[row, col] * x[b, col] (float32).
 
     A step takes the P lowest set bits of the lane's current 32-bit mask word (fewer where the word
     runs out: those slots hold 0) and its P values with one load. ``REG``: the segment's mask words
     (at most 4) are loaded into registers before the walk, so a step waits on no load but its own
     x and values; otherwise an exhausted word loads the next one inside the walk. (Loading the next
-    steps' values ahead made the walk 5-20% slower in H100 run 17.) Partial sums meet in the int64
-    workspace ``ws_ptr`` (:func:`_add_fixed`), and the last segment writes ``out``."""
+    steps' values ahead made the walk 5-20% slower in H100 run 17.) Sums are added atomically to a
+    float32 ``out`` that is zero on entry."""
     WPS: tl.constexpr = SEG // 32
     sl, lane, start, rows, wptr = _slice(words_ptr, start_ptr, perm_ptr, C, WPS)
     steps = tl.load(steps_ptr + sl)
@@ -238,9 +216,8 @@ def sliced_gemv_kernel(x_ptr, out_ptr, ws_ptr, vq_ptr, words_ptr, start_ptr, ste
             col = w * 32 + _popc(bit - 1, INTERP)
             xv = tl.load(xrow[None, :] + col[:, None], mask=(bit != 0)[:, None] & bmask[None, :], other=0.0)
             acc += _slot(q, j, P, BF16)[:, None] * xv.to(tl.float32)
-    _add_fixed(ws_ptr + bi[None, :] * stride_wb + rows[:, None] * stride_wr,
-               out_ptr + bi[None, :] * stride_ob + rows[:, None], acc, (rows < N)[:, None] & bmask[None, :],
-               S)
+    _add_sums(out_ptr + bi[None, :] * stride_ob + rows[:, None] * stride_or, acc,
+              (rows < N)[:, None] & bmask[None, :], RELAXED)
 
 
 @triton.jit
@@ -258,13 +235,13 @@ def _word_tile(v_ptr, wptr, j: tl.constexpr, off, start, lane, C: tl.constexpr, 
 
 
 @triton.jit
-def sliced_dot_kernel(x_ptr, out_ptr, ws_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, B, N, K, stride_xb,
-                      stride_ob, stride_wb, stride_wr, SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
-                      BB: tl.constexpr, INTERP: tl.constexpr, DOT_F32: tl.constexpr, S: tl.constexpr = 30):
+def sliced_dot_kernel(x_ptr, out_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, B, N, K, stride_xb, stride_ob,
+                      stride_or, SEG: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BB: tl.constexpr,
+                      INTERP: tl.constexpr, DOT_F32: tl.constexpr, RELAXED: tl.constexpr = True):
     """Batches of 9-16 rows on the tensor cores: each 32-column word of the segment is expanded to
     a dense (32, C) tile in registers (one predicated load per column, at the position
-    :func:`_word_tile` computes) and multiplied with the (BB, 32) inputs; partial sums meet in
-    ``ws_ptr`` as in :func:`sliced_gemv_kernel`."""
+    :func:`_word_tile` computes) and multiplied with the (BB, 32) inputs; float32 sums are added
+    atomically to ``out`` (zero on entry) as in :func:`sliced_gemv_kernel`."""
     WPS: tl.constexpr = SEG // 32
     sl, lane, start, rows, wptr = _slice(words_ptr, start_ptr, perm_ptr, C, WPS)
     bi = tl.program_id(2) * BB + tl.arange(0, BB)
@@ -280,9 +257,8 @@ def sliced_dot_kernel(x_ptr, out_ptr, ws_ptr, v_ptr, words_ptr, start_ptr, perm_
             acc += tl.dot(xt.to(tl.float32), v.to(tl.float32))
         else:
             acc += tl.dot(xt.to(v.dtype), v)
-    _add_fixed(ws_ptr + bi[:, None] * stride_wb + rows[None, :] * stride_wr,
-               out_ptr + bi[:, None] * stride_ob + rows[None, :], acc, bmask[:, None] & (rows < N)[None, :],
-               S)
+    _add_sums(out_ptr + bi[:, None] * stride_ob + rows[None, :] * stride_or, acc,
+              bmask[:, None] & (rows < N)[None, :], RELAXED)
 
 
 @triton.jit
@@ -299,13 +275,24 @@ def sliced_dense_kernel(out_ptr, v_ptr, words_ptr, start_ptr, perm_ptr, N, K,
                  mask=(rows < N)[None, :] & (col < K)[:, None])
 
 
+@triton.jit
+def _move_out_kernel(ws_ptr, out_ptr, n, N, stride_wb, stride_wr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False, INTERP: tl.constexpr = False):
+    """out (B, N) = ws in out's dtype, and ws = 0 again: one kernel instead of a cast and a fill."""
+    _pdl_start(PDL, INTERP)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    w = ws_ptr + (i // N) * stride_wb + (i % N) * stride_wr
+    tl.store(out_ptr + i, tl.load(w, mask=m).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(w, tl.zeros((BLOCK,), tl.float32), mask=m)
+
+
 def _workspace(sw: SlicedWeight, batch: int) -> torch.Tensor:
-    """The weight's int64 fixed-point sums (:func:`_add_fixed`), (out, batch): the words of one output
-    row lie side by side, so a warp's atomic adds of several batch rows hit few cache lines. Zero
-    between calls (each word is cleared by the add that completes it); made on first use, so
-    outside any CUDA graph capture."""
+    """The weight's float32 sums, (out, batch): the sums of one output row lie side by side, so a
+    warp's atomic adds of several batch rows hit few cache lines. Zero between calls
+    (:func:`_move_out_kernel` clears them); made on first use, so outside any CUDA graph capture."""
     if batch not in sw.workspaces:
-        sw.workspaces[batch] = torch.zeros(sw.shape[0], batch, device=sw.values.device, dtype=torch.int64)
+        sw.workspaces[batch] = torch.zeros(sw.shape[0], batch, device=sw.values.device, dtype=torch.float32)
     return sw.workspaces[batch]
 
 
@@ -313,44 +300,51 @@ _PACKED = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a step's values, r
 
 
 def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1, reg: bool = True,
-              unroll: int = 1, ws: torch.Tensor | None = None, dot: bool = False,
-              pdl: bool = False) -> torch.Tensor:
-    """x (B, in) -> (B, out) = x @ W^T in one kernel; ``bb`` batch rows per program (a power of two;
-    ``dot``: the tensor-core kernel, at least 16).
+              unroll: int = 1, out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
+              dot: bool = False, relaxed: bool = True, pdl: bool = False) -> torch.Tensor:
+    """x (B, in) -> (B, out) = x @ W^T; ``bb`` batch rows per program (a power of two; ``dot``: the
+    tensor-core kernel, at least 16).
 
-    The segments' partial sums meet in a persistent zeroed int64 workspace, left zeroed
-    (:func:`_add_fixed`; at most ``MAX_SEGMENTS`` segments). ``ws``: the (out, B) workspace, when the
-    caller keeps it (the custom op of dispatch.py; any strides). ``pdl`` (walk only): launched as a
-    programmatic dependent launch (sm_90), starting while its predecessor finishes."""
+    Sums go to a persistent zeroed float32 workspace, and one small kernel moves them to the
+    result and clears the workspace (two kernels per product, no fill). ``out`` given (timing
+    probes): the float32 (B, out) sums are added to it and returned as they are. ``ws``: the
+    (out, B) workspace, when the caller keeps it (the custom op of dispatch.py; any strides).
+    ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default). ``pdl`` (walk only):
+    the walk and the move-out as programmatic dependent launches (sm_90), each starting while its
+    predecessor finishes."""
     batch, in_f = x.shape
     if in_f != sw.shape[1] or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a sliced weight {sw.shape}")
     if dot and bb < 16:
         raise ValueError("the sliced dot kernel needs a batch tile of 16 or more")
-    n_seg, n_slice = sw.steps.shape
-    if n_seg > MAX_SEGMENTS:
-        raise SparsecraftError(f"sliced kernels: {n_seg} segments of {sw.seg} columns, at most "
-                               f"{MAX_SEGMENTS}")
     x = x.contiguous()
-    acc = (ws if ws is not None else _workspace(sw, batch)).t()  # (B, out), any strides
-    y = torch.empty(batch, sw.shape[0], device=x.device, dtype=x.dtype)
+    raw = out is not None
+    acc = out if raw else (ws if ws is not None else _workspace(sw, batch)).t()  # (B, out), any strides
+    n_seg, n_slice = sw.steps.shape
     grid = (n_slice, n_seg, -(-batch // bb))
     interp = interpreted()
+    pdl = pdl and not dot
+    launch = {"launch_pdl": True} if pdl else {}
     if dot:
         sliced_dot_kernel[grid](
-            x, y, acc, sw.values, sw.words, sw.start, sw.perm, batch, sw.shape[0], in_f,
-            x.stride(0), y.stride(0), *acc.stride(),
+            x, acc, sw.values, sw.words, sw.start, sw.perm, batch, sw.shape[0], in_f,
+            x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, INTERP=interp,
-            DOT_F32=interp and sw.values.dtype == torch.bfloat16, S=FIXED_SHIFT[x.dtype], num_warps=num_warps,
+            DOT_F32=interp and sw.values.dtype == torch.bfloat16, RELAXED=relaxed, num_warps=num_warps,
         )
     else:
         sliced_gemv_kernel[grid](
-            x, y, acc, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
-            batch, sw.shape[0], x.stride(0), y.stride(0), *acc.stride(),
+            x, acc, sw.values.view(_PACKED[sw.per_step]), sw.words, sw.start, sw.steps, sw.perm,
+            batch, sw.shape[0], x.stride(0), *acc.stride(),
             SEG=sw.seg, C=sw.rows, P=sw.per_step, BB=bb, BF16=sw.values.dtype == torch.bfloat16,
-            INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, PDL=pdl, S=FIXED_SHIFT[x.dtype],
-            num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
+            INTERP=interp, REG=reg and sw.seg <= 128, UNROLL=unroll, RELAXED=relaxed, PDL=pdl,
+            num_warps=num_warps, **launch,
         )
+    if raw:
+        return out
+    y = torch.empty(batch, sw.shape[0], device=x.device, dtype=x.dtype)
+    _move_out_kernel[(-(-y.numel() // 1024),)](acc, y, y.numel(), sw.shape[0], *acc.stride(), BLOCK=1024,
+                                                PDL=pdl, INTERP=interp, num_warps=4, **launch)
     return y
 
 
