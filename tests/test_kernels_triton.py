@@ -363,6 +363,41 @@ def test_sliced_layout_row_order_is_int32_past_32767_rows():
     _check(sliced_mm(x, sw, 2, 1), x.double() @ w.double().t(), 4e-3)
 
 
+def test_sliced_layers_add_into_one_buffer_zeroed_once_per_forward():
+    """prepare_model gives each sliced layer its columns of one float32 buffer (attach_sums): batch 1
+    adds into them without a move-out kernel, and the model's forward pre-hook zeroes the buffer; a
+    layer registered twice in the model keeps the per-call workspace."""
+    from torch import nn
+
+    from sparsecraft.runtime.linear import SparseLinear
+
+    (oa, wa), (ob, wb) = (_make("bitmask", 32, 128, torch.float16, sparsity=0.7, seed=s) for s in (1, 2))
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.b = nn.Linear(128, 128), SparseLinear(ob, kernels="torch")
+            self.shared = nn.ModuleList([a, a])  # a is registered twice
+
+        def forward(self, x):
+            return self.b(self.first(x))
+
+    a = SparseLinear(oa, kernels="torch")
+    model = Model()
+    b = model.b
+    assert dispatch.prepare_model(model, "cpu") == 2
+    assert a._cuda_sums is None and b._cuda_sums is not None
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(0)).half()
+    ref = x.double() @ wb.t()
+    _check(dispatch.cuda_forward(b, x), ref, 4e-3)
+    _check(dispatch.cuda_forward(b, x), 2 * ref, 4e-3)  # not zeroed between calls: once per forward
+    model.first(x.float())  # a forward of a submodule does not zero the model's buffer
+    _check(dispatch.cuda_forward(b, x), 3 * ref, 4e-3)
+    model(x.float())  # the model's forward does
+    _check(dispatch.cuda_forward(b, x), ref, 4e-3)
+    _check(dispatch.cuda_forward(a, x), x.double() @ wa.t(), 4e-3)
+    assert not a._cuda_weight.workspaces[1].any()  # the per-call workspace, left zeroed
+
+
 def test_sliced_layout_rejects_bad_input():
     from sparsecraft.errors import SparsecraftError
 

@@ -497,6 +497,23 @@ def _(x, values, words, start, steps, perm, ws, out_features, in_features):
     return x.new_empty(x.shape[0], out_features)
 
 
+@torch.library.custom_op("sparsecraft::triton_sliced_accumulate", mutates_args=("sums",))
+def _triton_sliced_accumulate(x: torch.Tensor, values: torch.Tensor, words: torch.Tensor, start: torch.Tensor,
+                              steps: torch.Tensor, perm: torch.Tensor, sums: torch.Tensor, out_features: int,
+                              in_features: int) -> None:
+    """One row through the sliced walk, its float32 sums added into ``sums`` (1, out) (one kernel)."""
+    from .sliced import sliced_mm
+
+    cfg = sliced_config(1)
+    sw = _sliced(values, words, start, steps, perm, out_features, in_features)
+    sliced_mm(x, sw, cfg.bb, cfg.num_warps, unroll=cfg.unroll, out=sums, pdl=cfg.pdl)
+
+
+@_triton_sliced_accumulate.register_fake
+def _(x, values, words, start, steps, perm, sums, out_features, in_features):
+    return None
+
+
 @torch.library.custom_op("sparsecraft::triton_sliced_dense", mutates_args=())
 def _triton_sliced_dense(values: torch.Tensor, words: torch.Tensor, start: torch.Tensor, steps: torch.Tensor,
                          perm: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -511,14 +528,18 @@ def _(values, words, start, steps, perm, out_features, in_features):
     return values.new_empty(out_features, in_features)
 
 
-def _sliced_linear(x2: torch.Tensor, sw, dense: torch.Tensor | None) -> torch.Tensor:
+def _sliced_linear(x2: torch.Tensor, sw, dense: torch.Tensor | None, sums: torch.Tensor | None = None):
     """x2 (rows, in) @ W^T for a sliced weight: its kernels up to SLICED_MAX_BATCH rows (16-bit
-    inputs), else ``dense`` or the decoded weight with cuBLAS."""
+    inputs; one row with ``sums``: added into them), else ``dense`` or the decoded weight with
+    cuBLAS."""
     from .sliced import _workspace
 
     rows = x2.shape[0]
     args = (sw.values, sw.words, sw.start, sw.steps, sw.perm)
     half = x2.dtype in (torch.float16, torch.bfloat16)
+    if rows == 1 and half and sums is not None:
+        torch.ops.sparsecraft.triton_sliced_accumulate(x2, *args, sums, *sw.shape)
+        return sums.to(x2.dtype)
     if (rows == 1 or dense is None) and rows <= SLICED_MAX_BATCH and half:
         # the workspace of this batch size is made outside any graph capture by a first, eager call
         return torch.ops.sparsecraft.triton_sliced_linear(x2, *args, _workspace(sw, rows), *sw.shape)
@@ -527,7 +548,7 @@ def _sliced_linear(x2: torch.Tensor, sw, dense: torch.Tensor | None) -> torch.Te
 
 
 def sparse_linear(x: torch.Tensor, tw, bias: torch.Tensor | None = None,
-                  dense: torch.Tensor | None = None) -> torch.Tensor:
+                  dense: torch.Tensor | None = None, sums: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for x (..., in) on CUDA with W compressed: a TritonWeight, or for
     bitmask weights with 16-bit values a SlicedWeight (a TritonWeight of such a weight runs
     through its sliced view, built on first use).
@@ -535,7 +556,8 @@ def sparse_linear(x: torch.Tensor, tw, bias: torch.Tensor | None = None,
     Custom ops (opaque to torch.compile, capturable in a CUDA graph). Batch 1 always runs our
     kernels; larger batches use ``dense`` (a cached dense copy of W) with cuBLAS when given, so
     they are never slower than dense; without it see :func:`use_kernel` (up to 16 rows for
-    sliced weights).
+    sliced weights). ``sums``: a sliced layer's zeroed (1, out) float32 buffer (:func:`attach_sums`)
+    that batch 1 adds into.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -545,7 +567,7 @@ def sparse_linear(x: torch.Tensor, tw, bias: torch.Tensor | None = None,
         y = _mma_linear(x2, tw, dense)
     elif not isinstance(tw, TritonWeight) or sliced_supported(tw):
         sw = tw if not isinstance(tw, TritonWeight) else tw.sliced_view(**SLICED_LAYOUT)
-        y = _sliced_linear(x2, sw, dense)
+        y = _sliced_linear(x2, sw, dense, sums)
     else:
         y = torch.ops.sparsecraft.triton_sparse_linear(
             x2, tw.values, tw.meta, tw.row_offsets, tw.tile_offsets, tw.scales, tw.zeros, dense,
@@ -605,20 +627,62 @@ def prepare_model(model: torch.nn.Module, device, keep_dense: bool = False) -> i
 
     Call before capturing CUDA graphs or compiling, so the one-time preparation stays outside.
     Members of a fused group (runtime.fuse) get no layout of their own: their group's stacked
-    layer is prepared instead (once per group).
+    layer is prepared instead (once per group). Sliced layers then share one sums buffer
+    (:func:`attach_sums`).
     """
-    n, groups = 0, set()
+    n, groups, called = 0, set(), []
     for mod in model.modules():
         if hasattr(mod, "weight_compressed") and hasattr(mod, "_cuda_weight"):
             group = getattr(mod, "_group", None)
             if group is not None and group.module is not None:
                 if id(group) not in groups:
                     groups.add(id(group))
-                    prepare_module(group.module, device, keep_dense)
+                    if prepare_module(group.module, device, keep_dense):
+                        called.append(group.module)
                 n += supports(mod.weight_compressed)
                 continue
-            n += prepare_module(mod, device, keep_dense)
+            if prepare_module(mod, device, keep_dense):
+                n += 1
+                called.append(mod)
+    attach_sums(model, called)
     return n
+
+
+def attach_sums(model: torch.nn.Module, layers: list) -> int:
+    """Batch 1 of a sliced layer in one kernel: each sliced layer of ``layers`` gets its own columns
+    of one (1, total) float32 buffer (``_cuda_sums``: the buffer and the first column) that a forward
+    pre-hook on ``model`` zeroes once per forward; the walk adds its partial sums there and the
+    layer returns them in the input's dtype (under torch.compile that conversion fuses into the next
+    kernel), so no move-out kernel runs per product. This holds because a layer of a decoder stack
+    runs once per forward of its model; layers registered in ``model`` more than once (shared) keep
+    the per-call workspace. One buffer, sliced at call time, lets torch.compile see every layer's
+    columns as views of one input, which it mutates in place (no copies). Returns how many layers
+    take part."""
+    from .sliced import SlicedWeight
+
+    handle = getattr(model, "_sparsecraft_sums_hook", None)
+    if handle is not None:
+        handle.remove()
+    seen: dict[int, int] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        seen[id(mod)] = seen.get(id(mod), 0) + 1
+    users = [m for m in layers if isinstance(m._cuda_weight, SlicedWeight) and seen.get(id(m), 0) <= 1]
+    for m in layers:
+        m._cuda_sums = None
+    if not users:
+        return 0
+    sizes = [m._cuda_weight.shape[0] for m in users]
+    sums = torch.zeros(1, sum(sizes), device=users[0]._cuda_weight.values.device, dtype=torch.float32)
+    col = 0
+    for m, n in zip(users, sizes):
+        m._cuda_sums = (sums, col)
+        col += n
+
+    def zero_sums(*_):  # returns None: a pre-hook's result would replace the model's inputs
+        sums.zero_()
+
+    model._sparsecraft_sums_hook = model.register_forward_pre_hook(zero_sums)
+    return len(users)
 
 
 def cuda_forward(module, x: torch.Tensor) -> torch.Tensor | None:
@@ -637,4 +701,7 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     bias = getattr(module, "_cuda_bias", None)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    return sparse_linear(x, tw, bias, getattr(module, "_cuda_dense", None))
+    sums = getattr(module, "_cuda_sums", None)
+    if sums is not None:
+        sums = sums[0].narrow(1, sums[1], tw.shape[0])
+    return sparse_linear(x, tw, bias, getattr(module, "_cuda_dense", None), sums)

@@ -306,8 +306,8 @@ def sliced_mm(x: torch.Tensor, sw: SlicedWeight, bb: int = 1, num_warps: int = 1
     tensor-core kernel, at least 16).
 
     Sums go to a persistent zeroed float32 workspace, and one small kernel moves them to the
-    result and clears the workspace (two kernels per product, no fill). ``out`` given (timing
-    probes): the float32 (B, out) sums are added to it and returned as they are. ``ws``: the
+    result and clears the workspace (two kernels per product, no fill). ``out`` given: the float32
+    (B, out) sums are added to it and returned as they are (one kernel; dispatch.attach_sums). ``ws``: the
     (out, B) workspace, when the caller keeps it (the custom op of dispatch.py; any strides).
     ``relaxed``: relaxed atomic adds (else acquire-release, Triton's default). ``pdl`` (walk only):
     the walk and the move-out as programmatic dependent launches (sm_90), each starting while its
